@@ -1,0 +1,172 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Registration blocks: ``nn.Module`` s whose ``forward(image_A, image_B)`` returns a map ``phi_AB``.
+
+``image_A`` is the moving image and ``image_B`` the fixed one; the returned :class:`~monai_icon.networks.maps.Map`
+satisfies ``image_A o phi_AB ~ image_B`` (a pull-back from B's space to A's space, coordinates in ``[0, 1]``
+with the corners on the first and last voxel centres). Blocks compose: ``TwoStep(Downsample(DisplacementField(
+net_1)), DisplacementField(net_2))`` is a two-step, two-resolution registration whose map is still an exact
+function. No grid is cached: every grid is built from the input shapes, on the inputs' device and dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, Map
+
+__all__ = ["check_image_pair", "RegistrationModule", "DisplacementField", "Affine", "TwoStep", "Downsample"]
+
+
+def check_image_pair(image_A: torch.Tensor, image_B: torch.Tensor, check_finite: bool = True) -> None:
+    """Raise a ``ValueError`` naming the problem unless ``image_A`` and ``image_B`` form a valid pair.
+
+    A valid pair is two float tensors of identical shape ``[B, C, H, W]`` or ``[B, C, H, W, D]`` and, with
+    ``check_finite``, no NaN or infinite value.
+    """
+    for name, image in (("image_A", image_A), ("image_B", image_B)):
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(image).__name__}.")
+        if image.ndim not in (4, 5):
+            raise ValueError(
+                f"{name} must be channel-first [B, C, H, W] (2D) or [B, C, H, W, D] (3D), "
+                f"got {image.ndim} dimensions (shape {tuple(image.shape)})."
+            )
+        if not image.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor, got dtype {image.dtype}.")
+    if image_A.shape != image_B.shape:
+        raise ValueError(
+            f"image_A and image_B must have the same shape, got {tuple(image_A.shape)} and {tuple(image_B.shape)}."
+        )
+    if check_finite:
+        finite = torch.stack([torch.isfinite(image_A).all(), torch.isfinite(image_B).all()])
+        if not bool(finite.all()):
+            bad = [n for n, ok in zip(("image_A", "image_B"), finite.tolist()) if not ok]
+            raise ValueError(f"{' and '.join(bad)} contain NaN or infinite values.")
+
+
+class RegistrationModule(nn.Module):
+    """Base class of registration blocks: ``forward(image_A, image_B) -> Map``.
+
+    Args:
+        check_inputs: validate shapes and finiteness of the inputs (see :func:`check_image_pair`) on every call.
+    """
+
+    def __init__(self, check_inputs: bool = True) -> None:
+        super().__init__()
+        self.check_inputs = check_inputs
+
+    def _check(self, image_A: torch.Tensor, image_B: torch.Tensor) -> None:
+        if self.check_inputs:
+            check_image_pair(image_A, image_B)
+
+    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class DisplacementField(RegistrationModule):
+    """The paper's Eq. (11): a network predicts a displacement, the map is ``Id + interp(displacement)``.
+
+    Args:
+        net: module called as ``net(image_A, image_B)`` on ``[B, C, *N]`` images and returning a displacement
+            ``[B, D, *M]`` in ``[0, 1]`` units (``D`` spatial dimensions; ``M`` is usually ``N``, any grid works).
+        check_inputs: see :class:`RegistrationModule`.
+
+    Returns (forward):
+        :class:`~monai_icon.networks.maps.DisplacementMap`.
+    """
+
+    def __init__(self, net: nn.Module, check_inputs: bool = True) -> None:
+        super().__init__(check_inputs)
+        self.net = net
+
+    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> DisplacementMap:
+        self._check(image_A, image_B)
+        displacement = self.net(image_A, image_B)
+        spatial_dims = image_A.ndim - 2
+        if displacement.ndim != image_A.ndim or displacement.shape[:2] != (image_A.shape[0], spatial_dims):
+            raise ValueError(
+                f"the network must return a displacement [B, {spatial_dims}, ...] for images of shape "
+                f"{tuple(image_A.shape)}, got shape {tuple(displacement.shape)}."
+            )
+        return DisplacementMap(displacement)
+
+
+class Affine(RegistrationModule):
+    """An affine step: a network predicts ``[B, D, D + 1]`` (or ``[B, D * (D + 1)]``) offsets from the identity
+    matrix; the map is ``x -> (I + M) x + t`` in ``[0, 1]`` coordinates (see :class:`AffineMap`).
+
+    A network whose last layer is zero-initialised (e.g. :class:`monai_icon.networks.nets.AffineNet`) starts at
+    the identity map. Note that ``[0, 1]`` coordinates are not isotropic in millimetres for non-cubic images.
+    """
+
+    def __init__(self, net: nn.Module, check_inputs: bool = True) -> None:
+        super().__init__(check_inputs)
+        self.net = net
+
+    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> AffineMap:
+        self._check(image_A, image_B)
+        spatial_dims = image_A.ndim - 2
+        offsets = self.net(image_A, image_B)
+        if offsets.numel() != image_A.shape[0] * spatial_dims * (spatial_dims + 1):
+            raise ValueError(
+                f"the affine network must return [B, {spatial_dims}, {spatial_dims + 1}] values, "
+                f"got shape {tuple(offsets.shape)}."
+            )
+        offsets = offsets.reshape(image_A.shape[0], spatial_dims, spatial_dims + 1)
+        eye = torch.eye(spatial_dims, spatial_dims + 1, device=offsets.device, dtype=offsets.dtype)
+        return AffineMap(eye + offsets)
+
+
+class TwoStep(RegistrationModule):
+    """Two registration steps composed (supplement Eq. 11): ``phi = first(A, B)``, then
+    ``psi = second(A o phi, B)`` and the result is ``phi o psi``.
+
+    Args:
+        first, second: registration blocks.
+    """
+
+    def __init__(self, first: RegistrationModule, second: RegistrationModule, check_inputs: bool = True) -> None:
+        super().__init__(check_inputs)
+        self.first = first
+        self.second = second
+
+    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> ComposedMap:
+        self._check(image_A, image_B)
+        phi = self.first(image_A, image_B)
+        psi = self.second(phi.warp(image_A), image_B)
+        return ComposedMap(phi, psi)
+
+
+class Downsample(RegistrationModule):
+    """Run ``block`` on images average-pooled by ``factor`` (``ceil_mode``); the map it returns is a function
+    on ``[0, 1]^D`` and is evaluated at full-resolution points unchanged.
+
+    As in the ICON reference, the coarse grid is taken to span the same ``[0, 1]`` box as the fine one (a
+    sub-voxel offset of ``(factor - 1) / 2`` fine voxels at the corners is ignored).
+
+    Args:
+        block: the registration block to run at low resolution.
+        factor: integer pooling factor per spatial axis (2 halves the resolution).
+    """
+
+    def __init__(self, block: RegistrationModule, factor: int = 2, check_inputs: bool = True) -> None:
+        super().__init__(check_inputs)
+        if int(factor) != factor or factor < 1:
+            raise ValueError(f"factor must be a positive integer, got {factor}.")
+        self.block = block
+        self.factor = int(factor)
+
+    def _pool(self, image: torch.Tensor) -> torch.Tensor:
+        pool = F.avg_pool2d if image.ndim == 4 else F.avg_pool3d
+        return pool(image, kernel_size=self.factor, stride=self.factor, ceil_mode=True)
+
+    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:
+        self._check(image_A, image_B)
+        if self.factor == 1:
+            return self.block(image_A, image_B)
+        return self.block(self._pool(image_A), self._pool(image_B))
