@@ -1,0 +1,25 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Maps (``maps``), registration blocks (``blocks``) and displacement networks (``nets``)."""
+
+from monai_icon.networks import blocks, maps, nets
+from monai_icon.networks.blocks import Affine, DisplacementField, Downsample, RegistrationModule, TwoStep
+from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, IdentityMap, Map
+
+__all__ = [
+    "blocks",
+    "maps",
+    "nets",
+    "RegistrationModule",
+    "DisplacementField",
+    "Affine",
+    "TwoStep",
+    "Downsample",
+    "Map",
+    "DisplacementMap",
+    "AffineMap",
+    "ComposedMap",
+    "IdentityMap",
+]

@@ -1,0 +1,98 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""The paper's U-Net (supplement 2.4): skip and residual connections, batch norm, leaky ReLU before each conv."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.layers import Conv, Norm
+
+from monai_icon.networks.nets._utils import concat_pair, crop_to, match_channels, pad_to_multiple, zero_init
+
+__all__ = ["UNet"]
+
+
+class _PreActivation(nn.Module):
+    """``conv(leaky_relu(batch_norm(x)))`` plus a parameter-free residual resampled to the output grid."""
+
+    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, up: bool, negative_slope: float) -> None:
+        super().__init__()
+        self.norm = Norm[Norm.BATCH, spatial_dims](in_ch)
+        if up:
+            self.conv = Conv[Conv.CONVTRANS, spatial_dims](in_ch, out_ch, 4, stride=2, padding=1)
+        else:
+            self.conv = Conv[Conv.CONV, spatial_dims](in_ch, out_ch, 3, stride=2, padding=1)
+        self.up, self.out_ch, self.negative_slope = up, out_ch, negative_slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(F.leaky_relu(self.norm(x), self.negative_slope))
+        if self.up:
+            shortcut = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            shortcut = (F.avg_pool2d if x.ndim == 4 else F.avg_pool3d)(x, 2)
+        return y + match_channels(shortcut, self.out_ch)
+
+
+class UNet(nn.Module):
+    """U-Net with the encoder-decoder's layer shapes, skip connections (encoder features concatenated into the
+    decoder), a residual connection around every convolution, batch norm and leaky ReLU placed before each
+    convolution, and a zero-initialised output convolution.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the concatenated pair.
+        encoder_channels: paper ``(16, 32, 64, 256, 512)``.
+        decoder_channels: paper ``(256, 128, 64, 32, 16)``; same length as ``encoder_channels``.
+        negative_slope: of the leaky ReLU.
+
+    Shapes:
+        ``[B, in_channels, *N]`` (or two images) -> ``[B, spatial_dims, *N]`` displacement in ``[0, 1]`` units.
+        Any ``N`` works: inputs are replicate-padded to a multiple of ``2 ** len(encoder_channels)`` and the
+        output is cropped back. In training mode batch norm needs more than one value per channel at the
+        coarsest level (batch size > 1 when the padded size divided by ``2 ** depth`` is 1).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 2,
+        encoder_channels: Sequence[int] = (16, 32, 64, 256, 512),
+        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+        negative_slope: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if len(encoder_channels) != len(decoder_channels) or not encoder_channels:
+            raise ValueError("encoder_channels and decoder_channels must be non-empty and of the same length.")
+        self.spatial_dims, self.in_channels = spatial_dims, in_channels
+        self.multiple = 2 ** len(encoder_channels)
+        skips = [in_channels, *encoder_channels[:-1]]  # feature widths concatenated back at each decoder level
+        self.down = nn.ModuleList()
+        width = in_channels
+        for c in encoder_channels:
+            self.down.append(_PreActivation(spatial_dims, width, c, up=False, negative_slope=negative_slope))
+            width = c
+        self.up = nn.ModuleList()
+        for c, skip in zip(decoder_channels, reversed(skips)):
+            self.up.append(_PreActivation(spatial_dims, width, c, up=True, negative_slope=negative_slope))
+            width = c + skip
+        self.out = zero_init(Conv[Conv.CONV, spatial_dims](width, spatial_dims, 3, padding=1))
+
+    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor | None = None) -> torch.Tensor:
+        x = concat_pair(image_A, image_B, self.spatial_dims, self.in_channels)
+        size = x.shape[2:]
+        x = pad_to_multiple(x, self.multiple)
+        features = []
+        for layer in self.down:
+            features.append(x)
+            x = layer(x)
+        for layer in self.up:
+            x = torch.cat([layer(x), features.pop()], dim=1)
+        return crop_to(self.out(x), size)
