@@ -1,0 +1,25 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Losses: inverse consistency (ICON), gradient inverse consistency (GradICON), similarity, the ICON total."""
+
+from monai_icon.losses.gradient_inverse_consistency import GradientInverseConsistencyLoss, gradient_inverse_consistency
+from monai_icon.losses.icon import REGULARIZERS, ICONLoss, ICONLossOutput, icon_loss
+from monai_icon.losses.inverse_consistency import InverseConsistencyLoss, inverse_consistency, sample_points
+from monai_icon.losses.similarity import SIMILARITIES, get_similarity, per_pair
+
+__all__ = [
+    "InverseConsistencyLoss",
+    "inverse_consistency",
+    "sample_points",
+    "GradientInverseConsistencyLoss",
+    "gradient_inverse_consistency",
+    "ICONLoss",
+    "ICONLossOutput",
+    "icon_loss",
+    "REGULARIZERS",
+    "SIMILARITIES",
+    "get_similarity",
+    "per_pair",
+]

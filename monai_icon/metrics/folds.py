@@ -1,0 +1,108 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Folds: grid cells where a map's Jacobian determinant is negative (paper Sec. 4.4, CONVENTIONS section 3).
+
+The determinant of each cell is taken from one-sided (forward) differences of the map at the cell's first
+corner: in 2D ``dA = du_0 dv_1 - du_1 dv_0`` with ``u``, ``v`` the differences along the two axes; in 3D
+``dV = (a x b) . c`` with ``a``, ``b``, ``c`` the differences along the three axes. The count is per image (the
+ICON paper's number); the percentage divides by the number of cells. Counts from central differences or from
+physical-space Jacobian filters are not comparable with these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.metrics import CumulativeIterationMetric
+from monai.metrics.utils import do_metric_reduction
+from monai.utils import MetricReduction
+
+from monai_icon.networks.maps import ddf_to_map_grid
+
+__all__ = ["jacobian_determinant", "count_folds", "FoldsMetric"]
+
+
+def jacobian_determinant(grid: torch.Tensor) -> torch.Tensor:
+    """Per-cell Jacobian determinant (up to a positive factor) of a map sampled on a grid.
+
+    Args:
+        grid: ``[B, D, *N]`` map values (any consistent unit: ``[0, 1]`` coordinates or voxels) at the points
+            of the identity grid, ``D`` = 2 or 3 = ``len(N)``.
+
+    Returns:
+        ``[B, *(N - 1)]`` forward-difference determinants; positive for orientation-preserving cells.
+    """
+    dims = grid.ndim - 2
+    if dims not in (2, 3) or grid.shape[1] != dims:
+        raise ValueError(f"grid must be [B, 2, H, W] or [B, 3, H, W, D], got shape {tuple(grid.shape)}.")
+    corner = grid[(slice(None), slice(None), *([slice(0, -1)] * dims))]
+
+    def diff(axis: int) -> torch.Tensor:
+        index = [slice(0, -1)] * dims
+        index[axis] = slice(1, None)
+        return grid[(slice(None), slice(None), *index)] - corner
+
+    if dims == 2:
+        du, dv = diff(0), diff(1)
+        return du[:, 0] * dv[:, 1] - du[:, 1] * dv[:, 0]
+    a, b, c = diff(0), diff(1), diff(2)
+    return (torch.linalg.cross(a, b, dim=1) * c).sum(dim=1)
+
+
+def count_folds(grid: torch.Tensor, percentage: bool = False) -> torch.Tensor:
+    """Number of folded cells (negative Jacobian determinant) per image.
+
+    Args:
+        grid: ``[B, D, *N]`` map sampled on the identity grid (see :func:`jacobian_determinant`).
+        percentage: return ``100 * folds / cells`` instead of the count.
+
+    Returns:
+        ``[B]`` float tensor (no gradient).
+    """
+    with torch.no_grad():
+        det = jacobian_determinant(grid)
+        folds = (det < 0).flatten(1).sum(dim=1).to(torch.float32)
+        return folds * (100.0 / det[0].numel()) if percentage else folds
+
+
+class FoldsMetric(CumulativeIterationMetric):
+    """MONAI metric of folds per image, accumulated over iterations.
+
+    Args:
+        percentage: report ``100 * folds / cells`` instead of the count.
+        input_type: ``"ddf"`` (default): ``y_pred`` is a MONAI voxel DDF ``[B, D, *N]``; ``"map"``: ``y_pred`` is
+            the map sampled on the identity grid in ``[0, 1]`` units.
+        reduction: MONAI metric reduction used by :meth:`aggregate` (default ``"mean"``).
+        get_not_nans: also return the count of non-NaN values from :meth:`aggregate`.
+
+    ``metric(y_pred=ddf)`` returns ``[B, 1]`` per-image values; ``aggregate()`` reduces all of them.
+    """
+
+    def __init__(
+        self,
+        percentage: bool = False,
+        input_type: str = "ddf",
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+    ) -> None:
+        super().__init__()
+        if input_type not in ("ddf", "map"):
+            raise ValueError(f"input_type must be 'ddf' or 'map', got {input_type!r}.")
+        self.percentage = percentage
+        self.input_type = input_type
+        self.reduction = reduction
+        self.get_not_nans = get_not_nans
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        grid = ddf_to_map_grid(y_pred) if self.input_type == "ddf" else y_pred
+        return count_folds(grid.float(), self.percentage).unsqueeze(1)
+
+    def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError(f"the data to aggregate must be a PyTorch Tensor, got {type(data)}.")
+        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
+        return (f, not_nans) if self.get_not_nans else f
