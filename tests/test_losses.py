@@ -1,0 +1,158 @@
+import pytest
+import torch
+from monai.losses import LocalNormalizedCrossCorrelationLoss
+
+from conftest import smooth_random_field
+from monai_icon.losses import (
+    GradientInverseConsistencyLoss,
+    ICONLoss,
+    InverseConsistencyLoss,
+    gradient_inverse_consistency,
+    icon_loss,
+    inverse_consistency,
+)
+from monai_icon.networks import DisplacementField
+from monai_icon.networks.maps import AffineMap, DisplacementMap, IdentityMap
+from monai_icon.networks.nets import UNet
+
+
+def _affine_pair(dims):
+    linear = torch.eye(dims) + 0.1 * torch.randn(dims, dims)
+    shift = 0.05 * torch.randn(dims, 1)
+    forward = torch.cat([linear, shift], 1)
+    inv = torch.linalg.inv(linear)
+    backward = torch.cat([inv, -inv @ shift], 1)
+    return AffineMap(forward[None]), AffineMap(backward[None])
+
+
+@pytest.mark.parametrize("shape", [(12, 9), (6, 7, 5)])
+def test_losses_vanish_for_identity_and_exact_inverse(shape):
+    dims = len(shape)
+    ident = IdentityMap(2, dims)
+    zero = DisplacementMap(torch.zeros(2, dims, *shape))
+    assert inverse_consistency(ident, zero, shape).abs().max() == 0
+    assert gradient_inverse_consistency(zero, zero, shape).abs().max() == 0
+    phi, phi_inv = _affine_pair(dims)
+    assert inverse_consistency(phi, phi_inv, shape).max() < 1e-10
+    assert gradient_inverse_consistency(phi, phi_inv, shape).max() < 1e-6
+
+
+def test_pixel_swap_is_invisible_on_grid_and_penalised_off_grid():
+    """Paper Fig. 3/4: two neighbouring pixels swap; the swap composed with itself is the identity on grid points."""
+    shape = (8, 8)
+    disp = torch.zeros(1, 2, *shape)
+    disp[0, 1, 3, 3] = 1 / (shape[1] - 1)
+    disp[0, 1, 3, 4] = -1 / (shape[1] - 1)
+    swap = DisplacementMap(disp)
+    on_grid = inverse_consistency(swap, swap, shape, sigma=0.0)
+    off_grid = torch.stack([inverse_consistency(swap, swap, shape, sigma=1.0) for _ in range(20)]).mean()
+    assert on_grid.abs().max() < 1e-12
+    assert off_grid > 1e-5
+
+
+def test_inverse_consistency_of_translations_matches_hand_computation():
+    shape = (10, 11)
+    a, b = torch.tensor([0.03, -0.02]), torch.tensor([0.01, 0.05])
+    phi_AB = DisplacementMap(a.reshape(1, 2, 1, 1).expand(1, 2, *shape).clone())
+    phi_BA = DisplacementMap(b.reshape(1, 2, 1, 1).expand(1, 2, *shape).clone())
+    # e_AB = e_BA = a + b everywhere (constant fields extrapolate exactly); mean over the two channels.
+    expected = 2 * ((a + b) ** 2).mean()
+    assert torch.allclose(inverse_consistency(phi_AB, phi_BA, shape), expected.reshape(1), rtol=1e-5)
+    assert torch.allclose(InverseConsistencyLoss()(phi_AB, phi_BA, shape), expected, rtol=1e-5)
+
+
+def test_gradicon_of_affine_maps_matches_hand_computation():
+    m_ab = torch.tensor([[[1.2, 0.1, 0.0], [0.0, 0.9, 0.1]]])
+    m_ba = torch.tensor([[[1.0, 0.0, 0.05], [0.2, 1.0, 0.0]]])
+    j = m_ab[0, :, :2] @ m_ba[0, :, :2] - torch.eye(2)
+    expected = (j**2).sum() / 2  # sum over directions, mean over the two components
+    value = GradientInverseConsistencyLoss()(AffineMap(m_ab), AffineMap(m_ba), (9, 9))
+    assert torch.allclose(value, expected, rtol=1e-3)
+
+
+def test_approximate_inverse_consistency_noise_level():
+    shape = (64, 48)
+    ident = DisplacementMap(torch.zeros(4, 2, *shape))
+    eps = 0.5  # voxels
+    value = inverse_consistency(ident, ident, shape, sigma=1.0, epsilon=eps).mean()
+    voxel = torch.tensor([1 / 63, 1 / 47])
+    # z - x = eps * (n1 + n2) per axis: variance 2 eps_d^2 per channel, two directions
+    expected = 2 * (2 * (eps * voxel) ** 2).mean()
+    assert abs(value.item() / expected.item() - 1) < 0.05
+
+
+def test_losses_accept_voxel_ddfs():
+    shape = (9, 10)
+    ddf_ab = torch.zeros(1, 2, *shape)
+    ddf_ab[:, 0] = 1.0  # one voxel along axis 0
+    ddf_ba = -ddf_ab
+    assert inverse_consistency(ddf_ab, ddf_ba).abs().max() < 1e-10
+    expected = 2 * ((2 / 8) ** 2) / 2  # (1 + 1 voxels)/(N0 - 1) on channel 0, mean over 2 channels, 2 directions
+    assert torch.allclose(inverse_consistency(ddf_ab, ddf_ab), torch.tensor([expected]), rtol=1e-5)
+
+
+def test_icon_loss_normalisation_matches_paper():
+    a, b = torch.rand(3, 1, 10, 12), torch.rand(3, 1, 10, 12)
+    ident = IdentityMap(3, 2)
+    out = ICONLoss("mse", lmbda=2048)(a, b, ident, ident)
+    expected_sim = 2 * ((a - b) ** 2).mean()
+    assert torch.allclose(out.similarity, expected_sim)
+    assert out.inverse_consistency == 0
+    assert torch.allclose(out.loss, expected_sim)
+    assert out.folds.shape == (3,) and out.folds.sum() == 0
+
+    shape = (10, 12)
+    t = torch.tensor([0.02, 0.01]).reshape(1, 2, 1, 1).expand(3, 2, *shape).clone()
+    out = ICONLoss("mse", lmbda=100, reduction="none")(a, b, DisplacementMap(t), DisplacementMap(t))
+    assert out.loss.shape == (3,)
+    ic = 2 * ((2 * torch.tensor([0.02, 0.01])) ** 2).mean()
+    assert torch.allclose(out.inverse_consistency, ic.expand(3), rtol=1e-5)
+    assert torch.allclose(out.loss, out.similarity + 100 * out.inverse_consistency)
+
+
+@pytest.mark.parametrize("similarity", ["mse", "lncc", "mi", LocalNormalizedCrossCorrelationLoss(3, 5, reduction="none")])
+def test_similarities_plug_in_3d(similarity):
+    a, b = torch.rand(2, 1, 12, 10, 9), torch.rand(2, 1, 12, 10, 9)
+    phi = DisplacementMap(smooth_random_field(2, (12, 10, 9)))
+    out = ICONLoss(similarity, lmbda=1.0, regularizer="gradicon", spatial_dims=3, reduction="none")(a, b, phi, phi)
+    assert out.loss.shape == (2,) and torch.isfinite(out.loss).all()
+    assert out.warped_A.shape == a.shape and out.phi_AB_grid.shape == (2, 3, 12, 10, 9)
+
+
+def test_gradients_flow_to_network_parameters():
+    torch.manual_seed(1)
+    model = DisplacementField(UNet(2))
+    a, b = torch.rand(2, 1, 20, 24), torch.rand(2, 1, 20, 24)
+    out = ICONLoss("mse", lmbda=64)(a, b, model(a, b), model(b, a))
+    out.loss.backward()
+    grad = model.net.out.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # after one step the hidden layers receive gradient too (the zero-initialised output layer opened up)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    icon_loss(a, b, model(a, b), model(b, a), lmbda=64).backward()
+    assert model.net.down[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_bad_inputs_raise_clear_errors():
+    loss = ICONLoss("mse", lmbda=1.0)
+    ident = IdentityMap(2, 2)
+    a = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="same shape"):
+        loss(a, torch.rand(2, 1, 8, 9), ident, ident)
+    with pytest.raises(ValueError, match="dimensions"):
+        loss(torch.rand(8, 8), torch.rand(8, 8), ident, ident)
+    bad = a.clone()
+    bad[0, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="image_B contain NaN"):
+        loss(a, bad, ident, ident)
+    with pytest.raises(ValueError, match="3D images"):
+        ICONLoss("mse", 1.0, spatial_dims=3)(a, a, ident, ident)
+    with pytest.raises(ValueError, match="unknown similarity 'ssd'"):
+        ICONLoss("ssd", lmbda=1.0)
+    with pytest.raises(ValueError, match="unknown regularizer"):
+        ICONLoss("mse", lmbda=1.0, regularizer="bending")
+    with pytest.raises(ValueError, match="not a valid LossReduction"):
+        InverseConsistencyLoss(reduction="median")
+    with pytest.raises(ValueError, match="shape is required"):
+        inverse_consistency(ident, ident)

@@ -1,0 +1,147 @@
+import pytest
+import torch
+from monai.networks.blocks import Warp
+
+from conftest import FixedDisplacementNet, smooth_random_field
+from monai_icon.networks import Affine, DisplacementField, Downsample, TwoStep
+from monai_icon.networks.maps import (
+    AffineMap,
+    ComposedMap,
+    DisplacementMap,
+    IdentityMap,
+    as_map,
+    ddf_to_map_grid,
+    identity_grid,
+    interpolate,
+    map_grid_to_ddf,
+)
+from monai_icon.networks.nets import AffineNet, UNet
+
+
+def test_identity_grid_convention():
+    grid = identity_grid((3, 5))
+    assert grid.shape == (1, 2, 3, 5)
+    assert torch.allclose(grid[0, 0, :, 0], torch.tensor([0.0, 0.5, 1.0]))
+    assert torch.allclose(grid[0, 1, 0, :], torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+
+
+@pytest.mark.parametrize("shape", [(10, 13), (6, 7, 5)])
+def test_identity_block_gives_identity(shape):
+    net = UNet(spatial_dims=len(shape))
+    a, b = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
+    phi = DisplacementField(net)(a, b)
+    assert torch.equal(phi.grid(shape), identity_grid(shape).expand(2, -1, *shape))
+    assert torch.allclose(phi.warp(a), a, atol=1e-6)
+    assert torch.count_nonzero(phi.ddf(shape)) == 0
+
+
+@pytest.mark.parametrize("shape,shift", [((9, 12), (2, -3)), ((7, 6, 8), (1, 2, -2))])
+def test_translation_moves_image_by_whole_voxels(shape, shift):
+    image = torch.rand(1, 1, *shape)
+    disp = torch.zeros(1, len(shape), *shape)
+    for d, s in enumerate(shift):
+        disp[:, d] = s / (shape[d] - 1)
+    warped = DisplacementMap(disp).warp(image)
+    # pull-back: warped[x] = image[x + shift] wherever x + shift is inside the image
+    src = tuple(slice(max(s, 0), n + min(s, 0)) for s, n in zip(shift, shape))
+    dst = tuple(slice(max(-s, 0), n + min(-s, 0)) for s, n in zip(shift, shape))
+    assert torch.allclose(warped[(..., *dst)], image[(..., *src)], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(17, 11), (9, 14, 6)])
+def test_ddf_conversion_matches_monai_warp(shape):
+    image = torch.rand(2, 3, *shape)
+    phi = DisplacementMap(smooth_random_field(2, shape, amplitude=0.1))
+    ddf = phi.ddf(shape)
+    ours = phi.warp(image)
+    monai_warped = Warp(mode="bilinear", padding_mode="border")(image, ddf)
+    assert torch.allclose(ours, monai_warped, atol=1e-5)
+    assert torch.allclose(ddf_to_map_grid(ddf), phi.grid(shape), atol=1e-6)
+    # the map rebuilt from the DDF is the same function on the grid
+    assert torch.allclose(as_map(ddf).grid(shape), phi.grid(shape), atol=1e-6)
+
+
+def test_one_voxel_shift_is_one_voxel_in_ddf():
+    shape = (5, 5)
+    disp = torch.zeros(1, 2, *shape)
+    disp[:, 0] = 1 / (shape[0] - 1)
+    ddf = map_grid_to_ddf(DisplacementMap(disp).grid(shape))
+    assert torch.allclose(ddf[:, 0], torch.ones(1, *shape))
+    assert torch.allclose(ddf[:, 1], torch.zeros(1, *shape))
+
+
+def test_interpolate_accepts_any_point_layout():
+    field = torch.rand(2, 1, 6, 7)
+    points = torch.rand(2, 2, 5)  # a flat list of 5 points
+    out = interpolate(field, points)
+    assert out.shape == (2, 1, 5)
+    grid_out = interpolate(field, points.reshape(2, 2, 5, 1))
+    assert torch.allclose(out, grid_out[..., 0])
+    with pytest.raises(ValueError, match="points must be"):
+        interpolate(field, torch.rand(2, 3, 5))
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (6, 8, 7)])
+def test_two_step_equals_explicit_composition(shape):
+    a, b = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
+    first, second = DisplacementField(FixedDisplacementNet(0.08)), DisplacementField(FixedDisplacementNet(0.05))
+    phi_two = TwoStep(first, second)(a, b)
+    phi = first(a, b)
+    psi = second(phi.warp(a), b)
+    x = torch.rand(2, len(shape), 31)
+    assert torch.allclose(phi_two(x), phi(psi(x)), atol=1e-6)
+    # and it is not simply one of the two steps
+    assert not torch.allclose(phi_two(x), phi(x), atol=1e-4)
+    assert isinstance(phi_two, ComposedMap)
+
+
+@pytest.mark.parametrize("shape", [(15, 10), (9, 7, 11)])
+def test_downsample_runs_child_at_low_resolution_and_map_is_continuous(shape):
+    net = FixedDisplacementNet(0.2)
+    a, b = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+    phi = Downsample(DisplacementField(net), factor=2)(a, b)
+    coarse_shape = tuple((n + 1) // 2 for n in shape)
+    assert net.calls[-1] == (1, 1, *coarse_shape)  # ceil mode
+    fine = phi.grid(shape)
+    assert fine.shape == (1, len(shape), *shape)
+    coarse_disp = phi.displacement
+    # linear interpolation of the coarse field: fine steps never jump more than the coarse ones
+    for axis in range(len(shape)):
+        fine_jump = (fine - identity_grid(shape)).diff(dim=axis + 2).abs().max()
+        coarse_jump = coarse_disp.diff(dim=axis + 2).abs().max()
+        assert fine_jump <= coarse_jump + 1e-6
+    # evaluating at off-grid points is well defined and equals the child's map
+    x = torch.rand(1, len(shape), 50)
+    assert torch.allclose(phi(x), DisplacementMap(coarse_disp)(x))
+
+
+def test_affine_block_and_map():
+    a = torch.rand(2, 1, 16, 12)
+    phi = Affine(AffineNet(2))(a, a)
+    assert torch.allclose(phi.grid((16, 12)), identity_grid((16, 12)).expand(2, -1, -1, -1))
+    m = torch.tensor([[[1.1, 0.2, 0.05], [-0.1, 0.9, 0.1]]])
+    x = torch.rand(1, 2, 7)
+    expected = torch.einsum("ij,bjp->bip", m[0, :, :2], x) + m[0, :, 2:].unsqueeze(0)
+    assert torch.allclose(AffineMap(m)(x), expected)
+
+
+def test_identity_map_and_composition_operator():
+    phi = DisplacementMap(smooth_random_field(2, (8, 9)))
+    ident = IdentityMap(2, 2)
+    x = torch.rand(2, 2, 8, 9)
+    assert torch.allclose((phi @ ident)(x), phi(x))
+    assert torch.allclose((ident @ phi)(x), phi(x))
+
+
+def test_map_errors_name_the_problem():
+    with pytest.raises(ValueError, match="displacement must be"):
+        DisplacementMap(torch.zeros(1, 3, 4, 4))
+    phi = DisplacementMap(torch.zeros(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="points must be"):
+        phi(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="batch size"):
+        phi(torch.zeros(3, 2, 4))
+    with pytest.raises(ValueError, match="3D grid"):
+        DisplacementMap(torch.zeros(1, 3, 4, 4, 4)).grid((4, 4))
+    with pytest.raises(ValueError, match="compose"):
+        ComposedMap(phi, DisplacementMap(torch.zeros(1, 3, 4, 4, 4)))

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from monai_icon.networks.nets import MLP, AffineNet, ConvOnly, EncoderDecoder, UNet
+
+
+def conv_params(cin, cout, k, dims, bias=True):
+    return cin * cout * k**dims + (cout if bias else 0)
+
+
+def count(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+ENC, DEC = (16, 32, 64, 256, 512), (256, 128, 64, 32, 16)
+
+
+def expected_encoder_decoder(dims, cin=2):
+    total, width = 0, cin
+    for c in ENC:
+        total += conv_params(width, c, 3, dims)
+        width = c
+    for c in DEC:
+        total += conv_params(width, c, 4, dims)
+        width = c
+    return total + conv_params(width, dims, 3, dims)
+
+
+def expected_unet(dims, cin=2):
+    total, width = 0, cin
+    for c in ENC:
+        total += 2 * width + conv_params(width, c, 3, dims)  # batch norm (weight, bias) + conv
+        width = c
+    skips = [cin, *ENC[:-1]][::-1]
+    for c, skip in zip(DEC, skips):
+        total += 2 * width + conv_params(width, c, 4, dims)
+        width = c + skip
+    return total + conv_params(width, dims, 3, dims)
+
+
+def test_parameter_counts_match_the_papers_sizes():
+    # MLP: 2 x 28 x 28 inputs, hidden 8000 and 3000, output 2 x 28 x 28
+    assert count(MLP(2, (28, 28))) == (1568 * 8000 + 8000) + (8000 * 3000 + 3000) + (3000 * 1568 + 1568)
+    # ConvOnly: five 5x5 layers of 10 features on the dense concatenation, then the output layer
+    expected = sum(conv_params(2 + 10 * i, 10, 5, 2) for i in range(5)) + conv_params(52, 2, 5, 2)
+    assert count(ConvOnly(2)) == expected == 30152
+    assert count(EncoderDecoder(2)) == expected_encoder_decoder(2)
+    assert count(UNet(2)) == expected_unet(2)
+    assert count(UNet(3)) == expected_unet(3)
+
+
+@pytest.mark.parametrize(
+    "factory,shape",
+    [
+        (lambda: UNet(2), (28, 28)),
+        (lambda: UNet(2), (37, 50)),
+        (lambda: UNet(3, encoder_channels=(8, 16, 32), decoder_channels=(16, 8, 8)), (13, 10, 9)),
+        (lambda: EncoderDecoder(2), (30, 41)),
+        (lambda: EncoderDecoder(3, encoder_channels=(8, 16), decoder_channels=(16, 8)), (9, 6, 11)),
+        (lambda: ConvOnly(2), (19, 23)),
+        (lambda: ConvOnly(3), (7, 8, 9)),
+        (lambda: MLP(2, (12, 10), hidden_channels=(64, 32)), (12, 10)),
+        (lambda: MLP(3, (6, 5, 4), hidden_channels=(32,)), (6, 5, 4)),
+    ],
+)
+def test_output_shape_and_zero_initialisation(factory, shape):
+    net = factory()
+    dims = len(shape)
+    a, b = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
+    out = net(a, b)
+    assert out.shape == (2, dims, *shape)
+    assert torch.count_nonzero(out) == 0
+    # one pre-concatenated 2-channel tensor gives the same as two images
+    assert torch.equal(net(torch.cat([a, b], 1)), out)
+    # once the output layer is perturbed the output depends on the input
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert torch.count_nonzero(net(a, b)) > 0
+
+
+def test_affine_net_shape_and_zero_output():
+    out = AffineNet(3)(torch.rand(2, 1, 9, 10, 11), torch.rand(2, 1, 9, 10, 11))
+    assert out.shape == (2, 3, 4) and torch.count_nonzero(out) == 0
+
+
+def test_network_input_errors():
+    with pytest.raises(ValueError, match="input channels"):
+        UNet(2)(torch.rand(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="2D network"):
+        UNet(2)(torch.rand(1, 1, 8, 8, 8), torch.rand(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match="built for images of size"):
+        MLP(2, (12, 10), hidden_channels=(8,))(torch.rand(1, 1, 10, 12), torch.rand(1, 1, 10, 12))
+    with pytest.raises(ValueError, match="spatial_dims"):
+        ConvOnly(4)
