@@ -7,6 +7,7 @@
 from monai_icon.networks import blocks, maps, nets
 from monai_icon.networks.blocks import Affine, DisplacementField, Downsample, RegistrationModule, TwoStep
 from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, IdentityMap, Map
+from monai_icon.networks.registration_net import RegistrationNet, register_pair
 
 __all__ = [
     "blocks",
@@ -22,4 +23,6 @@ __all__ = [
     "AffineMap",
     "ComposedMap",
     "IdentityMap",
+    "RegistrationNet",
+    "register_pair",
 ]

@@ -42,7 +42,7 @@ def check_image_pair(image_A: torch.Tensor, image_B: torch.Tensor, check_finite:
         raise ValueError(
             f"image_A and image_B must have the same shape, got {tuple(image_A.shape)} and {tuple(image_B.shape)}."
         )
-    if check_finite:
+    if check_finite and not torch.jit.is_tracing():  # a data-dependent check cannot be traced
         finite = torch.stack([torch.isfinite(image_A).all(), torch.isfinite(image_B).all()])
         if not bool(finite.all()):
             bad = [n for n, ok in zip(("image_A", "image_B"), finite.tolist()) if not ok]

@@ -35,6 +35,8 @@ __all__ = [
     "ComposedMap",
     "IdentityMap",
     "as_map",
+    "one_hot_labels",
+    "warp_labels",
 ]
 
 
@@ -306,3 +308,38 @@ def as_map(phi: Map | torch.Tensor) -> Map:
     if isinstance(phi, torch.Tensor):
         return DisplacementMap.from_ddf(phi)
     raise ValueError(f"expected a Map or a voxel DDF tensor, got {type(phi).__name__}.")
+
+
+def one_hot_labels(label: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[B, 1, *N]`` integer labels in ``[0, num_classes)`` to a ``[B, num_classes, *N]`` one-hot tensor."""
+    if label.ndim < 3 or label.shape[1] != 1:
+        raise ValueError(f"label must be [B, 1, *spatial] integer labels, got shape {tuple(label.shape)}.")
+    labels = label.long()
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}].")
+    return F.one_hot(labels[:, 0], num_classes).movedim(-1, 1).to(dtype)
+
+
+def warp_labels(label: torch.Tensor, coords: torch.Tensor, num_classes: int, mode: str = "linear") -> torch.Tensor:
+    """Warp an integer label map and return it one-hot.
+
+    Args:
+        label: ``[B, 1, *N]`` integer labels in ``[0, num_classes)``.
+        coords: ``[B, D, *M]`` map values in ``[0, 1]`` units (e.g. ``phi_AB.grid(fixed_shape)``).
+        num_classes: number of classes including background.
+        mode: ``"linear"``: interpolate the one-hot channels linearly and take the arg-max (smooth boundaries);
+            ``"nearest"``: nearest-neighbour lookup of the labels.
+
+    Returns:
+        ``[B, num_classes, *M]`` one-hot float tensor.
+    """
+    if label.ndim != coords.ndim:
+        raise ValueError(f"label must be [B, 1, *spatial] matching coords, got {tuple(label.shape)} and {tuple(coords.shape)}.")
+    onehot = one_hot_labels(label, num_classes, coords.dtype)
+    if mode == "nearest":
+        warped = interpolate(label.to(coords.dtype), coords, mode="nearest").round().long()
+    elif mode == "linear":
+        warped = interpolate(onehot, coords).argmax(dim=1, keepdim=True)
+    else:
+        raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}.")
+    return one_hot_labels(warped, num_classes, coords.dtype)
