@@ -7,9 +7,18 @@
 from __future__ import annotations
 
 import torch
-from monai.metrics import compute_dice
+from monai.metrics import DiceMetric, compute_dice
+from monai.utils import MetricReduction
 
-__all__ = ["threshold_dice"]
+__all__ = ["threshold_dice", "ThresholdDiceMetric"]
+
+
+def _check_pair(warped: torch.Tensor, fixed: torch.Tensor) -> None:
+    if warped.shape != fixed.shape or warped.ndim not in (4, 5) or warped.shape[1] != 1:
+        raise ValueError(
+            f"warped and fixed must both be [B, 1, *spatial] of the same shape, got {tuple(warped.shape)} "
+            f"and {tuple(fixed.shape)}."
+        )
 
 
 def threshold_dice(warped: torch.Tensor, fixed: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -23,11 +32,25 @@ def threshold_dice(warped: torch.Tensor, fixed: torch.Tensor, threshold: float =
     Returns:
         ``[B]`` Dice values (1 where both masks are empty), computed by ``monai.metrics.compute_dice``.
     """
-    if warped.shape != fixed.shape or warped.ndim not in (4, 5) or warped.shape[1] != 1:
-        raise ValueError(
-            f"warped and fixed must both be [B, 1, *spatial] of the same shape, got {tuple(warped.shape)} "
-            f"and {tuple(fixed.shape)}."
-        )
+    _check_pair(warped, fixed)
     pred = (warped > threshold).float()
     target = (fixed > threshold).float()
     return compute_dice(pred, target, include_background=True, ignore_empty=False)[:, 0]
+
+
+class ThresholdDiceMetric(DiceMetric):
+    """``monai.metrics.DiceMetric`` on intensities thresholded at ``threshold`` (warped moving vs fixed image).
+
+    ``metric(y_pred=warped, y=fixed)`` with ``[B, 1, *N]`` images returns ``[B, 1]``; ``aggregate()`` reduces
+    the buffer (default mean). Pairs whose masks are both empty count as Dice 1.
+    """
+
+    def __init__(
+        self, threshold: float = 0.5, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False
+    ) -> None:
+        super().__init__(include_background=True, reduction=reduction, get_not_nans=get_not_nans, ignore_empty=False)
+        self.threshold = threshold
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        _check_pair(y_pred, y)
+        return super()._compute_tensor((y_pred > self.threshold).float(), (y > self.threshold).float())
