@@ -1,0 +1,131 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""``ICONTrainer``: a MONAI ``SupervisedTrainer`` for pairwise, inverse-consistent registration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.transforms import Transform
+from torch.optim import Optimizer
+
+from monai_icon.engines.keys import RegKeys
+from monai_icon.engines.prepare_batch import PrepareRegistrationBatch
+from monai_icon.losses.icon import ICONLoss
+from monai_icon.networks.maps import map_grid_to_ddf
+from monai_icon.networks.registration_net import register_pair
+
+__all__ = ["ICONTrainer"]
+
+
+class ICONTrainer(SupervisedTrainer):
+    """Train a registration network with :class:`~monai_icon.losses.ICONLoss`.
+
+    Each iteration registers every pair both ways (``phi_AB``, ``phi_BA``), applies the loss and steps the
+    optimiser. ``engine.state.output`` holds (before decollation; per pair after it): ``loss`` (the
+    back-propagated total), ``similarity``, ``inverse_consistency``, ``lmbda`` (scalars), ``folds`` (``[B]``,
+    count of ``phi_AB``), ``pred`` (warped moving image), ``ddf`` (MONAI voxel DDF of ``phi_AB``) and the
+    input images (keys in :class:`~monai_icon.engines.keys.RegKeys`). The MONAI events ``FORWARD_COMPLETED``,
+    ``LOSS_COMPLETED``, ``BACKWARD_COMPLETED`` and ``MODEL_COMPLETED`` fire as in ``SupervisedTrainer``, so
+    decollation, ``postprocessing``, metrics and handlers work unchanged.
+
+    Args:
+        network: a :class:`~monai_icon.networks.RegistrationNet` (or a registration block), possibly wrapped in
+            ``DistributedDataParallel``.
+        loss_function: an :class:`~monai_icon.losses.ICONLoss` (its ``lmbda`` may be changed by handlers).
+        prepare_batch: defaults to :class:`~monai_icon.engines.PrepareRegistrationBatch`.
+        amp: mixed precision on CUDA devices (ignored with a warning-free fallback on CPU).
+        Other arguments: as ``monai.engines.SupervisedTrainer``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: torch.nn.Module,
+        optimizer: Optimizer,
+        loss_function: ICONLoss,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = PrepareRegistrationBatch(),
+        iteration_update: Callable | None = None,
+        postprocessing: Transform | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        decollate: bool = True,
+        optim_set_to_none: bool = False,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        if not isinstance(loss_function, ICONLoss):
+            raise ValueError(f"loss_function must be a monai_icon.losses.ICONLoss, got {type(loss_function).__name__}.")
+        extra: dict[str, Any] = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_train_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            train_handlers=train_handlers,
+            amp=amp and torch.device(device).type == "cuda",
+            decollate=decollate,
+            optim_set_to_none=optim_set_to_none,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+            **extra,
+        )
+
+    def _iteration(self, engine: ICONTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        moving, fixed, _, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        engine.state.output = {RegKeys.MOVING: moving, RegKeys.FIXED: fixed}
+        loss_function: ICONLoss = engine.loss_function
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        use_amp = engine.amp and engine.scaler is not None
+        with torch.autocast("cuda", enabled=use_amp, **engine.amp_kwargs):
+            phi_AB, phi_BA = register_pair(engine.network, moving, fixed)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            result = loss_function(moving, fixed, phi_AB, phi_BA)
+        engine.state.output.update(
+            {
+                RegKeys.LOSS: result.loss,
+                RegKeys.SIMILARITY: result.similarity.detach(),
+                RegKeys.INVERSE_CONSISTENCY: result.inverse_consistency.detach(),
+                RegKeys.FOLDS: result.folds,
+                RegKeys.LMBDA: torch.tensor(loss_function.lmbda),
+                RegKeys.PRED: result.warped_A.detach(),
+                RegKeys.DDF: map_grid_to_ddf(result.phi_AB_grid.detach()),
+            }
+        )
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if use_amp:
+            engine.scaler.scale(result.loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            result.loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
