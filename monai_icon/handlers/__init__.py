@@ -1,0 +1,23 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Ignite handlers: registration metrics, the adaptive lambda schedule, figures and checkpoint discovery."""
+
+from monai_icon.handlers.adaptive_lambda import AdaptiveLambdaHandler, batch_mean_folds
+from monai_icon.handlers.checkpoint import AtomicCheckpointSaver, latest_checkpoint, require_file
+from monai_icon.handlers.figures import RegistrationFigureHandler
+from monai_icon.handlers.metrics import Folds, OutputValue, ThresholdDice, pair_names
+
+__all__ = [
+    "AdaptiveLambdaHandler",
+    "batch_mean_folds",
+    "AtomicCheckpointSaver",
+    "latest_checkpoint",
+    "require_file",
+    "RegistrationFigureHandler",
+    "ThresholdDice",
+    "Folds",
+    "OutputValue",
+    "pair_names",
+]
