@@ -5,11 +5,11 @@
 """monai-icon: inverse-consistent deep image registration (ICON, Greer et al., ICCV 2021) for MONAI.
 
 Sub-packages follow the data flow: ``data`` -> ``networks`` (maps, blocks, nets) -> ``losses`` -> ``metrics``
--> ``visualize``.
+-> ``engines`` / ``handlers`` -> the MONAI bundle in ``bundle/``.
 """
 
-from monai_icon import data, losses, metrics, networks
+from monai_icon import data, engines, handlers, losses, metrics, networks, reporting, transforms
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "networks", "losses", "metrics", "__version__"]
+__all__ = ["data", "transforms", "networks", "losses", "metrics", "engines", "handlers", "reporting", "__version__"]

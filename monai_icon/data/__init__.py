@@ -4,8 +4,10 @@
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
 """The paper's 2D datasets (triangles & circles, MNIST fives) and random pairs."""
 
+from monai_icon.data.datalist import PAIR_FILE_KEYS, load_pair_datalist
 from monai_icon.data.mnist import EMBEDDED_MNIST_FIVES, MNISTFivesDataset, load_mnist_fives, split_indices
 from monai_icon.data.pairs import RandomPairDataset
+from monai_icon.data.populations import POPULATIONS, get_population
 from monai_icon.data.triangles_circles import TrianglesCirclesDataset, render_shape, sample_shape_parameters
 
 __all__ = [
@@ -17,4 +19,8 @@ __all__ = [
     "split_indices",
     "EMBEDDED_MNIST_FIVES",
     "RandomPairDataset",
+    "POPULATIONS",
+    "get_population",
+    "load_pair_datalist",
+    "PAIR_FILE_KEYS",
 ]

@@ -27,7 +27,8 @@ class RandomPairDataset(Dataset):
         keys: keys copied from each item as ``moving_<key>`` and ``fixed_<key>`` (missing keys are skipped).
         transform: optional callable applied to the pair dictionary.
 
-    Items: ``{"moving_image": ..., "fixed_image": ..., "moving_index": i, "fixed_index": j, ...}``.
+    Items: ``{"moving_image": ..., "fixed_image": ..., "moving_index": i, "fixed_index": j,
+    "pair_id": "0000i_to_0000j", ...}``.
     """
 
     def __init__(
@@ -65,7 +66,7 @@ class RandomPairDataset(Dataset):
             raise IndexError(f"pair index {index} out of range for {self.num_pairs} pairs.")
         i, j = self._pair(index)
         moving, fixed = self.data[i], self.data[j]
-        item: dict[str, Any] = {"moving_index": i, "fixed_index": j}
+        item: dict[str, Any] = {"moving_index": i, "fixed_index": j, "pair_id": f"{i:05d}_to_{j:05d}"}
         for key in self.keys:
             if key in moving and key in fixed:
                 item[f"moving_{key}"], item[f"fixed_{key}"] = moving[key], fixed[key]

