@@ -14,6 +14,7 @@ __all__ = ["format_summary"]
 
 _NAMES = {
     "dice": "Dice (pixels > 0.5)",
+    "dice_unregistered": "Dice before registration",
     "folds": "folds per image (negative Jacobian cells of phi_AB)",
     "folds_percent": "folds, % of cells",
     "similarity": "similarity (symmetric)",
@@ -38,6 +39,6 @@ def format_summary(metrics: Mapping[str, Any], model_dir: str | Path | None = No
         models = sorted(p.name for p in Path(model_dir).glob("*.pt"))
         lines.append(f"models in {model_dir}: {', '.join(models) if models else 'none'}")
     if output_dir is not None:
-        figures = sorted(Path(output_dir).glob("*.png"))
-        lines.append(f"figures in {output_dir}: {len(figures)} PNG" + (f" (latest {figures[-1].name})" if figures else ""))
+        figures = sorted(Path(output_dir).glob("*.png"), key=lambda p: p.stat().st_mtime_ns)
+        lines.append(f"figures in {output_dir}: {len(figures)} PNG" + (f" (newest {figures[-1].name})" if figures else ""))
     return "\n".join(lines)

@@ -67,7 +67,7 @@ def registration_figure(
         levels = np.linspace(0, 1, grid_lines)
         ax.contour(phi[0], levels=levels, colors="k", linewidths=0.6)
         ax.contour(phi[1], levels=levels, colors="k", linewidths=0.6)
-        ax.set_title(f"grid, det J ({int((det < 0).sum())} folds)")
+        ax.set_title(f"grid, det J (folds: {int((det < 0).sum())})")
         fig.colorbar(im, ax=ax, fraction=0.046)
         for a in axes[r]:
             a.set_xticks([])

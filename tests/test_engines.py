@@ -192,3 +192,14 @@ def test_pair_datalist_and_file_helpers(tmp_path):
     assert latest_checkpoint(tmp_path / "ck").endswith("c2.pt")
     with pytest.raises(FileNotFoundError, match="train it"):
         require_file(tmp_path / "model.pt", "train it")
+
+
+def test_summary_lists_metrics_models_and_newest_figure(tmp_path):
+    from monai_icon.reporting import format_summary
+
+    (tmp_path / "model.pt").write_bytes(b"x")
+    (tmp_path / "a.png").write_bytes(b"x")
+    text = format_summary({"val_dice": 0.75, "val_dice_unregistered": 0.4, "val_folds": 0.1}, tmp_path, tmp_path, "T")
+    assert "Dice (pixels > 0.5): 0.7500" in text and "Dice before registration: 0.4000" in text
+    assert "folds per image" in text and "model.pt" in text and "newest a.png" in text
+    assert "no evaluation ran" in format_summary({}, None, None)
