@@ -13,12 +13,10 @@ physical-space Jacobian filters are not comparable with these.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from monai.metrics import CumulativeIterationMetric
-from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
+
+from monai_icon.metrics._reduction import PerPairMetric
 
 from monai_icon.networks.maps import ddf_to_map_grid
 
@@ -68,7 +66,7 @@ def count_folds(grid: torch.Tensor, percentage: bool = False) -> torch.Tensor:
         return folds * (100.0 / det[0].numel()) if percentage else folds
 
 
-class FoldsMetric(CumulativeIterationMetric):
+class FoldsMetric(PerPairMetric):
     """MONAI metric of folds per image, accumulated over iterations.
 
     Args:
@@ -88,21 +86,12 @@ class FoldsMetric(CumulativeIterationMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(reduction, get_not_nans)
         if input_type not in ("ddf", "map"):
             raise ValueError(f"input_type must be 'ddf' or 'map', got {input_type!r}.")
         self.percentage = percentage
         self.input_type = input_type
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         grid = ddf_to_map_grid(y_pred) if self.input_type == "ddf" else y_pred
         return count_folds(grid.float(), self.percentage).unsqueeze(1)
-
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> Any:
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"the data to aggregate must be a PyTorch Tensor, got {type(data)}.")
-        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
-        return (f, not_nans) if self.get_not_nans else f

@@ -12,7 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["concat_pair", "pad_to_multiple", "crop_to", "zero_init", "match_channels"]
+__all__ = ["check_unet_args", "concat_pair", "pad_to_multiple", "crop_to", "zero_init", "match_channels"]
+
+
+def check_unet_args(spatial_dims: int, encoder_channels, decoder_channels) -> None:
+    """Validate the arguments shared by the encoder-decoder and the U-Net."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+    if len(encoder_channels) != len(decoder_channels) or not encoder_channels:
+        raise ValueError("encoder_channels and decoder_channels must be non-empty and of the same length.")
 
 
 def concat_pair(image_A: torch.Tensor, image_B: torch.Tensor | None, spatial_dims: int, in_channels: int) -> torch.Tensor:

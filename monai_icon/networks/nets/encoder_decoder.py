@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from monai.networks.layers import Conv
 
-from monai_icon.networks.nets._utils import concat_pair, crop_to, pad_to_multiple, zero_init
+from monai_icon.networks.nets._utils import check_unet_args, concat_pair, crop_to, pad_to_multiple, zero_init
 
 __all__ = ["EncoderDecoder"]
 
@@ -41,10 +41,7 @@ class EncoderDecoder(nn.Module):
         decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
-        if len(encoder_channels) != len(decoder_channels) or not encoder_channels:
-            raise ValueError("encoder_channels and decoder_channels must be non-empty and of the same length.")
+        check_unet_args(spatial_dims, encoder_channels, decoder_channels)
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.multiple = 2 ** len(encoder_channels)
         conv, convt = Conv[Conv.CONV, spatial_dims], Conv[Conv.CONVTRANS, spatial_dims]

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers import Conv, Norm
 
-from monai_icon.networks.nets._utils import concat_pair, crop_to, match_channels, pad_to_multiple, zero_init
+from monai_icon.networks.nets._utils import check_unet_args, concat_pair, crop_to, match_channels, pad_to_multiple, zero_init
 
 __all__ = ["UNet"]
 
@@ -67,10 +67,7 @@ class UNet(nn.Module):
         negative_slope: float = 0.01,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
-        if len(encoder_channels) != len(decoder_channels) or not encoder_channels:
-            raise ValueError("encoder_channels and decoder_channels must be non-empty and of the same length.")
+        check_unet_args(spatial_dims, encoder_channels, decoder_channels)
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.multiple = 2 ** len(encoder_channels)
         skips = [in_channels, *encoder_channels[:-1]]  # feature widths concatenated back at each decoder level
