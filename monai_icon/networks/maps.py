@@ -101,9 +101,48 @@ def interpolate(
     point_shape = points.shape[2:]
     # grid_sample wants [B, *out, D] with the last-axis coordinate first, in [-1, 1].
     grid = points.reshape(batch, spatial_dims, -1).flip(1).movedim(1, -1) * 2.0 - 1.0
+    chunks = _cpu_chunks(field, grid.shape[1])
+    if chunks > 1:
+        return _chunked_grid_sample(field, grid, chunks, mode, padding_mode).reshape(batch, field.shape[1], *point_shape)
     grid = grid.reshape(batch, -1, *([1] * (spatial_dims - 1)), spatial_dims)
     values = F.grid_sample(field, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return values.reshape(batch, field.shape[1], *point_shape)
+
+
+_MIN_POINTS_PER_CHUNK = 4096
+
+
+def _cpu_chunks(field: torch.Tensor, num_points: int) -> int:
+    """How many pseudo-batches to split the points into so that ``grid_sample`` uses every CPU thread.
+
+    PyTorch's CPU ``grid_sample`` parallelises over the batch only (in 3D), so a batch smaller than the thread
+    count leaves cores idle. Not used on other devices, whose kernels parallelise over points.
+    """
+    if field.device.type != "cpu":
+        return 1
+    threads = torch.get_num_threads()
+    batch = field.shape[0]
+    if batch >= threads:
+        return 1
+    return max(1, min(threads // batch, num_points // _MIN_POINTS_PER_CHUNK))
+
+
+def _chunked_grid_sample(field: torch.Tensor, grid: torch.Tensor, chunks: int, mode: str, padding_mode: str) -> torch.Tensor:
+    """``grid_sample`` of ``grid`` (``[B, P, D]``) split into ``chunks`` pseudo-batches; returns ``[B, C, P]``.
+
+    Values are identical to one call; gradients with respect to ``field`` are summed over the chunks (equal up to
+    floating-point summation order).
+    """
+    batch, num_points, dims = grid.shape
+    per_chunk = -(-num_points // chunks)
+    pad = per_chunk * chunks - num_points
+    if pad:
+        grid = torch.cat([grid, grid.new_zeros(batch, pad, dims)], dim=1)
+    grid = grid.reshape(batch * chunks, per_chunk, *([1] * (dims - 1)), dims)
+    fields = field.unsqueeze(1).expand(batch, chunks, *field.shape[1:]).reshape(batch * chunks, *field.shape[1:])
+    values = F.grid_sample(fields, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    values = values.reshape(batch, chunks, field.shape[1], per_chunk).transpose(1, 2)
+    return values.reshape(batch, field.shape[1], chunks * per_chunk)[..., :num_points]
 
 
 def map_grid_to_ddf(grid: torch.Tensor) -> torch.Tensor:
@@ -235,6 +274,18 @@ class DisplacementMap(Map):
         self._check_points(points)
         return points + interpolate(self.displacement, points)
 
+    def grid(self, shape: Sequence[int]) -> torch.Tensor:
+        """The map on the identity grid of ``shape``: the displacement itself on its own grid, otherwise its
+        (bi/tri)linear resampling (``align_corners=True``, the same values as interpolating at the grid points)."""
+        shape = _spatial_shape(shape)
+        if len(shape) != self.spatial_dims:
+            raise ValueError(f"a {self.spatial_dims}D map needs a {self.spatial_dims}D grid shape, got {shape}.")
+        displacement = self.displacement
+        if tuple(displacement.shape[2:]) != shape:
+            mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+            displacement = F.interpolate(displacement, size=shape, mode=mode, align_corners=True)
+        return identity_grid(shape, self.device, self.dtype) + displacement
+
 
 class AffineMap(Map):
     """``phi(x) = M x + t`` in ``[0, 1]`` coordinates.
@@ -277,6 +328,12 @@ class ComposedMap(Map):
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         return self.outer(self.inner(points))
+
+    def grid(self, shape: Sequence[int]) -> torch.Tensor:
+        """``outer`` at the points of ``inner`` on the grid (so that ``inner`` can use its own grid fast path)."""
+        inner = self.inner.grid(shape)
+        out = self.outer(inner)
+        return out.expand(self.batch_size, *out.shape[1:]) if out.shape[0] != self.batch_size else out
 
 
 class IdentityMap(Map):
