@@ -7,7 +7,7 @@
 from monai_icon.losses.gradient_inverse_consistency import GradientInverseConsistencyLoss, gradient_inverse_consistency
 from monai_icon.losses.icon import REGULARIZERS, ICONLoss, ICONLossOutput, icon_loss
 from monai_icon.losses.inverse_consistency import InverseConsistencyLoss, inverse_consistency, sample_points
-from monai_icon.losses.similarity import SIMILARITIES, get_similarity, per_pair
+from monai_icon.losses.similarity import SIMILARITIES, StackedLNCCLoss, get_similarity, per_pair
 
 __all__ = [
     "InverseConsistencyLoss",
@@ -20,6 +20,7 @@ __all__ = [
     "icon_loss",
     "REGULARIZERS",
     "SIMILARITIES",
+    "StackedLNCCLoss",
     "get_similarity",
     "per_pair",
 ]

@@ -70,8 +70,9 @@ class ICONLoss(_Loss):
 
     Args:
         similarity: ``"mse"``, ``"lncc"``, ``"mi"`` (see :func:`~monai_icon.losses.similarity.get_similarity`) or a
-            loss module ``sim(pred, target)``, preferably built with ``reduction="none"`` (a reducing module works
-            but then ``reduction="none"`` gives no per-pair similarity).
+            loss module ``sim(pred, target)`` whose value for a pair does not depend on the other pairs of the batch
+            (both directions are evaluated in one call), preferably built with ``reduction="none"`` (a reducing
+            module works but then ``reduction="none"`` gives no per-pair similarity).
         lmbda: weight of the regulariser (a plain attribute: schedules such as the adaptive lambda may change it).
         regularizer: ``"icon"`` (:class:`InverseConsistencyLoss`), ``"gradicon"``
             (:class:`GradientInverseConsistencyLoss`) or a callable ``reg(phi_AB, phi_BA, shape)`` returning ``[B]``
@@ -117,9 +118,9 @@ class ICONLoss(_Loss):
         batch, shape = image_A.shape[0], image_A.shape[2:]
         grid_AB, grid_BA = phi_AB.grid(shape), phi_BA.grid(shape)
         warped_A, warped_B = interpolate(image_A, grid_AB), interpolate(image_B, grid_BA)
-        similarity = per_pair(self.similarity(warped_A, image_B), batch) + per_pair(
-            self.similarity(warped_B, image_A), batch
-        )
+        # both directions in one call (similarities are per pair): sim(A o phi_AB, B) + sim(B o phi_BA, A)
+        both = self.similarity(torch.cat([warped_A, warped_B]), torch.cat([image_B, image_A]))
+        similarity = per_pair(both, 2 * batch).reshape(2, batch).sum(dim=0)
         regularization = per_pair(torch.as_tensor(self.regularizer(phi_AB, phi_BA, shape)), batch)
         total = similarity + self.lmbda * regularization
         return ICONLossOutput(

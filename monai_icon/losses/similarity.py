@@ -10,9 +10,44 @@ from typing import Any
 
 import torch
 from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
+from monai.networks.layers import separable_filtering
+from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["SIMILARITIES", "get_similarity", "per_pair"]
+__all__ = ["SIMILARITIES", "StackedLNCCLoss", "get_similarity", "per_pair"]
+
+
+class StackedLNCCLoss(LocalNormalizedCrossCorrelationLoss):
+    """``monai.losses.LocalNormalizedCrossCorrelationLoss`` with its five local sums filtered in one call.
+
+    MONAI's loss filters ``t``, ``p``, ``t^2``, ``p^2`` and ``t p`` one after another; here they are stacked
+    along the channel axis and filtered together (the separable filter is applied per channel), which is several
+    times faster on small images and gives the same values up to floating-point rounding. Same arguments and
+    outputs as the MONAI loss (best value -1).
+    """
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if pred.ndim - 2 != self.ndim:
+            raise ValueError(f"expecting pred with {self.ndim} spatial dimensions, got pred of shape {pred.shape}")
+        if target.shape != pred.shape:
+            raise ValueError(f"ground truth has differing shape ({target.shape}) from pred ({pred.shape})")
+        channels = pred.shape[1]
+        kernel, kernel_vol = self.kernel.to(pred), self.kernel_vol.to(pred)
+        stacked = torch.cat([target, pred, target * target, pred * pred, target * pred], dim=1)
+        t_sum, p_sum, t2_sum, p2_sum, tp_sum = separable_filtering(stacked, [kernel] * self.ndim).split(channels, dim=1)
+        t_avg, p_avg = t_sum / kernel_vol, p_sum / kernel_vol
+        cross = tp_sum - p_avg * t_sum
+        floor = torch.as_tensor(self.smooth_dr, dtype=t2_sum.dtype, device=t2_sum.device)
+        t_var = torch.max(t2_sum - t_avg * t_sum, floor)
+        p_var = torch.max(p2_sum - p_avg * p_sum, floor)
+        ncc = (cross * cross + self.smooth_nr) / (t_var * p_var)
+        if self.reduction == LossReduction.SUM.value:
+            return torch.sum(ncc).neg()
+        if self.reduction == LossReduction.NONE.value:
+            return ncc.neg()
+        if self.reduction == LossReduction.MEAN.value:
+            return torch.mean(ncc).neg()
+        raise ValueError(f'Unsupported reduction: {self.reduction}, available options are ["mean", "sum", "none"].')
 
 SIMILARITIES = ("mse", "lncc", "mi")
 
@@ -21,9 +56,9 @@ def get_similarity(name: str, spatial_dims: int = 2, **kwargs: Any) -> _Loss:
     """Build an image similarity loss with ``reduction="none"`` (per-voxel or per-pair values).
 
     Args:
-        name: ``"mse"`` (``torch.nn.MSELoss``, the paper's choice), ``"lncc"``
-            (``monai.losses.LocalNormalizedCrossCorrelationLoss``, best value -1; default here
-            ``kernel_size=7``) or ``"mi"`` (``monai.losses.GlobalMutualInformationLoss``, negative MI).
+        name: ``"mse"`` (``torch.nn.MSELoss``, the paper's choice), ``"lncc"`` (MONAI's local normalised
+            cross-correlation, computed by :class:`StackedLNCCLoss`; best value -1; default here ``kernel_size=7``)
+            or ``"mi"`` (``monai.losses.GlobalMutualInformationLoss``, negative MI).
         spatial_dims: 2 or 3 (used by LNCC).
         kwargs: passed to the loss constructor.
 
@@ -35,7 +70,7 @@ def get_similarity(name: str, spatial_dims: int = 2, **kwargs: Any) -> _Loss:
         return torch.nn.MSELoss(reduction="none", **kwargs)
     if key == "lncc":
         kwargs.setdefault("kernel_size", 7)
-        return LocalNormalizedCrossCorrelationLoss(spatial_dims=spatial_dims, reduction="none", **kwargs)
+        return StackedLNCCLoss(spatial_dims=spatial_dims, reduction="none", **kwargs)
     if key == "mi":
         return GlobalMutualInformationLoss(reduction="none", **kwargs)
     raise ValueError(f"unknown similarity {name!r}; choose one of {SIMILARITIES} or pass a loss module.")
