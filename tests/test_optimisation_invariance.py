@@ -1,0 +1,102 @@
+"""Speed-ups must not change results: exact-equivalence checks and values pinned before the optimisations.
+
+The pinned numbers were produced by the implementation at commit 3e549a6 (before chunked CPU grid sampling and
+the identity-grid fast paths) with the same seeds.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import smooth_random_field
+from monai_icon.losses import ICONLoss
+from monai_icon.networks import DisplacementField, Downsample, TwoStep
+from monai_icon.networks.maps import ComposedMap, DisplacementMap, Map, _chunked_grid_sample, interpolate
+from monai_icon.networks.nets import UNet
+
+PINNED = {
+    # (dims, similarity, regularizer): loss, similarity, inverse consistency, sum|phi_AB grid|, sum warped A, sum|grad|
+    (2, "mse", "icon"): [56.07643508911133, 0.2396763265132904, 0.10905617475509644, 3139.127685546875, 1438.0196533203125, 67938.4609375],
+    (2, "lncc", "gradicon"): [372138.09375, -0.21459311246871948, 726.8326416015625, 3139.127685546875, 1438.0196533203125, 869112512.0],
+    (3, "mse", "icon"): [95.00359344482422, 0.22791670262813568, 0.1851087510585785, 32015.435546875, 10211.8984375, 825624.4375],
+    (3, "lncc", "icon"): [94.39559173583984, -0.3800916075706482, 0.1851087510585785, 32015.435546875, 10211.8984375, 825344.1875],
+}
+
+
+def _evaluate(dims, similarity, regularizer):
+    torch.manual_seed(0)
+    if dims == 3:
+        nets = [UNet(3, encoder_channels=(8, 16, 32), decoder_channels=(16, 8, 8)) for _ in range(2)]
+        model = Downsample(TwoStep(DisplacementField(nets[0]), DisplacementField(nets[1])))
+        shape, batch = (34, 30, 20), 1
+    else:
+        nets = [UNet(2, encoder_channels=(8, 16, 32), decoder_channels=(16, 8, 8))]
+        model = DisplacementField(nets[0])
+        shape, batch = (40, 36), 2
+    with torch.no_grad():
+        for n in nets:
+            n.out.weight.normal_(0, 0.02)
+    a, b = torch.rand(batch, 1, *shape), torch.rand(batch, 1, *shape)
+    out = ICONLoss(similarity, 512.0, regularizer, spatial_dims=dims)(a, b, model(a, b), model(b, a))
+    out.loss.backward()
+    grad = sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None)
+    return [out.loss.item(), out.similarity.item(), out.inverse_consistency.item(), out.phi_AB_grid.abs().sum().item(), out.warped_A.sum().item(), grad.item()]
+
+
+@pytest.mark.parametrize("key", list(PINNED))
+def test_loss_maps_and_gradients_are_pinned(key):
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, 2, 4}):  # the chunking depends on the thread count: results must not
+            torch.set_num_threads(n)
+            values = _evaluate(*key)
+            assert values[:5] == pytest.approx(PINNED[key][:5], rel=2e-5, abs=1e-6)
+            assert values[5] == pytest.approx(PINNED[key][5], rel=2e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [(13, 17), (9, 8, 11)])
+def test_chunked_grid_sample_equals_one_call(shape):
+    dims = len(shape)
+    field = torch.randn(2, 3, *shape, requires_grad=True)
+    points = 1.2 * torch.rand(2, 1001, dims) - 0.1  # odd count: exercises the padding; some points outside
+    grid = (points * 2 - 1).requires_grad_()
+    one = F.grid_sample(field, grid.reshape(2, 1001, *([1] * (dims - 1)), dims), align_corners=True, padding_mode="border")
+    one = one.reshape(2, 3, 1001)
+    chunked = _chunked_grid_sample(field, grid, 3, "bilinear", "border")
+    assert torch.equal(chunked, one)
+    weights = torch.randn_like(one)
+    g1 = torch.autograd.grad((one * weights).sum(), (field, grid))
+    g2 = torch.autograd.grad((chunked * weights).sum(), (field, grid))
+    assert torch.allclose(g1[0], g2[0], atol=1e-5) and torch.equal(g1[1], g2[1])
+
+
+@pytest.mark.parametrize("coarse,fine", [((6, 7), (6, 7)), ((6, 7), (11, 13)), ((4, 5, 3), (7, 9, 5))])
+def test_grid_fast_paths_equal_generic_evaluation(coarse, fine):
+    phi = DisplacementMap(smooth_random_field(2, coarse, 0.1))
+    psi = DisplacementMap(smooth_random_field(2, coarse, 0.1))
+    assert torch.allclose(phi.grid(fine), Map.grid(phi, fine), atol=1e-6)
+    composed = ComposedMap(phi, psi)
+    assert torch.allclose(composed.grid(fine), Map.grid(composed, fine), atol=1e-6)
+    # and interpolate() at the grid points agrees as well
+    x = Map.grid(DisplacementMap(torch.zeros(1, len(fine), *fine)), fine)
+    assert torch.allclose(interpolate(phi.displacement, x), phi.grid(fine) - x, atol=1e-6)
+
+
+@pytest.mark.parametrize("dims,kernel_type", [(2, "rectangular"), (2, "gaussian"), (3, "triangular")])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_stacked_lncc_equals_monai_lncc(dims, kernel_type, reduction):
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+
+    from monai_icon.losses import StackedLNCCLoss
+
+    shape = (3, 2, 19, 17) if dims == 2 else (2, 1, 11, 9, 8)
+    pred = torch.rand(shape, requires_grad=True)
+    target = torch.rand(shape)
+    ours = StackedLNCCLoss(dims, 5, kernel_type, reduction=reduction)(pred, target)
+    ref = LocalNormalizedCrossCorrelationLoss(dims, 5, kernel_type, reduction=reduction)(pred, target)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    g_ours = torch.autograd.grad(ours.sum(), pred)[0]
+    g_ref = torch.autograd.grad(ref.sum(), pred)[0]
+    assert torch.allclose(g_ours, g_ref, atol=1e-4, rtol=1e-4)
