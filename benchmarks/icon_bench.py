@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Benchmarks of an ICON training step against the network's own cost (not part of the test suite).
+
+For each case it reports, as medians over ``--repeats`` runs after ``--warmup`` runs:
+
+* ``step``: one training step (both directions, ICON loss, backward, Adam step), as ``ICONTrainer`` runs it;
+* ``bare``: the floor, the registration networks' own forward + backward on both directions (same inputs,
+  a trivial loss, same optimiser step), without maps, warping or the inverse consistency evaluation;
+* ``overhead``: step / bare (target <= 1.15);
+* ``infer``: inference per pair (``torch.inference_mode``; map on the fixed grid + warped moving image);
+* peak memory of a step and of the bare passes, each measured in a fresh process (CPU: peak RSS above the
+  set-up; CUDA: ``torch.cuda.max_memory_allocated``);
+* step time against the number of voxels (fitted exponent, target <= 1.1).
+
+    python benchmarks/icon_bench.py                      # everything, writes docs/benchmarks.md
+    python benchmarks/icon_bench.py --quick              # fewer repeats, small scaling ladder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from monai_icon.losses import ICONLoss
+from monai_icon.networks import DisplacementField, Downsample, TwoStep
+from monai_icon.networks.nets import UNet
+
+
+@dataclass
+class Case:
+    name: str
+    spatial_dims: int
+    shape: tuple[int, ...]
+    batch: int
+    similarity: str = "mse"
+
+    @property
+    def two_step_half(self) -> bool:  # the paper's 3D recipe: two U-Nets composed at half resolution
+        return self.spatial_dims == 3
+
+
+def build(case: Case, device: torch.device):
+    torch.manual_seed(0)
+    nets = [UNet(case.spatial_dims) for _ in range(2 if case.two_step_half else 1)]
+    with torch.no_grad():  # a non-trivial map, as after some training
+        for net in nets:
+            net.out.weight.normal_(0, 1e-3)
+    if case.two_step_half:
+        model = Downsample(TwoStep(DisplacementField(nets[0]), DisplacementField(nets[1])))
+    else:
+        model = DisplacementField(nets[0])
+    model = model.to(device)
+    loss = ICONLoss(case.similarity, 512.0, spatial_dims=case.spatial_dims).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    a = torch.rand(case.batch, 1, *case.shape, device=device)
+    b = torch.rand(case.batch, 1, *case.shape, device=device)
+    return model, nets, loss, optimizer, a, b
+
+
+def make_step(case: Case, device: torch.device):
+    model, nets, loss, optimizer, a, b = build(case, device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out = loss(a, b, model(a, b), model(b, a))
+        out.loss.backward()
+        optimizer.step()
+
+    pool = F.avg_pool3d if case.spatial_dims == 3 else F.avg_pool2d
+
+    def bare():
+        optimizer.zero_grad(set_to_none=True)
+        x, y = (pool(a, 2, ceil_mode=True), pool(b, 2, ceil_mode=True)) if case.two_step_half else (a, b)
+        total = 0.0
+        for net in nets:
+            total = total + net(x, y).square().mean() + net(y, x).square().mean()
+        total.backward()
+        optimizer.step()
+
+    def infer():
+        with torch.inference_mode():
+            phi = model(a, b)
+            phi.warp(a)
+
+    return step, bare, infer
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process image (Linux ``VmHWM``; ``ru_maxrss`` would include the parent's
+    peak, which a forked child inherits)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("peak memory needs Linux /proc/self/status (VmHWM)")
+
+
+def memory_probe(case: Case, which: str, device: torch.device) -> int:
+    """Peak memory of ``which`` (step | bare) above the set-up, in bytes (run in a fresh process)."""
+    step, bare, _ = make_step(case, device)
+    fn = step if which == "step" else bare
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    base = peak_rss_bytes()
+    fn()
+    fn()
+    return peak_rss_bytes() - base
+
+
+def measure_memory(case: Case, which: str, device: torch.device) -> int:
+    args = [sys.executable, __file__, "--probe", json.dumps(case.__dict__ | {"shape": list(case.shape)}), which, str(device)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (
+        f"CPU {cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}), GPU {gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def run(args) -> str:
+    device = torch.device(args.device)
+    warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
+    cases = [
+        Case("2D U-Net 128x128, batch 32", 2, (128, 128), 32, "mse"),
+        Case("2D U-Net 128x128, batch 32", 2, (128, 128), 32, "lncc"),
+        Case("3D two-step 1/2 res. 96x96x40, batch 1", 3, (96, 96, 40), 1, "mse"),
+        Case("3D two-step 1/2 res. 96x96x40, batch 1", 3, (96, 96, 40), 1, "lncc"),
+    ]
+    lines = [
+        "| case | similarity | step [s] | bare nets [s] | overhead | inference / pair [s] | peak mem step / bare |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case in cases:
+        step, bare, infer = make_step(case, device)
+        t_step = median_time(step, device, warmup, repeats)
+        t_bare = median_time(bare, device, warmup, repeats)
+        t_infer = median_time(infer, device, warmup, repeats) / case.batch
+        del step, bare, infer
+        mem = ""
+        if not args.no_memory:
+            m_step, m_bare = measure_memory(case, "step", device), measure_memory(case, "bare", device)
+            mem = f"{m_step / 2**20:.0f} / {m_bare / 2**20:.0f} MiB = {m_step / max(m_bare, 1):.2f}"
+        lines.append(
+            f"| {case.name} | {case.similarity} | {t_step:.3f} | {t_bare:.3f} | {t_step / t_bare:.2f} | {t_infer:.4f} | {mem} |"
+        )
+        print(lines[-1], flush=True)
+
+    ladders = {
+        2: [(64, 64), (128, 128)] + ([] if args.quick else [(256, 256)]),
+        # full-resolution sizes that are multiples of 64 (the half-resolution U-Nets pad to multiples of 32),
+        # large enough for batch norm at the coarsest level with batch 1
+        3: [(128, 64, 64), (128, 128, 64)] + ([] if args.quick else [(128, 128, 128)]),
+    }
+    scale_lines = ["| dims | size | voxels | step [s] |", "|---|---|---|---|"]
+    exponents = []
+    for dims, sizes in ladders.items():
+        xs, ys = [], []
+        for size in sizes:
+            case = Case("scaling", dims, size, 8 if dims == 2 else 1)
+            step, _, _ = make_step(case, device)
+            t = median_time(step, device, warmup, repeats)
+            voxels = math.prod(size)
+            xs.append(math.log(voxels))
+            ys.append(math.log(t))
+            scale_lines.append(f"| {dims}D | {'x'.join(map(str, size))} | {voxels} | {t:.3f} |")
+            print(scale_lines[-1], flush=True)
+        slope = (ys[-1] - ys[0]) / (xs[-1] - xs[0])
+        exponents.append(f"{dims}D: time ~ voxels^{slope:.2f} (from {sizes[0]} to {sizes[-1]})")
+    return "\n".join(
+        [
+            f"Machine: {machine()}; device {device}. Medians of {repeats} runs after {warmup} warm-up run(s).",
+            "",
+            *lines,
+            "",
+            "Step time against image size (2D batch 8, 3D batch 1; MSE):",
+            "",
+            *scale_lines,
+            "",
+            "; ".join(exponents),
+        ]
+    )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--probe":
+        spec = json.loads(sys.argv[2])
+        spec["shape"] = tuple(spec["shape"])
+        print(memory_probe(Case(**spec), sys.argv[3], torch.device(sys.argv[4])))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--output", default=None, help="write the markdown table to this file")
+    args = p.parse_args()
+    report = run(args)
+    print(report)
+    if args.output:
+        Path(args.output).write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
