@@ -10,7 +10,7 @@ For each case it reports, as medians over ``--repeats`` runs after ``--warmup`` 
 * ``step``: one training step (both directions, ICON loss, backward, Adam step), as ``ICONTrainer`` runs it;
 * ``bare``: the floor, the registration networks' own forward + backward on both directions (same inputs,
   a trivial loss, same optimiser step), without maps, warping or the inverse consistency evaluation;
-* ``overhead``: step / bare (target <= 1.15);
+* ``overhead``: step / bare, the median of per-round ratios with step and bare runs alternated (target <= 1.15);
 * ``infer``: inference per pair (``torch.inference_mode``; map on the fixed grid + warped moving image);
 * peak memory of a step and of the bare passes, each measured in a fresh process (CPU: peak RSS above the
   set-up; CUDA: ``torch.cuda.max_memory_allocated``);
@@ -119,6 +119,23 @@ def median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_times(first, second, device: torch.device, warmup: int, repeats: int) -> tuple[float, float, float]:
+    """Alternate ``first`` and ``second`` (so that machine load drifts hit both alike); return their median times
+    and the median of the per-round ratios ``first / second``."""
+    for _ in range(warmup):
+        first()
+        second()
+    sync(device)
+    t1, t2 = [], []
+    for _ in range(repeats):
+        for fn, times in ((first, t1), (second, t2)):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(t1), statistics.median(t2), statistics.median(a / b for a, b in zip(t1, t2))
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process image (Linux ``VmHWM``; ``ru_maxrss`` would include the parent's
     peak, which a forked child inherits)."""
@@ -183,8 +200,7 @@ def run(args) -> str:
     ]
     for case in cases:
         step, bare, infer = make_step(case, device)
-        t_step = median_time(step, device, warmup, repeats)
-        t_bare = median_time(bare, device, warmup, repeats)
+        t_step, t_bare, ratio = interleaved_times(step, bare, device, warmup, repeats)
         t_infer = median_time(infer, device, warmup, repeats) / case.batch
         del step, bare, infer
         mem = ""
@@ -192,7 +208,7 @@ def run(args) -> str:
             m_step, m_bare = measure_memory(case, "step", device), measure_memory(case, "bare", device)
             mem = f"{m_step / 2**20:.0f} / {m_bare / 2**20:.0f} MiB = {m_step / max(m_bare, 1):.2f}"
         lines.append(
-            f"| {case.name} | {case.similarity} | {t_step:.3f} | {t_bare:.3f} | {t_step / t_bare:.2f} | {t_infer:.4f} | {mem} |"
+            f"| {case.name} | {case.similarity} | {t_step:.3f} | {t_bare:.3f} | {ratio:.2f} | {t_infer:.4f} | {mem} |"
         )
         print(lines[-1], flush=True)
 
@@ -219,7 +235,8 @@ def run(args) -> str:
         exponents.append(f"{dims}D: time ~ voxels^{slope:.2f} (from {sizes[0]} to {sizes[-1]})")
     return "\n".join(
         [
-            f"Machine: {machine()}; device {device}. Medians of {repeats} runs after {warmup} warm-up run(s).",
+            f"Machine: {machine()}; device {device}. Medians of {repeats} runs after {warmup} warm-up run(s); "
+            "overhead = median of step/bare ratios with the two alternated.",
             "",
             *lines,
             "",
