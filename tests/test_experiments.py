@@ -1,0 +1,62 @@
+"""The reproduction scripts on a tiny setting (the full sweep is kept out of CI)."""
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import fig5_no_network  # noqa: E402
+import table1  # noqa: E402
+
+
+def test_every_table1_setting_has_a_config_with_the_papers_optimiser():
+    configs = sorted((ROOT / "configs" / "table1").glob("*.yaml"))
+    assert len(configs) == 2 * 4 * 6
+    for path in configs:
+        config = yaml.safe_load(path.read_text())
+        assert config["lr"] == 1e-4 and config["batch_size"] == 128 and config["optimizer"] == "adam"
+        assert config["lmbda"] in table1.LAMBDAS and config["network"] in table1.NETWORKS
+        assert config["steps"] < config["paper_steps"] == 18750
+
+
+def test_table1_runner_tiny_setting_and_resume(tmp_path, capsys):
+    args = ["--datasets", "triangles", "--networks", "unet", "convonly", "--lambdas", "64", "--steps", "4",
+            "--batch-size", "4", "--test-pairs", "8", "--image-size", "32", "--epoch-steps", "2", "--out", str(tmp_path)]
+    results = table1.main(args)
+    assert set(results) == {("triangles", "unet", 64), ("triangles", "convonly", 64)}
+    for result in results.values():
+        assert 0 <= result["dice"] <= 1 and result["folds"] >= 0 and result["steps"] == 4
+    table = (tmp_path / "table1.md").read_text()
+    assert "| 64 |" in table and "(0.98)" in table  # the paper's U-Net Dice at lambda 64 stands beside ours
+    assert (tmp_path / "fig6_triangles.png").stat().st_size > 1000
+    setting = tmp_path / "triangles_unet_lambda64"
+    assert (setting / "checkpoints").is_dir() and json.loads((setting / "result.json").read_text())["network"] == "unet"
+    # a finished setting is not trained again
+    mtime = (setting / "result.json").stat().st_mtime_ns
+    table1.main(args)
+    assert (setting / "result.json").stat().st_mtime_ns == mtime
+
+
+def test_table1_runner_resumes_an_interrupted_setting(tmp_path):
+    config = table1.load_config("mnist", "convonly", 128, {"steps": 6, "batch_size": 4, "test_pairs": 4})
+    out = tmp_path / "setting"
+    partial = dict(config, steps=2)  # as if stopped after the first checkpoint (2 of 6 steps)
+    table1.run_setting(partial, out, table1.torch.device("cpu"), 2, None)
+    (out / "result.json").unlink()
+    result = table1.run_setting(config, out, table1.torch.device("cpu"), 2, None)
+    assert result["steps"] == 6
+    checkpoint = table1.torch.load(table1.latest_checkpoint(out / "checkpoints"), weights_only=False)
+    assert checkpoint["trainer"]["iteration"] == 6
+
+
+def test_fig5_script_tiny(tmp_path):
+    summaries = fig5_no_network.main(["--image-size", "32", "--direct-steps", "5", "--unet-steps", "2",
+                                      "--unet-batch-size", "2", "--out", str(tmp_path)])
+    assert [s["method"].split(",")[0] for s in summaries] == ["direct", "direct", "U-Net (population)"]
+    assert (tmp_path / "fig5.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "fig5.json").read_text())
+    assert len(saved["results"]) == 3 and all(r["folds"] >= 0 for r in saved["results"])
