@@ -145,3 +145,19 @@ def test_map_errors_name_the_problem():
         DisplacementMap(torch.zeros(1, 3, 4, 4, 4)).grid((4, 4))
     with pytest.raises(ValueError, match="compose"):
         ComposedMap(phi, DisplacementMap(torch.zeros(1, 3, 4, 4, 4)))
+
+
+def test_nested_blocks_validate_once_at_the_outermost_block(monkeypatch):
+    import monai_icon.networks.blocks as blocks
+
+    calls = []
+    original = blocks.check_image_pair
+    monkeypatch.setattr(blocks, "check_image_pair", lambda a, b, **k: calls.append(1) or original(a, b, **k))
+    model = Downsample(TwoStep(DisplacementField(FixedDisplacementNet()), DisplacementField(FixedDisplacementNet())))
+    a = torch.rand(1, 1, 10, 12)
+    model(a, a)
+    assert len(calls) == 1
+    bad = a.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model(bad, a)

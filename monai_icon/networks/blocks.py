@@ -52,20 +52,33 @@ def check_image_pair(image_A: torch.Tensor, image_B: torch.Tensor, check_finite:
 class RegistrationModule(nn.Module):
     """Base class of registration blocks: ``forward(image_A, image_B) -> Map``.
 
+    ``forward`` validates the pair (see :func:`check_image_pair`) and calls :meth:`compute_map`, which subclasses
+    implement. Composite blocks call their children's ``compute_map`` directly, so a nested model validates its
+    inputs once, at the outermost block (each finiteness check is a device synchronisation on GPUs).
+
     Args:
-        check_inputs: validate shapes and finiteness of the inputs (see :func:`check_image_pair`) on every call.
+        check_inputs: validate shapes and finiteness of the inputs on every ``forward`` call.
     """
 
     def __init__(self, check_inputs: bool = True) -> None:
         super().__init__()
         self.check_inputs = check_inputs
 
-    def _check(self, image_A: torch.Tensor, image_B: torch.Tensor) -> None:
+    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:
         if self.check_inputs:
             check_image_pair(image_A, image_B)
+        return self.compute_map(image_A, image_B)
 
-    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:  # pragma: no cover - abstract
+    def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:  # pragma: no cover - abstract
+        """The map ``phi_AB`` for an already validated pair."""
         raise NotImplementedError
+
+
+def _child_map(block: nn.Module, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:
+    """Run a child block without re-validating its inputs (any ``nn.Module`` returning a map also works)."""
+    if isinstance(block, RegistrationModule):
+        return block.compute_map(image_A, image_B)
+    return block(image_A, image_B)
 
 
 class DisplacementField(RegistrationModule):
@@ -84,8 +97,7 @@ class DisplacementField(RegistrationModule):
         super().__init__(check_inputs)
         self.net = net
 
-    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> DisplacementMap:
-        self._check(image_A, image_B)
+    def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> DisplacementMap:
         displacement = self.net(image_A, image_B)
         spatial_dims = image_A.ndim - 2
         if displacement.ndim != image_A.ndim or displacement.shape[:2] != (image_A.shape[0], spatial_dims):
@@ -108,8 +120,7 @@ class Affine(RegistrationModule):
         super().__init__(check_inputs)
         self.net = net
 
-    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> AffineMap:
-        self._check(image_A, image_B)
+    def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> AffineMap:
         spatial_dims = image_A.ndim - 2
         offsets = self.net(image_A, image_B)
         if offsets.numel() != image_A.shape[0] * spatial_dims * (spatial_dims + 1):
@@ -135,10 +146,9 @@ class TwoStep(RegistrationModule):
         self.first = first
         self.second = second
 
-    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> ComposedMap:
-        self._check(image_A, image_B)
-        phi = self.first(image_A, image_B)
-        psi = self.second(phi.warp(image_A), image_B)
+    def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> ComposedMap:
+        phi = _child_map(self.first, image_A, image_B)
+        psi = _child_map(self.second, phi.warp(image_A), image_B)
         return ComposedMap(phi, psi)
 
 
@@ -165,8 +175,7 @@ class Downsample(RegistrationModule):
         pool = F.avg_pool2d if image.ndim == 4 else F.avg_pool3d
         return pool(image, kernel_size=self.factor, stride=self.factor, ceil_mode=True)
 
-    def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:
-        self._check(image_A, image_B)
+    def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:
         if self.factor == 1:
-            return self.block(image_A, image_B)
-        return self.block(self._pool(image_A), self._pool(image_B))
+            return _child_map(self.block, image_A, image_B)
+        return _child_map(self.block, self._pool(image_A), self._pool(image_B))
