@@ -90,7 +90,7 @@ def save_figure(path: Path, a, b, panels) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 + len(panels), figsize=(3.2 * (2 + len(panels)), 3.4))
+    fig, axes = plt.subplots(1, 2 + len(panels), figsize=(3.2 * (2 + len(panels)), 3.9))
     for ax, (title, image) in zip(axes[:2], (("moving (circle)", a), ("fixed (triangle)", b))):
         ax.imshow(image[0, 0], cmap="gray")
         ax.set_title(title)
@@ -135,6 +135,8 @@ def main(argv=None) -> list[dict]:
         phi_ab, phi_ba = direct_optimisation(a, b, args.lmbda, eps, args.direct_steps, args.direct_lr)
         panels.append((summarise(name, a, b, phi_ab, phi_ba), phi_ab))
     model = trained_unet(args.image_size, args.lmbda, args.unet_steps, args.unet_batch_size, args.unet_lr, args.unet_checkpoint)
+    if not args.unet_checkpoint:  # keep the trained U-Net so the figure can be redrawn (--unet-checkpoint)
+        torch.save(model.state_dict(), out / "unet.pt")
     model.eval()
     with torch.no_grad():
         phi_ab, phi_ba = model(a, b), model(b, a)
