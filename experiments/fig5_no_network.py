@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from monai_icon.metrics import count_folds, threshold_dice
 from monai_icon.networks import DisplacementField
 from monai_icon.networks.maps import DisplacementMap
 from monai_icon.networks.nets import UNet
+from monai_icon.visualize import save_figure
 
 
 def the_pair(size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +105,7 @@ def save_figure(path: Path, a, b, panels) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> list[dict]:

@@ -43,6 +43,7 @@ from monai_icon.losses import ICONLoss
 from monai_icon.networks import DisplacementField, RegistrationNet
 from monai_icon.networks.maps import ddf_to_map_grid
 from monai_icon.networks.nets import MLP, ConvOnly, EncoderDecoder, UNet
+from monai_icon.visualize import save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 NETWORKS = ("mlp", "encdec", "unet", "convonly")
@@ -211,12 +212,7 @@ def figure6(run_dir: Path, dataset: str, networks, lambdas, path: Path) -> Path 
             ax.contour(grid[0], levels=levels, colors="r", linewidths=0.5)
             ax.contour(grid[1], levels=levels, colors="r", linewidths=0.5)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def main(argv=None) -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from monai_icon.metrics.folds import jacobian_determinant
 
-__all__ = ["registration_figure", "save_registration_figure"]
+__all__ = ["registration_figure", "save_figure", "save_registration_figure"]
 
 
 def _mid_slice(t: torch.Tensor) -> np.ndarray:
@@ -76,20 +76,25 @@ def registration_figure(
     return fig
 
 
-def save_registration_figure(path: str | Path, *args, **kwargs) -> Path:
-    """Draw :func:`registration_figure` and write it to ``path`` (PNG) atomically (temp file + rename)."""
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure to ``path`` atomically (temporary file in the same folder, then rename) and
+    close it; the folder is created if needed."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = registration_figure(*args, **kwargs)
     fd, tmp = tempfile.mkstemp(suffix=path.suffix or ".png", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_registration_figure(path: str | Path, *args, **kwargs) -> Path:
+    """Draw :func:`registration_figure` and write it to ``path`` (PNG) atomically."""
+    return save_figure(registration_figure(*args, **kwargs), path)
