@@ -83,7 +83,7 @@ def summarise(name, a, b, phi_ab, phi_ba):
     }
 
 
-def save_figure(path: Path, a, b, panels) -> None:
+def draw_fig5(path: Path, a, b, panels) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +138,7 @@ def main(argv=None) -> list[dict]:
     panels.append((summarise("U-Net (population)", a, b, phi_ab, phi_ba), phi_ab))
     summaries = [s for s, _ in panels]
     (out / "fig5.json").write_text(json.dumps({"settings": vars(args), "results": summaries}, indent=2) + "\n")
-    save_figure(out / "fig5.png", a, b, panels)
+    draw_fig5(out / "fig5.png", a, b, panels)
     for s in summaries:
         print(f"{s['method']:28s} folds {s['folds']:6.0f}  Dice {s['dice']:.3f}  inverse consistency {s['inverse_consistency']:.2e}")
     print(f"figure: {out / 'fig5.png'}")
