@@ -203,3 +203,20 @@ def test_summary_lists_metrics_models_and_newest_figure(tmp_path):
     assert "Dice (pixels > 0.5): 0.7500" in text and "Dice before registration: 0.4000" in text
     assert "folds per image" in text and "model.pt" in text and "newest a.png" in text
     assert "no evaluation ran" in format_summary({}, None, None)
+
+
+def test_symmetric_call_validates_the_pair_once(monkeypatch):
+    import monai_icon.networks.blocks as blocks
+
+    calls = []
+    original = blocks.check_image_pair
+    monkeypatch.setattr(blocks, "check_image_pair", lambda a, b, **k: calls.append(1) or original(a, b, **k))
+    net = RegistrationNet(DisplacementField(UNet(2, encoder_channels=(8, 16), decoder_channels=(16, 8))))
+    a, b = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    phi_ab, phi_ba = net(a, b)
+    assert len(calls) == 1
+    assert torch.allclose(phi_ba.grid((16, 16)), net.register(b, a).grid((16, 16)))
+    bad = a.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        net(bad, b)

@@ -73,6 +73,12 @@ class RegistrationModule(nn.Module):
         """The map ``phi_AB`` for an already validated pair."""
         raise NotImplementedError
 
+    def forward_both(self, image_A: torch.Tensor, image_B: torch.Tensor) -> tuple[Map, Map]:
+        """``(phi_AB, phi_BA)``, validating the pair once for both directions."""
+        if self.check_inputs:
+            check_image_pair(image_A, image_B)
+        return self.compute_map(image_A, image_B), self.compute_map(image_B, image_A)
+
 
 def _child_map(block: nn.Module, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:
     """Run a child block without re-validating its inputs (any ``nn.Module`` returning a map also works)."""

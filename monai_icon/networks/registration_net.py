@@ -38,7 +38,7 @@ class RegistrationNet(nn.Module):
 
     def forward(self, x: torch.Tensor, fixed: torch.Tensor | None = None):  # type: ignore[override]
         if fixed is not None:
-            return self.block(x, fixed), self.block(fixed, x)
+            return self.block.forward_both(x, fixed)
         if x.ndim not in (4, 5) or x.shape[1] % 2:
             raise ValueError(
                 "expected x = cat([moving, fixed], dim=1) of shape [B, 2C, *spatial] with 2 or 3 spatial dims, "
