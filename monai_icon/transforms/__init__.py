@@ -2,8 +2,28 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
-"""MONAI dictionary transforms for registration pairs."""
+"""MONAI dictionary transforms: registration pairs, knee laterality and the OAI preprocessing pipeline."""
 
+from monai_icon.transforms.laterality import (
+    HarmoniseLaterality,
+    HarmoniseLateralityd,
+    left_right_axis,
+    normalise_side,
+    side_from_filename,
+)
+from monai_icon.transforms.oai import OAI_SPATIAL_SIZE, oai_pair_transforms, oai_preprocessing, oai_train_transforms
 from monai_icon.transforms.pair import EnsureSameShaped, Warpd
 
-__all__ = ["EnsureSameShaped", "Warpd"]
+__all__ = [
+    "EnsureSameShaped",
+    "Warpd",
+    "HarmoniseLaterality",
+    "HarmoniseLateralityd",
+    "left_right_axis",
+    "normalise_side",
+    "side_from_filename",
+    "OAI_SPATIAL_SIZE",
+    "oai_preprocessing",
+    "oai_train_transforms",
+    "oai_pair_transforms",
+]

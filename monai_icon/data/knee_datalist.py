@@ -1,0 +1,144 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Knee datalists (MONAI/Decathlon-style JSON) built from an OAI-like folder of image and label files.
+
+Format (paths relative to the JSON file's folder)::
+
+    {"description": ..., "labels": {"0": "background", "1": "femoral_cartilage", "2": "tibial_cartilage"},
+     "training":   [{"image": ..., "label": ..., "side": "LEFT", "subject": "9000001"}, ...],
+     "test":       [... same, other subjects ...],
+     "test_pairs": [{"moving_image": ..., "moving_label": ..., "moving_side": ..., "fixed_image": ...,
+                     "fixed_label": ..., "fixed_side": ..., "pair_id": ...}, ...]}
+
+``training`` loads with ``monai.data.load_decathlon_datalist(path, True, "training")`` and ``test_pairs`` with
+:func:`~monai_icon.data.load_pair_datalist` (``key="test_pairs"``). Subjects never appear in both splits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monai_icon.data.synthetic_knee import KNEE_LABELS
+from monai_icon.transforms.laterality import side_from_filename
+
+__all__ = ["find_knee_files", "build_knee_datalist", "write_datalist"]
+
+
+def find_knee_files(folder: str | Path, image_pattern: str = "*image.nii*", label_token: tuple[str, str] = ("image", "label")) -> list[dict[str, Any]]:
+    """Image files under ``folder`` (recursive ``image_pattern``) with their labels (the file name with the last
+    ``label_token[0]`` replaced by ``label_token[1]``; ``None`` when absent), side (``LEFT``/``RIGHT`` in the name)
+    and subject (leading digits of the name, else the name).
+
+    Raises:
+        FileNotFoundError: the folder is missing or holds no matching image.
+        ValueError: a file name carries no side.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"knee data folder not found: {folder}")
+    images = sorted(p for p in folder.rglob(image_pattern) if p.is_file() and ".partial" not in p.name)
+    if not images:
+        raise FileNotFoundError(f"no image files matching {image_pattern!r} under {folder}")
+    old, new = label_token
+    records = []
+    for image in images:
+        side = side_from_filename(image)
+        if side is None:
+            raise ValueError(f"{image.name}: no LEFT/RIGHT in the file name; name the side or add it to the datalist by hand.")
+        head, sep, tail = image.name.rpartition(old)
+        label = image.with_name(head + new + tail) if sep else None
+        subject = re.match(r"\d+", image.name)
+        records.append({
+            "image": str(image),
+            "label": str(label) if label is not None and label.is_file() else None,
+            "side": side,
+            "subject": subject.group(0) if subject else image.name.split(".")[0],
+        })
+    return records
+
+
+def build_knee_datalist(
+    folder: str | Path,
+    test_fraction: float = 0.2,
+    num_test_pairs: int = 20,
+    seed: int = 0,
+    image_pattern: str = "*image.nii*",
+    label_token: tuple[str, str] = ("image", "label"),
+    relative_to: str | Path | None = None,
+) -> dict[str, Any]:
+    """A knee datalist (see the module docstring) from the files under ``folder``.
+
+    Args:
+        folder: OAI-like folder (see :func:`find_knee_files`).
+        test_fraction: fraction of subjects held out for testing (at least one subject each side of the split).
+        num_test_pairs: number of fixed test pairs (moving/fixed of different subjects when possible), drawn with
+            ``seed``; pairs need labelled test images.
+        relative_to: write paths relative to this folder (normally the datalist file's folder); ``None``: absolute.
+
+    Raises:
+        ValueError: fewer than two subjects, or no labelled test images for the requested pairs.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    records = find_knee_files(folder, image_pattern, label_token)
+    subjects = sorted({r["subject"] for r in records})
+    if len(subjects) < 2:
+        raise ValueError(f"need at least two subjects to split into training and test, found {subjects}.")
+    rng = np.random.default_rng(seed)
+    order = [subjects[i] for i in rng.permutation(len(subjects))]
+    n_test = min(len(subjects) - 1, max(1, math.ceil(test_fraction * len(subjects))))
+    test_subjects = set(order[:n_test])
+    training = [r for r in records if r["subject"] not in test_subjects]
+    test = [r for r in records if r["subject"] in test_subjects]
+    labelled = [r for r in test if r["label"] is not None]
+    pairs = []
+    if num_test_pairs > 0:
+        if len(labelled) < 2:
+            raise ValueError(f"test pairs need at least two labelled test images, found {len(labelled)} "
+                             f"(labels are found by replacing {label_token[0]!r} with {label_token[1]!r} in image names).")
+        candidates = [(i, j) for i in range(len(labelled)) for j in range(len(labelled))
+                      if i != j and labelled[i]["subject"] != labelled[j]["subject"]]
+        candidates = candidates or [(i, j) for i in range(len(labelled)) for j in range(len(labelled)) if i != j]
+        picks = rng.choice(len(candidates), size=num_test_pairs, replace=num_test_pairs > len(candidates))
+        for k in picks:
+            a, b = labelled[candidates[k][0]], labelled[candidates[k][1]]
+            pairs.append({
+                "moving_image": a["image"], "moving_label": a["label"], "moving_side": a["side"],
+                "fixed_image": b["image"], "fixed_label": b["label"], "fixed_side": b["side"],
+                "pair_id": f"{Path(a['image']).name.split('.')[0]}_to_{Path(b['image']).name.split('.')[0]}",
+            })
+    if relative_to is not None:
+        base = Path(relative_to).resolve()
+
+        def rel(item: dict[str, Any]) -> dict[str, Any]:
+            return {k: (os.path.relpath(Path(v).resolve(), base) if k.endswith(("image", "label")) and v else v)
+                    for k, v in item.items()}
+
+        training, test, pairs = [rel(r) for r in training], [rel(r) for r in test], [rel(p) for p in pairs]
+    return {
+        "description": f"knee datalist built from {Path(folder).name}: {len(training)} training images, "
+                       f"{len(test)} test images, {len(pairs)} test pairs (seed {seed})",
+        "labels": {str(v): k for k, v in KNEE_LABELS.items()},
+        "training": [{k: v for k, v in r.items() if v is not None} for r in training],
+        "test": [{k: v for k, v in r.items() if v is not None} for r in test],
+        "test_pairs": pairs,
+    }
+
+
+def write_datalist(datalist: dict[str, Any], path: str | Path) -> Path:
+    """Write a datalist as JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(datalist, indent=1))
+    tmp.replace(path)
+    return path
