@@ -5,11 +5,12 @@
 """monai-icon: inverse-consistent deep image registration (ICON, Greer et al., ICCV 2021) for MONAI.
 
 Sub-packages follow the data flow: ``data`` -> ``networks`` (maps, blocks, nets) -> ``losses`` -> ``metrics``
--> ``engines`` / ``handlers`` -> the MONAI bundle in ``bundle/``.
+-> ``engines`` / ``handlers`` -> the MONAI bundle in ``bundle/``; ``apps`` registers real image files in physical
+space (the ``monai-icon`` command line).
 """
 
-from monai_icon import data, engines, handlers, losses, metrics, networks, reporting, transforms
+from monai_icon import apps, data, engines, handlers, losses, metrics, networks, reporting, transforms
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "transforms", "networks", "losses", "metrics", "engines", "handlers", "reporting", "__version__"]
+__all__ = ["apps", "data", "transforms", "networks", "losses", "metrics", "engines", "handlers", "reporting", "__version__"]

@@ -5,9 +5,11 @@
 """Maps (``maps``), registration blocks (``blocks``) and displacement networks (``nets``)."""
 
 from monai_icon.networks import blocks, maps, nets
-from monai_icon.networks.blocks import Affine, DisplacementField, Downsample, RegistrationModule, TwoStep
+from monai_icon.networks.blocks import Affine, DisplacementField, Downsample, Frozen, RegistrationModule, TwoStep
 from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, IdentityMap, Map
+from monai_icon.networks.multistep import chain, multistep_registration, unet_step
 from monai_icon.networks.registration_net import RegistrationNet, register_pair
+from monai_icon.networks.weights import extract_state_dict, load_weights
 
 __all__ = [
     "blocks",
@@ -18,6 +20,12 @@ __all__ = [
     "Affine",
     "TwoStep",
     "Downsample",
+    "Frozen",
+    "unet_step",
+    "chain",
+    "multistep_registration",
+    "load_weights",
+    "extract_state_dict",
     "Map",
     "DisplacementMap",
     "AffineMap",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, Map
 
-__all__ = ["check_image_pair", "RegistrationModule", "DisplacementField", "Affine", "TwoStep", "Downsample"]
+__all__ = ["check_image_pair", "RegistrationModule", "DisplacementField", "Affine", "TwoStep", "Downsample", "Frozen"]
 
 
 def check_image_pair(image_A: torch.Tensor, image_B: torch.Tensor, check_finite: bool = True) -> None:
@@ -185,3 +185,32 @@ class Downsample(RegistrationModule):
         if self.factor == 1:
             return _child_map(self.block, image_A, image_B)
         return _child_map(self.block, self._pool(image_A), self._pool(image_B))
+
+
+class Frozen(RegistrationModule):
+    """A trained block used as a fixed first stage (the paper's 3D recipe: train the half-resolution steps, freeze
+    them, then train full-resolution steps composed after them).
+
+    The block's parameters stop requiring gradients and it stays in evaluation mode (batch norm uses its running
+    statistics) even when the surrounding model is put in training mode; its network runs without building a
+    graph. Maps it returns remain differentiable with respect to the points they are evaluated at, so later steps
+    composed with it train normally.
+
+    Args:
+        block: the trained registration block.
+    """
+
+    def __init__(self, block: RegistrationModule, check_inputs: bool = True) -> None:
+        super().__init__(check_inputs)
+        self.block = block
+        self.block.requires_grad_(False)
+        self.block.eval()
+
+    def train(self, mode: bool = True) -> Frozen:
+        super().train(mode)
+        self.block.eval()
+        return self
+
+    def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:
+        with torch.no_grad():
+            return _child_map(self.block, image_A, image_B)

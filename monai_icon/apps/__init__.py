@@ -1,0 +1,41 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Applications: registering real image files in physical space (``monai-icon register``) and the CLI."""
+
+from monai_icon.apps.physical import (
+    fixed_to_moving_world,
+    load_image,
+    sample_world,
+    to_network_grid,
+    unit_to_world,
+    write_displacement,
+    write_image,
+)
+from monai_icon.apps.register import (
+    RegistrationModel,
+    instance_optimise,
+    load_registration_model,
+    register_files,
+    register_images,
+    restored_weights,
+    save_registration_model,
+)
+
+__all__ = [
+    "RegistrationModel",
+    "save_registration_model",
+    "load_registration_model",
+    "register_images",
+    "register_files",
+    "instance_optimise",
+    "restored_weights",
+    "load_image",
+    "to_network_grid",
+    "unit_to_world",
+    "fixed_to_moving_world",
+    "sample_world",
+    "write_image",
+    "write_displacement",
+]

@@ -1,0 +1,264 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Registration in physical space: network grids of real image files, world-space transforms, ITK/NIfTI output.
+
+Each image is reoriented, resized to the network's grid and normalised on its own
+(:func:`to_network_grid`); its MetaTensor affine then maps network voxels to world millimetres (RAS, MONAI's
+convention), so ``U = affine @ diag(N - 1, 1)`` maps the network's ``[0, 1]`` coordinates to the world
+(:func:`unit_to_world`). A map ``phi_AB`` (fixed ``[0, 1]`` -> moving ``[0, 1]``) becomes the world-space
+transform ``y -> U_moving(phi_AB(U_fixed^-1(y)))`` from fixed to moving physical points, the direction of an ITK
+transform used for resampling. It is evaluated exactly (maps are functions) at every voxel of the fixed image's
+own grid, whatever its spacing, orientation and size.
+
+Outside-the-image rule (as ITK's linear interpolator with a default value of 0): a point whose continuous index
+lies within half a voxel of the image's voxels gets the (edge-clamped) linear interpolation, others get 0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, Orientation, Resize, ScaleIntensityRangePercentiles
+
+from monai_icon.networks.maps import Map
+from monai_icon.transforms.laterality import left_right_axis, normalise_side
+
+__all__ = [
+    "load_image",
+    "to_network_grid",
+    "unit_to_world",
+    "world_points",
+    "fixed_to_moving_world",
+    "sample_world",
+    "check_memory",
+    "write_image",
+    "write_displacement",
+]
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".nhdr", ".h5", ".hdf5", ".tfm", ".txt", ".mat")
+_CHUNK = 1 << 21  # voxels evaluated at a time (bounds the memory of the world-space steps)
+
+
+def load_image(path: str | Path, what: str = "image") -> MetaTensor:
+    """Load an image file as a channel-first MetaTensor ``[C, *N]`` with its voxel-to-world affine (RAS, mm).
+
+    Raises:
+        FileNotFoundError: no such file (``what`` names the role in the message, e.g. "fixed image").
+        ValueError: the file cannot be read as an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        image = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+    except Exception as err:  # readers raise many types for corrupt/unsupported files
+        raise ValueError(f"cannot read the {what} {path} as an image: {err}") from err
+    if not torch.isfinite(image).all():
+        raise ValueError(f"the {what} {path} contains NaN or infinite values.")
+    return image
+
+
+def to_network_grid(
+    image: MetaTensor,
+    spatial_size: Sequence[int],
+    axcodes: str | None = None,
+    percentiles: tuple[float, float] | None = (1.0, 99.0),
+    side: str | None = None,
+    target_side: str | None = None,
+) -> MetaTensor:
+    """Resample an image onto a network grid, keeping track of where every network voxel lies in the world.
+
+    Steps: reorient to ``axcodes`` (if given), resize to ``spatial_size`` (``"area"``: average pooling when
+    shrinking), mirror the array along its left-right axis when ``side`` differs from ``target_side`` (the affine is
+    updated so that the world image is unchanged: the network sees a mirrored knee, the physical transform stays
+    right), then map the ``percentiles`` to 0 and 1 and clamp.
+
+    Returns:
+        float32 MetaTensor ``[C, *spatial_size]`` whose affine maps network voxel indices to world (RAS, mm).
+    """
+    if image.ndim - 1 != len(spatial_size):
+        raise ValueError(f"the network grid {tuple(spatial_size)} is {len(spatial_size)}D but the image is "
+                         f"{image.ndim - 1}D (shape {tuple(image.shape[1:])}).")
+    out = image.float()
+    if axcodes is not None:
+        out = Orientation(axcodes=axcodes, labels=None)(out)
+    out = Resize(tuple(spatial_size), mode="area")(out)
+    if side is not None and target_side is not None and normalise_side(side) != normalise_side(target_side):
+        axis = left_right_axis(out.affine)
+        flip = torch.eye(out.affine.shape[0], dtype=out.affine.dtype)
+        flip[axis, axis], flip[axis, -1] = -1.0, float(out.shape[axis + 1] - 1)
+        out = MetaTensor(torch.flip(out.as_tensor(), dims=[axis + 1]), affine=out.affine @ flip, meta=out.meta)
+    if percentiles is not None:
+        out = ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 1.0, clip=True)(out)
+    return out
+
+
+def unit_to_world(affine: torch.Tensor | np.ndarray, spatial_size: Sequence[int]) -> np.ndarray:
+    """``[D+1, D+1]`` matrix taking ``[0, 1]`` network coordinates (corners on voxel centres) to world points,
+    given the network grid's voxel-to-world ``affine``."""
+    scale = np.diag([max(n - 1, 1) for n in spatial_size] + [1.0])
+    return np.asarray(affine, dtype=np.float64) @ scale
+
+
+def world_points(affine: np.ndarray, shape: Sequence[int], start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """World coordinates ``[D, n, *shape[1:]]`` (float64) of voxel centres of slabs ``start:stop`` along axis 0."""
+    stop = shape[0] if stop is None else stop
+    axes = [torch.arange(start, stop, dtype=torch.float64)] + [torch.arange(n, dtype=torch.float64) for n in shape[1:]]
+    index = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    aff = torch.as_tensor(affine, dtype=torch.float64)
+    dims = len(shape)
+    return torch.einsum("ij,j...->i...", aff[:dims, :dims], index) + aff[:dims, dims].reshape(dims, *([1] * dims))
+
+
+def _slabs(shape: Sequence[int]) -> list[tuple[int, int]]:
+    per_slab = int(np.prod(shape[1:]))
+    step = max(1, _CHUNK // max(per_slab, 1))
+    return [(s, min(s + step, shape[0])) for s in range(0, shape[0], step)]
+
+
+def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    m = torch.as_tensor(matrix, dtype=torch.float64, device=points.device)
+    dims = points.shape[0]
+    return torch.einsum("ij,j...->i...", m[:dims, :dims], points) + m[:dims, dims].reshape(dims, *([1] * (points.ndim - 1)))
+
+
+@torch.no_grad()
+def fixed_to_moving_world(
+    phi: Map, fixed_affine: np.ndarray, fixed_shape: Sequence[int], fixed_unit_to_world: np.ndarray,
+    moving_unit_to_world: np.ndarray,
+) -> torch.Tensor:
+    """Moving-image world points (RAS, mm) ``[D, *fixed_shape]`` (float64) that the fixed image's voxel centres map
+    to: ``U_moving(phi(U_fixed^-1(y)))`` for every voxel centre ``y`` of the fixed grid (``fixed_affine``)."""
+    inverse = np.linalg.inv(fixed_unit_to_world)
+    out = torch.empty(len(fixed_shape), *fixed_shape, dtype=torch.float64)
+    for start, stop in _slabs(fixed_shape):
+        y = world_points(fixed_affine, fixed_shape, start, stop)
+        u = _apply(inverse, y).to(device=phi.device, dtype=phi.dtype)
+        v = phi(u.unsqueeze(0))[0].to("cpu", torch.float64)
+        out[:, start:stop] = _apply(moving_unit_to_world, v)
+    return out
+
+
+def sample_world(
+    image: torch.Tensor, affine: np.ndarray, points: torch.Tensor, mode: str = "bilinear"
+) -> torch.Tensor:
+    """Values of ``image`` ``[C, *N]`` (voxel-to-world ``affine``) at world ``points`` ``[D, *P]``: ``[C, *P]``,
+    linear (``"bilinear"``) or ``"nearest"``; 0 outside the image (see the module docstring)."""
+    dims = points.shape[0]
+    size = torch.tensor(image.shape[1:], dtype=torch.float64).reshape(dims, *([1] * (points.ndim - 1)))
+    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    field = image.float().unsqueeze(0)
+    out = torch.empty(image.shape[0], *points.shape[1:], dtype=field.dtype)
+    for start, stop in _slabs(points.shape[1:]):
+        index = _apply(inverse, points[:, start:stop])
+        inside = ((index >= -0.5) & (index <= size - 0.5)).all(0)
+        unit = index / (size - 1).clamp(min=1)
+        grid = (unit.flip(0).movedim(0, -1) * 2.0 - 1.0).unsqueeze(0).to(field.dtype)
+        values = F.grid_sample(field, grid, mode=mode, padding_mode="border", align_corners=True)[0]
+        out[:, start:stop] = values * inside.to(values.dtype)
+    return out
+
+
+def check_memory(num_voxels: int, channels: int, what: str = "the outputs", limit_bytes: int | None = None) -> None:
+    """Refuse work whose ``num_voxels * channels`` float32 arrays (times 3 for temporaries) would not fit in memory.
+
+    Raises:
+        MemoryError: with the size needed and the memory available.
+    """
+    needed = 3 * 4 * int(num_voxels) * int(channels)
+    if limit_bytes is None:
+        try:
+            limit_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not available on this platform: do not guess
+            return
+    if needed > limit_bytes:
+        raise MemoryError(f"{what} need about {needed / 2**30:.1f} GiB ({num_voxels} voxels x {channels} channels) but "
+                          f"only {limit_bytes / 2**30:.1f} GiB of memory is available; resample the fixed image to a "
+                          "coarser grid first.")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return path.name[-len(suffix):]
+    return path.suffix
+
+
+def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Run ``write(temporary_path)`` then rename onto ``path``, so no half-written file ever carries its name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = _suffix(path)
+    tmp = path.with_name(path.name[: len(path.name) - len(suffix)] + ".partial" + suffix)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _itk_image(array: np.ndarray, affine: np.ndarray, is_vector: bool = False):
+    """An ITK image (LPS geometry) of a MONAI-ordered array ``[*N]`` or ``[*N, C]`` with a RAS ``affine``."""
+    import itk
+
+    dims = array.ndim - (1 if is_vector else 0)
+    order = tuple(range(dims))[::-1] + ((dims,) if is_vector else ())
+    image = itk.image_from_array(np.ascontiguousarray(array.transpose(order)), is_vector=is_vector)
+    linear = np.asarray(affine, dtype=np.float64)[:dims, :dims]
+    spacing = np.linalg.norm(linear, axis=0)
+    flip = _RAS_TO_LPS[:dims, :dims]
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin((flip @ np.asarray(affine, dtype=np.float64)[:dims, dims]).tolist())
+    image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(flip @ linear / spacing)))
+    return image
+
+
+def write_image(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write a scalar image ``[*N]`` (MONAI array order, RAS ``affine``) with ITK (``.nii.gz``, ``.mha``, ``.nrrd``...),
+    atomically."""
+    import itk
+
+    image = _itk_image(np.asarray(array), affine)
+    return _atomic(path, lambda tmp: itk.imwrite(image, tmp, compression=True))
+
+
+def write_displacement(
+    displacement: torch.Tensor | np.ndarray, affine: np.ndarray, ddf_path: str | Path | None = None,
+    transform_path: str | Path | None = None,
+) -> None:
+    """Write a world-space displacement field defined on a fixed image's grid.
+
+    Args:
+        displacement: ``[3, *N]`` RAS millimetres: fixed voxel centre ``y`` maps to moving point ``y + d(y)``.
+        affine: the fixed grid's voxel-to-world (RAS) affine.
+        ddf_path: NIfTI (or any ITK format) vector image of the displacement in **LPS** millimetres on the fixed
+            grid: ITK's, ANTs' (``*Warp.nii.gz``) and 3D Slicer's displacement-field convention.
+        transform_path: ITK transform file (``.h5``/``.hdf5``/``.tfm``) holding an ``itk.DisplacementFieldTransform``
+            (fixed-to-moving physical points, as ``itk.ResampleImageFilter``/``antsApplyTransforms`` expect).
+    """
+    import itk
+
+    disp = torch.as_tensor(displacement, dtype=torch.float64).numpy()
+    dims = disp.shape[0]
+    if dims != 3:
+        raise ValueError(f"expected a 3D displacement [3, *N], got shape {disp.shape}.")
+    lps = np.einsum("ij,j...->...i", _RAS_TO_LPS, disp)  # [*N, 3] in LPS
+    if ddf_path is not None:
+        field = _itk_image(lps.astype(np.float32), affine, is_vector=True)
+        _atomic(ddf_path, lambda tmp: itk.imwrite(field, tmp, compression=True))
+    if transform_path is not None:
+        transform = itk.DisplacementFieldTransform[itk.D, 3].New()
+        transform.SetDisplacementField(_itk_image(lps, affine, is_vector=True))
+        _atomic(transform_path, lambda tmp: itk.transformwrite([transform], tmp, compression=True))

@@ -1,0 +1,328 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Register image files with a trained model: Python API behind ``monai-icon register``.
+
+A *registration model* is a network plus how images reach it (grid size, orientation, intensity percentiles,
+knee side) and the loss used for optional instance optimisation. It is read from
+
+* a model file written by :func:`save_registration_model` (``.pt``: the network's config, weights and settings;
+  the 3D knee configs write one at the end of training), or
+* a MONAI bundle folder: ``configs/inference.json|yaml`` with ``network_def`` and ``spatial_size`` (optionally
+  ``axcodes``, ``percentiles``, ``target_side``, ``similarity``, ``lmbda``, ``regularizer``) and
+  ``models/model.pt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.bundle import ConfigParser
+
+from monai_icon.apps.physical import (
+    check_memory,
+    fixed_to_moving_world,
+    load_image,
+    sample_world,
+    to_network_grid,
+    unit_to_world,
+    world_points,
+    write_displacement,
+    write_image,
+)
+from monai_icon.losses.icon import ICONLoss
+from monai_icon.networks.maps import Map, one_hot_labels
+from monai_icon.networks.registration_net import register_pair
+from monai_icon.networks.weights import load_weights
+
+__all__ = [
+    "MODEL_FORMAT",
+    "RegistrationModel",
+    "save_registration_model",
+    "load_registration_model",
+    "restored_weights",
+    "instance_optimise",
+    "register_images",
+    "register_files",
+]
+
+MODEL_FORMAT = "monai-icon-model/1"
+_SETTINGS = ("spatial_size", "axcodes", "percentiles", "target_side", "similarity", "lmbda", "regularizer")
+
+
+@dataclass
+class RegistrationModel:
+    """A network and the way images reach it.
+
+    Attributes:
+        network: a :class:`~monai_icon.networks.RegistrationNet` (or any module returning ``(phi_AB, phi_BA)``).
+        spatial_size: the network grid (e.g. ``(192, 192, 80)``).
+        axcodes: orientation images are brought to before resizing (``None``: the file's array order).
+        percentiles: intensity percentiles mapped to 0 and 1 (``None``: intensities unchanged).
+        target_side: knee side the model was trained on (images of the other side are mirrored when their side
+            is given); ``None`` for non-knee models.
+        similarity, lmbda, regularizer: the ICON loss of instance optimisation.
+    """
+
+    network: nn.Module
+    spatial_size: tuple[int, ...]
+    axcodes: str | None = None
+    percentiles: tuple[float, float] | None = (1.0, 99.0)
+    target_side: str | None = None
+    similarity: str = "mse"
+    lmbda: float = 1.0
+    regularizer: str = "icon"
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spatial_size)
+
+
+def save_registration_model(path: str | Path, network: nn.Module, network_def: dict[str, Any], **settings: Any) -> Path:
+    """Write a self-describing model file (atomically): ``network_def`` (a MONAI config dict that builds the
+    network, e.g. ``{"_target_": "monai_icon.networks.multistep_registration", "fine_steps": 1}``), the weights and
+    the :class:`RegistrationModel` settings (``spatial_size`` required)."""
+    unknown = set(settings) - set(_SETTINGS)
+    if unknown or "spatial_size" not in settings:
+        raise ValueError(f"settings must include spatial_size and may include {_SETTINGS}; got {sorted(settings)}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = {"format": MODEL_FORMAT, "network_def": network_def, "state_dict": network.state_dict(),
+               "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}}
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(content, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _model(network: nn.Module, settings: dict[str, Any], source: str) -> RegistrationModel:
+    if settings.get("spatial_size") is None:
+        raise ValueError(f"{source} does not say the network's grid size (spatial_size); pass it explicitly.")
+    kwargs = {k: settings[k] for k in _SETTINGS if settings.get(k) is not None}
+    kwargs["spatial_size"] = tuple(int(s) for s in kwargs["spatial_size"])
+    if "percentiles" in kwargs:
+        kwargs["percentiles"] = tuple(kwargs["percentiles"])
+    if "percentiles" in settings and settings["percentiles"] is None:
+        kwargs["percentiles"] = None
+    return RegistrationModel(network=network, settings=dict(settings), **kwargs)
+
+
+def load_registration_model(
+    path: str | Path, device: str | torch.device | None = None, spatial_size: Sequence[int] | None = None
+) -> RegistrationModel:
+    """Load a model file or bundle folder (see the module docstring) onto ``device`` in evaluation mode.
+
+    Raises:
+        FileNotFoundError: missing model file, bundle config or bundle weights.
+        ValueError: unreadable/foreign files, weights that do not match the network, or no grid size.
+    """
+    path = Path(path)
+    device = torch.device(device or "cpu")
+    if path.is_dir():
+        config_file = next((path / "configs" / f"inference.{ext}" for ext in ("json", "yaml", "yml")
+                            if (path / "configs" / f"inference.{ext}").is_file()), None)
+        if config_file is None:
+            raise FileNotFoundError(f"{path} is a folder but not a bundle: no configs/inference.json or .yaml.")
+        parser = ConfigParser()
+        parser.read_config(str(config_file))
+        parser["bundle_root"] = str(path)
+        if "network_def" not in parser:
+            raise ValueError(f"{config_file} has no network_def.")
+        network = parser.get_parsed_content("network_def")
+        load_weights(network, path / "models" / "model.pt")
+        settings = {k: parser.get_parsed_content(k) for k in _SETTINGS if k in parser}
+        source = str(config_file)
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"model not found: {path} (a model file or a bundle folder)")
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"cannot read the model file {path}: {err}") from err
+        if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
+            raise ValueError(f"{path} is not a monai-icon model file (save one with save_registration_model, or "
+                             "pass a bundle folder); for plain weights build the network and use load_weights.")
+        network = ConfigParser({"network_def": content["network_def"]}).get_parsed_content("network_def")
+        load_weights(network, path)
+        settings, source = dict(content["settings"]), str(path)
+    if spatial_size is not None:
+        settings["spatial_size"] = list(spatial_size)
+    return _model(network.to(device).eval(), settings, source)
+
+
+@contextmanager
+def restored_weights(network: nn.Module) -> Iterator[nn.Module]:
+    """Let instance optimisation change ``network``'s weights (and buffers) inside the block; restore them after."""
+    saved = copy.deepcopy(network.state_dict())
+    try:
+        yield network
+    finally:
+        network.load_state_dict(saved)
+
+
+def instance_optimise(
+    network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, loss: ICONLoss, steps: int = 50, lr: float = 2e-5
+) -> list[float]:
+    """A few Adam steps of ``loss`` on one pair (the published uniGradICON recipe uses 50 steps at 2e-5),
+    with the network in evaluation mode (batch norm keeps its statistics). Use inside :func:`restored_weights`.
+
+    Returns:
+        the loss before each step.
+    """
+    params = [p for p in network.parameters() if p.requires_grad]
+    if steps > 0 and not params:
+        raise ValueError("instance optimisation needs trainable parameters; this network has none.")
+    optimizer = torch.optim.Adam(params, lr=lr)
+    history = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        phi_AB, phi_BA = register_pair(network, moving, fixed)
+        value = loss(moving, fixed, phi_AB, phi_BA).loss
+        value.backward()
+        optimizer.step()
+        history.append(float(value.detach()))
+    return history
+
+
+@dataclass
+class PhysicalRegistration:
+    """The result of :func:`register_images`: ``phi`` in network coordinates and the two ``[0, 1]``-to-world
+    matrices, enough to evaluate the world transform anywhere (:meth:`fixed_to_moving`)."""
+
+    phi: Map
+    fixed_unit_to_world: np.ndarray
+    moving_unit_to_world: np.ndarray
+    io_losses: list[float]
+    seconds: float
+
+    def fixed_to_moving(self, fixed_affine: np.ndarray, fixed_shape: Sequence[int]) -> torch.Tensor:
+        """Moving world points (RAS mm) ``[3, *fixed_shape]`` of the voxel centres of a fixed grid."""
+        return fixed_to_moving_world(self.phi, fixed_affine, fixed_shape, self.fixed_unit_to_world, self.moving_unit_to_world)
+
+
+def register_images(
+    model: RegistrationModel, fixed: torch.Tensor, moving: torch.Tensor, fixed_side: str | None = None,
+    moving_side: str | None = None, io_steps: int = 0, io_lr: float = 2e-5, device: str | torch.device | None = None,
+) -> PhysicalRegistration:
+    """Register two channel-first MetaTensors (with affines) in physical space.
+
+    Each image is brought to the model's grid by :func:`~monai_icon.apps.physical.to_network_grid`; with
+    ``io_steps > 0`` the network is fine-tuned on this pair first and its weights are restored afterwards.
+    """
+    for name, image in (("fixed", fixed), ("moving", moving)):
+        if image.ndim - 1 != model.spatial_dims:
+            raise ValueError(f"the model registers {model.spatial_dims}D images but the {name} image is "
+                             f"{image.ndim - 1}D (shape {tuple(image.shape[1:])}).")
+    device = torch.device(device) if device is not None else next(model.network.parameters()).device
+    start = time.perf_counter()
+    grids = [to_network_grid(img, model.spatial_size, model.axcodes, model.percentiles, side, model.target_side)
+             for img, side in ((fixed, fixed_side), (moving, moving_side))]
+    fixed_net, moving_net = (g.as_tensor().unsqueeze(0).to(device) for g in grids)
+    if fixed_net.shape[1] != moving_net.shape[1]:
+        raise ValueError(f"fixed and moving images have {fixed_net.shape[1]} and {moving_net.shape[1]} channels.")
+    losses: list[float] = []
+    network = model.network.eval()
+    with restored_weights(network):
+        if io_steps > 0:
+            loss = ICONLoss(model.similarity, model.lmbda, model.regularizer, spatial_dims=model.spatial_dims)
+            losses = instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr)
+        with torch.no_grad():  # the map holds the network's outputs: unaffected by restoring the weights
+            phi = network.register(moving_net, fixed_net) if hasattr(network, "register") else register_pair(network, moving_net, fixed_net)[0]
+    return PhysicalRegistration(
+        phi=phi,
+        fixed_unit_to_world=unit_to_world(grids[0].affine, model.spatial_size),
+        moving_unit_to_world=unit_to_world(grids[1].affine, model.spatial_size),
+        io_losses=losses,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def register_files(
+    fixed: str | Path,
+    moving: str | Path,
+    model: RegistrationModel | str | Path,
+    warped: str | Path | None = None,
+    ddf: str | Path | None = None,
+    transform: str | Path | None = None,
+    moving_label: str | Path | None = None,
+    warped_label: str | Path | None = None,
+    fixed_side: str | None = None,
+    moving_side: str | None = None,
+    io_steps: int = 0,
+    io_lr: float = 2e-5,
+    device: str | torch.device | None = None,
+    memory_limit_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Register ``moving`` to ``fixed`` (image files) and write the results on the fixed image's grid.
+
+    Args:
+        fixed, moving: image files (NIfTI, MHA, NRRD, ...), any spacing, orientation and size.
+        model: a :class:`RegistrationModel` or a model file / bundle folder (:func:`load_registration_model`).
+        warped: output file of the moving image resampled onto the fixed grid (linear).
+        ddf: output displacement field (LPS mm, ITK/ANTs convention; see
+            :func:`~monai_icon.apps.physical.write_displacement`).
+        transform: output ITK displacement-field transform (``.h5``), applied by ITK/3D Slicer/ANTs.
+        moving_label, warped_label: a moving label map and where to write it warped onto the fixed grid
+            (one-hot linear interpolation + arg-max, integer labels kept).
+        fixed_side, moving_side: knee sides, for models trained on one side (see :class:`RegistrationModel`).
+        io_steps, io_lr: instance optimisation (weights restored afterwards).
+
+    Returns:
+        a summary: the files written, seconds, instance-optimisation losses, and the mean displacement (mm, RAS).
+
+    Raises:
+        FileNotFoundError, ValueError: unreadable inputs or model, 2D/3D or channel mismatches.
+        MemoryError: outputs on the fixed grid that would not fit in memory.
+    """
+    if (moving_label is None) != (warped_label is None):
+        raise ValueError("give both moving_label and warped_label, or neither.")
+    if not any((warped, ddf, transform, warped_label)):
+        raise ValueError("nothing to write: give at least one of warped, ddf, transform, warped_label.")
+    if not isinstance(model, RegistrationModel):
+        model = load_registration_model(model, device)
+    fixed_image, moving_image = load_image(fixed, "fixed image"), load_image(moving, "moving image")
+    label = load_image(moving_label, "moving label") if moving_label is not None else None
+    if fixed_image.ndim != moving_image.ndim:
+        raise ValueError(f"fixed and moving images differ in dimension: {fixed_image.ndim - 1}D vs {moving_image.ndim - 1}D.")
+    if label is not None and tuple(label.shape[1:]) != tuple(moving_image.shape[1:]):
+        raise ValueError(f"the moving label's grid {tuple(label.shape[1:])} differs from the moving image's "
+                         f"{tuple(moving_image.shape[1:])}.")
+    fixed_shape = tuple(fixed_image.shape[1:])
+    fixed_affine = np.asarray(fixed_image.affine, dtype=np.float64)
+    num_classes = int(label.max()) + 1 if label is not None else 0
+    check_memory(int(np.prod(fixed_shape)), 3 + moving_image.shape[0] + num_classes, "the outputs on the fixed grid",
+                 memory_limit_bytes)
+
+    result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, io_steps, io_lr, device)
+    points = result.fixed_to_moving(fixed_affine, fixed_shape)
+    moving_affine = np.asarray(moving_image.affine, dtype=np.float64)
+    written = {}
+    if warped is not None:
+        values = sample_world(moving_image.as_tensor(), moving_affine, points)
+        written["warped"] = str(write_image(values[0].numpy() if values.shape[0] == 1 else values.movedim(0, -1).numpy(),
+                                            fixed_affine, warped))
+    if label is not None:
+        onehot = one_hot_labels(label.as_tensor().long().unsqueeze(0), num_classes)[0]
+        warped_labels = sample_world(onehot, moving_affine, points).argmax(0).to(torch.int16 if num_classes > 255 else torch.uint8)
+        written["warped_label"] = str(write_image(warped_labels.numpy(), fixed_affine, warped_label))
+    displacement = points - world_points(fixed_affine, fixed_shape)
+    if ddf is not None or transform is not None:
+        write_displacement(displacement, fixed_affine, ddf, transform)
+        written.update({k: str(v) for k, v in (("ddf", ddf), ("transform", transform)) if v is not None})
+    return {
+        "written": written,
+        "seconds": result.seconds,
+        "io_losses": result.io_losses,
+        "mean_displacement_mm": displacement.reshape(3, -1).mean(1).tolist(),
+    }

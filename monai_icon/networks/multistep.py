@@ -1,0 +1,77 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""The paper's multi-step 3D model: U-Net steps composed at reduced and full resolution (Sec. 4.1, supplement).
+
+Stage 1 trains ``Downsample(TwoStep(U-Net step, U-Net step), 2)`` (two steps at half resolution); stage 2 loads
+it, freezes it and trains full-resolution steps composed after it:
+``TwoStep(Frozen(stage 1), U-Net step)`` (optionally one more full-resolution step). Every stage is a
+:class:`~monai_icon.networks.RegistrationNet` whose state-dict keys do not depend on whether the coarse part
+is frozen, so the final model loads the same way for training, evaluation and inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from monai_icon.networks.blocks import DisplacementField, Downsample, Frozen, RegistrationModule, TwoStep
+from monai_icon.networks.nets.unet import UNet
+from monai_icon.networks.registration_net import RegistrationNet
+from monai_icon.networks.weights import load_weights
+
+__all__ = ["unet_step", "chain", "multistep_registration"]
+
+
+def unet_step(spatial_dims: int = 3, in_channels: int = 2, encoder_channels: Sequence[int] = (16, 32, 64, 256, 512),
+              decoder_channels: Sequence[int] = (256, 128, 64, 32, 16)) -> DisplacementField:
+    """One displacement-field step with the paper's U-Net (zero-initialised output: starts at the identity)."""
+    return DisplacementField(UNet(spatial_dims, in_channels, encoder_channels, decoder_channels))
+
+
+def chain(*blocks: RegistrationModule) -> RegistrationModule:
+    """Compose steps left to right: ``chain(a, b, c) = TwoStep(TwoStep(a, b), c)``."""
+    if not blocks:
+        raise ValueError("chain needs at least one block.")
+    out = blocks[0]
+    for block in blocks[1:]:
+        out = TwoStep(out, block)
+    return out
+
+
+def multistep_registration(
+    spatial_dims: int = 3,
+    in_channels: int = 2,
+    coarse_steps: int = 2,
+    coarse_factor: int = 2,
+    fine_steps: int = 0,
+    freeze_coarse: bool = True,
+    coarse_weights: str | Path | None = None,
+    encoder_channels: Sequence[int] = (16, 32, 64, 256, 512),
+    decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+) -> RegistrationNet:
+    """The multi-step model of the module docstring.
+
+    Args:
+        spatial_dims, in_channels, encoder_channels, decoder_channels: of every U-Net step.
+        coarse_steps: U-Net steps composed at reduced resolution (the paper: 2).
+        coarse_factor: their pooling factor (2 = half resolution; 1 = full resolution).
+        fine_steps: full-resolution steps composed after them (0 for stage 1; 1 or 2 for stage 2).
+        freeze_coarse: with ``fine_steps > 0``, keep the coarse steps fixed (:class:`Frozen`).
+        coarse_weights: a stage-1 checkpoint (a ``multistep_registration(fine_steps=0)`` model with the same
+            arguments) loaded strictly into the coarse steps.
+
+    Returns:
+        a :class:`RegistrationNet`; its ``forward(cat([moving, fixed]))`` is the bundle's voxel-DDF interface.
+    """
+    if coarse_steps < 1 or fine_steps < 0:
+        raise ValueError(f"need coarse_steps >= 1 and fine_steps >= 0, got {coarse_steps} and {fine_steps}.")
+    args = (spatial_dims, in_channels, encoder_channels, decoder_channels)
+    coarse = RegistrationNet(Downsample(chain(*[unet_step(*args) for _ in range(coarse_steps)]), coarse_factor))
+    if coarse_weights is not None:
+        load_weights(coarse, coarse_weights)
+    if fine_steps == 0:
+        return coarse
+    first = Frozen(coarse.block) if freeze_coarse else coarse.block
+    return RegistrationNet(chain(first, *[unet_step(*args) for _ in range(fine_steps)]))

@@ -1,0 +1,62 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Loading saved weights into a network, strictly and with errors that say what does not match."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn as nn
+
+__all__ = ["extract_state_dict", "load_weights"]
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+_NESTED_KEYS = ("model", "network", "state_dict")
+
+
+def extract_state_dict(checkpoint: Mapping[str, Any], network: nn.Module) -> Mapping[str, torch.Tensor]:
+    """The network's state dict inside ``checkpoint``: either the checkpoint itself (Ignite/MONAI
+    ``CheckpointSaver`` with one object) or its ``"model"``/``"network"``/``"state_dict"`` entry (resume
+    checkpoints, :func:`monai_icon.apps.save_model` files)."""
+    expected = set(network.state_dict())
+    if expected & set(checkpoint):
+        return checkpoint
+    for key in _NESTED_KEYS:
+        if isinstance(checkpoint.get(key), Mapping):
+            return checkpoint[key]
+    raise ValueError(f"the checkpoint holds no state dict of this network (top-level keys: {sorted(checkpoint)[:8]}).")
+
+
+def load_weights(network: ModuleT, path: str | Path, map_location: str | torch.device = "cpu") -> ModuleT:
+    """Load a checkpoint file into ``network`` strictly (every key and shape must match) and return it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable file, or keys/shapes that do not match (the first differences are listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for truncated/corrupt files
+        raise ValueError(f"cannot read weights from {path}: {err}") from err
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (got {type(checkpoint).__name__}).")
+    state = extract_state_dict(checkpoint, network)
+    own = network.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs network {tuple(own[k].shape)}"
+             for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not match the network: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} "
+            f"unexpected keys {unexpected[:5]}, {len(wrong)} shape mismatches {wrong[:5]}."
+        )
+    network.load_state_dict(state, strict=True)
+    return network
