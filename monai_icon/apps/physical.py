@@ -96,7 +96,8 @@ def to_network_grid(
         axis = left_right_axis(out.affine)
         flip = torch.eye(out.affine.shape[0], dtype=out.affine.dtype)
         flip[axis, axis], flip[axis, -1] = -1.0, float(out.shape[axis + 1] - 1)
-        out = MetaTensor(torch.flip(out.as_tensor(), dims=[axis + 1]), affine=out.affine @ flip, meta=out.meta)
+        meta = {k: v for k, v in out.meta.items() if k != "affine"}
+        out = MetaTensor(torch.flip(out.as_tensor(), dims=[axis + 1]), affine=out.affine @ flip, meta=meta)
     if percentiles is not None:
         out = ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 1.0, clip=True)(out)
     return out

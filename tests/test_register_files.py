@@ -1,0 +1,225 @@
+"""Registering image files in physical space: spacing/orientation/size handling, ITK outputs, the CLI."""
+
+import json
+from dataclasses import replace
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai_icon.apps import RegistrationModel, load_registration_model, register_files, save_registration_model
+from monai_icon.apps.cli import main
+from monai_icon.data import knee_affine, random_knee_anatomy, render_knee
+from monai_icon.networks import Affine, AffineMap, RegistrationModule, RegistrationNet, multistep_registration
+from monai_icon.networks.nets import AffineNet
+
+ANATOMY = replace(random_knee_anatomy("LEFT", seed=2, deformation_mm=0.0), noise=0.0)
+FIXED_SHAPE, FIXED_AFFINE = (40, 36, 16), knee_affine((40, 36, 16), (3.0, 3.2, 7.0), "PIR", (8.0, 5.0, 12.0))
+MOVING_SHAPE, MOVING_AFFINE = (36, 40, 20), knee_affine((36, 40, 20), (3.3, 3.0, 6.0), "ASR")
+SHIFT = np.array([4.0, -6.0, 5.0])  # mm (RAS): the moving knee is the fixed one moved by SHIFT
+
+
+class ConstantAffine(RegistrationModule):
+    """A stand-in registration block returning a known affine map in network coordinates."""
+
+    def __init__(self, matrix):
+        super().__init__()
+        self.matrix = torch.as_tensor(matrix, dtype=torch.float32)
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def compute_map(self, image_A, image_B):
+        return AffineMap(self.matrix.expand(image_A.shape[0], *self.matrix.shape) + 0 * self.dummy)
+
+
+def _save(path, array, affine):
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def knee_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phys")
+    fixed, fixed_label = render_knee(ANATOMY, FIXED_SHAPE, FIXED_AFFINE)
+    shifted = MOVING_AFFINE.copy()
+    shifted[:3, 3] -= SHIFT  # sample the knee at y - SHIFT: content moved by +SHIFT
+    moving, moving_label = render_knee(ANATOMY, MOVING_SHAPE, shifted)
+    return {
+        "folder": folder,
+        "fixed": _save(folder / "fixed.nii.gz", fixed, FIXED_AFFINE),
+        "fixed_label": _save(folder / "fixed_label.nii.gz", fixed_label, FIXED_AFFINE),
+        "moving": _save(folder / "moving.nii.gz", moving, MOVING_AFFINE),
+        "moving_label": _save(folder / "moving_label.nii.gz", moving_label, MOVING_AFFINE),
+    }
+
+
+@pytest.fixture(scope="module")
+def translation_run(knee_files):
+    """Instance optimisation of an affine model on an oblique, anisotropic pair with different grids."""
+    torch.manual_seed(0)
+    network = RegistrationNet(Affine(AffineNet(spatial_dims=3, channels=(8, 16, 32))))
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    model = RegistrationModel(network, (32, 32, 16), axcodes="PIR", similarity="mse", lmbda=1.0)
+    out = {k: str(knee_files["folder"] / f"{k}{ext}") for k, ext in
+           (("warped", ".nii.gz"), ("ddf", ".nii.gz"), ("transform", ".h5"), ("warped_label", ".nii.gz"))}
+    summary = register_files(knee_files["fixed"], knee_files["moving"], model, moving_label=knee_files["moving_label"],
+                             io_steps=200, io_lr=2e-3, **out)
+    return {"summary": summary, "before": before, "network": network, **out}
+
+
+def test_translation_is_recovered_in_millimetres(translation_run):
+    ddf = nib.load(translation_run["ddf"])
+    assert ddf.shape == (*FIXED_SHAPE, 1, 3)
+    np.testing.assert_allclose(ddf.affine, FIXED_AFFINE, atol=1e-4)
+    lps = ddf.get_fdata()[..., 0, :]
+    ras = lps * np.array([-1.0, -1.0, 1.0])
+    # near the knee's centre (within 30 mm of the world origin) the displacement is the shift, to < 1.5 mm
+    centres = np.einsum("ij,...j->...i", FIXED_AFFINE[:3, :3], np.stack(np.meshgrid(*[np.arange(n) for n in FIXED_SHAPE], indexing="ij"), -1)) + FIXED_AFFINE[:3, 3]
+    central = np.linalg.norm(centres, axis=-1) < 30.0
+    recovered = np.median(ras[central], axis=0)
+    assert np.abs(recovered - SHIFT).max() < 1.5, recovered
+    losses = translation_run["summary"]["io_losses"]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_instance_optimisation_restores_the_weights(translation_run):
+    after = translation_run["network"].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in translation_run["before"].items())
+
+
+def test_itk_transform_and_nifti_ddf_reproduce_the_torch_warp(knee_files, translation_run):
+    fixed, moving = itk.imread(knee_files["fixed"], itk.F), itk.imread(knee_files["moving"], itk.F)
+    ours = itk.array_from_image(itk.imread(translation_run["warped"], itk.F))
+    transform = itk.transformread(translation_run["transform"])[0]
+    assert transform.GetNameOfClass() == "DisplacementFieldTransform"
+    resampled = itk.resample_image_filter(moving, transform=transform, use_reference_image=True,
+                                          reference_image=fixed, default_pixel_value=0.0)
+    np.testing.assert_allclose(itk.array_from_image(resampled), ours, atol=1e-4)
+    # the NIfTI displacement field, read back and applied by ITK as a displacement-field transform
+    field = itk.imread(translation_run["ddf"], itk.Vector[itk.F, 3])
+    vectors = itk.image_from_array(itk.array_from_image(field).astype(np.float64), is_vector=True)
+    vectors.CopyInformation(field)
+    from_ddf = itk.DisplacementFieldTransform[itk.D, 3].New()
+    from_ddf.SetDisplacementField(vectors)
+    resampled = itk.resample_image_filter(moving, transform=from_ddf, use_reference_image=True,
+                                          reference_image=fixed, default_pixel_value=0.0)
+    np.testing.assert_allclose(itk.array_from_image(resampled), ours, atol=1e-4)
+    # the registration brought the moving knee onto the fixed one
+    fixed_array = itk.array_from_image(fixed)
+    unregistered = itk.array_from_image(itk.resample_image_filter(moving, use_reference_image=True, reference_image=fixed))
+    assert np.mean((ours - fixed_array) ** 2) < 0.5 * np.mean((unregistered - fixed_array) ** 2)
+    labels = nib.load(translation_run["warped_label"])
+    assert labels.shape == FIXED_SHAPE and set(np.unique(labels.get_fdata())) <= {0.0, 1.0, 2.0}
+
+
+def _identity_model(matrix=None, **kwargs):
+    matrix = torch.eye(3, 4) if matrix is None else matrix
+    return RegistrationModel(RegistrationNet(ConstantAffine(matrix)), (24, 24, 12), percentiles=None, **kwargs)
+
+
+def test_known_network_map_gives_the_expected_world_transform(knee_files, tmp_path):
+    """A map shifting by t (network units) of an image onto itself is the world shift U t (U: [0,1] -> mm)."""
+    t = torch.tensor([0.05, -0.1, 0.02])
+    matrix = torch.cat([torch.eye(3), t[:, None]], 1)
+    model = _identity_model(matrix, axcodes="PIR")
+    summary = register_files(knee_files["fixed"], knee_files["fixed"], model, ddf=tmp_path / "d.nii.gz",
+                             moving_label=knee_files["fixed_label"], warped_label=tmp_path / "l.nii.gz")
+    # network grid: the fixed image reoriented to PIR (already PIR) and resized; its [0,1] box spans the
+    # same physical extent as the file's voxels (edge to edge) so U maps t to L * (N / S) * (S - 1) t
+    linear = FIXED_AFFINE[:3, :3] * (np.array(FIXED_SHAPE) / np.array([24, 24, 12]))
+    expected = linear @ (t.double().numpy() * (np.array([24, 24, 12]) - 1))
+    np.testing.assert_allclose(summary["mean_displacement_mm"], expected, atol=1e-3)
+    identity = register_files(knee_files["fixed"], knee_files["fixed"], _identity_model(), warped=tmp_path / "w.nii.gz",
+                              moving_label=knee_files["fixed_label"], warped_label=tmp_path / "l0.nii.gz")
+    np.testing.assert_allclose(identity["mean_displacement_mm"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(nib.load(tmp_path / "w.nii.gz").get_fdata(), nib.load(knee_files["fixed"]).get_fdata(), atol=1e-5)
+    np.testing.assert_array_equal(nib.load(tmp_path / "l0.nii.gz").get_fdata(), nib.load(knee_files["fixed_label"]).get_fdata())
+
+
+def test_mirrored_sides_keep_the_physical_transform_consistent(knee_files, tmp_path):
+    """With an identity network map, mirroring only the moving image yields the physical mirror; mirroring both
+    gives back the identity."""
+    model = _identity_model(target_side="LEFT")
+    both = register_files(knee_files["fixed"], knee_files["fixed"], model, warped=tmp_path / "both.nii.gz",
+                          fixed_side="RIGHT", moving_side="RIGHT")
+    np.testing.assert_allclose(both["mean_displacement_mm"], 0.0, atol=1e-6)
+    affine = knee_affine((20, 18, 10), (3.0, 3.0, 6.0), "PIR")  # axis-aligned: the mirror is an array flip
+    image = render_knee(ANATOMY, (20, 18, 10), affine)[0]
+    path = _save(tmp_path / "aligned.nii.gz", image, affine)
+    register_files(path, path, _identity_model(target_side="LEFT"), warped=tmp_path / "mirror.nii.gz",
+                   fixed_side="LEFT", moving_side="RIGHT")
+    np.testing.assert_allclose(nib.load(tmp_path / "mirror.nii.gz").get_fdata(), image[:, :, ::-1], atol=1e-5)
+
+
+def test_model_file_and_bundle_folder_round_trip(tmp_path):
+    kwargs = {"coarse_steps": 1, "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
+    network = multistep_registration(**kwargs)
+    torch.nn.init.normal_(network.block.block.net.out.weight, std=0.01)
+    path = save_registration_model(tmp_path / "m.pt", network, {"_target_": "monai_icon.networks.multistep_registration", **kwargs},
+                                   spatial_size=(16, 16, 8), axcodes="PIR", target_side="LEFT", lmbda=2.0)
+    model = load_registration_model(path)
+    assert model.spatial_size == (16, 16, 8) and model.target_side == "LEFT" and model.lmbda == 2.0
+    assert not model.network.training
+    for k, v in network.state_dict().items():
+        assert torch.equal(model.network.state_dict()[k], v)
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "inference.json").write_text(json.dumps({
+        "network_def": {"_target_": "monai_icon.networks.multistep_registration", **kwargs}, "spatial_size": [16, 16, 8]}))
+    torch.save(network.state_dict(), bundle / "models" / "model.pt")
+    assert load_registration_model(bundle).spatial_size == (16, 16, 8)
+    with pytest.raises(FileNotFoundError, match="not a bundle"):
+        load_registration_model(tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_registration_model(tmp_path / "junk.pt")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a monai-icon model file"):
+        load_registration_model(tmp_path / "plain.pt")
+
+
+def test_cli_end_to_end_and_its_errors(knee_files, tmp_path, capsys):
+    kwargs = {"coarse_steps": 1, "fine_steps": 1, "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
+    model = save_registration_model(tmp_path / "m.pt", multistep_registration(**kwargs),
+                                    {"_target_": "monai_icon.networks.multistep_registration", **kwargs},
+                                    spatial_size=(16, 16, 8), axcodes="PIR")
+    args = ["register", "--fixed", knee_files["fixed"], "--moving", knee_files["moving"], "--model", str(model),
+            "--warped", str(tmp_path / "w.nii.gz"), "--ddf", str(tmp_path / "d.nii.gz"), "--transform", str(tmp_path / "t.h5"),
+            "--moving-label", knee_files["moving_label"], "--warped-label", str(tmp_path / "l.nii.gz"), "--io-steps", "2",
+            "--device", "cpu"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["io_losses"]) == 2 and set(summary["written"]) == {"warped", "ddf", "transform", "warped_label"}
+    assert nib.load(tmp_path / "w.nii.gz").shape == FIXED_SHAPE
+    assert not list(tmp_path.glob("*.partial*"))
+
+    def error(replacements):
+        argv = list(args)
+        for flag, value in replacements.items():
+            argv[argv.index(flag) + 1] = value
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    assert "moving image not found" in error({"--moving": str(tmp_path / "nope.nii.gz")})
+    (tmp_path / "bad.nii.gz").write_bytes(b"garbage")
+    assert "cannot read the fixed image" in error({"--fixed": str(tmp_path / "bad.nii.gz")})
+    assert "model not found" in error({"--model": str(tmp_path / "none.pt")})
+    flat = _save(tmp_path / "flat.nii.gz", np.zeros((10, 12), np.float32), np.eye(4))
+    assert "differ in dimension" in error({"--moving": flat})
+    nan = _save(tmp_path / "nan.nii.gz", np.full((6, 6, 6), np.nan, np.float32), np.eye(4))
+    assert "NaN" in error({"--moving": nan})
+    with pytest.raises(MemoryError, match="GiB"):
+        register_files(knee_files["fixed"], knee_files["moving"], load_registration_model(model), warped=tmp_path / "x.nii.gz",
+                       memory_limit_bytes=1000)
+
+
+def test_cli_builds_synthetic_knees_and_a_datalist(tmp_path, capsys):
+    assert main(["synthetic-knees", str(tmp_path / "k"), "--subjects", "4", "--shape", "16,16,8", "--spacing", "8,8,15"]) == 0
+    assert main(["datalist", str(tmp_path / "k"), "--output", str(tmp_path / "dl.json"), "--test-pairs", "2",
+                 "--test-fraction", "0.5"]) == 0
+    datalist = json.loads((tmp_path / "dl.json").read_text())
+    assert len(datalist["training"]) == 2 and len(datalist["test_pairs"]) == 2
+    assert main(["datalist", str(tmp_path / "missing"), "--output", str(tmp_path / "x.json")]) == 2
+    assert "not found" in capsys.readouterr().err
