@@ -19,6 +19,9 @@ _NAMES = {
     "folds_percent": "folds, % of cells",
     "similarity": "similarity (symmetric)",
     "label_dice": "label Dice (mean over labels)",
+    "label_dice_unregistered": "label Dice before registration",
+    "dice_femoral_cartilage": "Dice, femoral cartilage",
+    "dice_tibial_cartilage": "Dice, tibial cartilage",
     "time": "seconds per pair",
 }
 

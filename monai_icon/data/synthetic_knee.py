@@ -55,8 +55,8 @@ class KneeAnatomy:
     condyle_spacing: float = 13.0  # half the distance between the condyle centres (x)
     shaft_radius: float = 12.0
     plateau_radii: tuple[float, float] = (32.0, 24.0)  # x, y
-    joint_gap: float = 7.0  # between condyle bottom and plateau top (holds both cartilage layers)
-    cartilage: float = 3.0  # thickness
+    joint_gap: float = 10.0  # between condyle bottom and plateau top (holds both cartilage layers)
+    cartilage: float = 4.5  # thickness (thicker than real cartilage, so that it survives coarse CPU grids)
     fibula_radius: float = 6.0
     patella_radii: tuple[float, float, float] = (12.0, 5.0, 14.0)
     extent: float = 60.0

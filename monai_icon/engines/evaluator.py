@@ -30,7 +30,8 @@ class ICONEvaluator(SupervisedEvaluator):
 
     ``engine.state.output`` (per pair after decollation) holds ``pred`` (moving image warped onto the fixed grid),
     ``ddf`` (MONAI voxel DDF of ``phi_AB``), ``time`` (seconds per pair for the registration), the inputs, and,
-    with labels, ``pred_label`` / ``fixed_label`` (one-hot, ``num_classes`` channels); with a ``loss_function``
+    with labels, ``pred_label`` / ``fixed_label`` / ``moving_label`` (one-hot, ``num_classes`` channels; the last one
+    unregistered, for Dice before registration); with a ``loss_function``
     also ``similarity``, ``inverse_consistency`` and ``folds`` per pair. Attach metrics such as
     :class:`~monai_icon.handlers.ThresholdDice`, :class:`~monai_icon.handlers.Folds`, MONAI ``MeanDice`` on the
     labels and :class:`~monai_icon.handlers.OutputValue` as usual (``key_val_metric``, ``additional_metrics``).
@@ -127,6 +128,7 @@ class ICONEvaluator(SupervisedEvaluator):
                     raise ValueError("the batches carry labels: set num_classes of the ICONEvaluator.")
                 output[RegKeys.PRED_LABEL] = warp_labels(moving_label, grid, engine.num_classes, engine.label_mode)
                 output[RegKeys.FIXED_LABEL] = one_hot_labels(fixed_label, engine.num_classes, grid.dtype)
+                output[RegKeys.MOVING_LABEL] = one_hot_labels(moving_label, engine.num_classes, grid.dtype)  # unregistered
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

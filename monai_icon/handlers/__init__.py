@@ -7,7 +7,7 @@
 from monai_icon.handlers.adaptive_lambda import AdaptiveLambdaHandler, batch_mean_folds
 from monai_icon.handlers.checkpoint import AtomicCheckpointSaver, latest_checkpoint, require_file
 from monai_icon.handlers.figures import RegistrationFigureHandler
-from monai_icon.handlers.metrics import Folds, OutputValue, ThresholdDice, pair_names
+from monai_icon.handlers.metrics import Folds, LabelDice, OutputValue, ThresholdDice, pair_names
 
 __all__ = [
     "AdaptiveLambdaHandler",
@@ -17,6 +17,7 @@ __all__ = [
     "require_file",
     "RegistrationFigureHandler",
     "ThresholdDice",
+    "LabelDice",
     "Folds",
     "OutputValue",
     "pair_names",

@@ -10,13 +10,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from monai.handlers import IgniteMetricHandler, from_engine
+from monai.handlers import IgniteMetricHandler, MeanDice, from_engine
 from monai.utils import MetricReduction
 
 from monai_icon.engines.keys import RegKeys
 from monai_icon.metrics import FoldsMetric, ThresholdDiceMetric, ValueMetric
 
-__all__ = ["ThresholdDice", "Folds", "OutputValue", "pair_names"]
+__all__ = ["ThresholdDice", "LabelDice", "Folds", "OutputValue", "pair_names"]
 
 
 def _values_only(key: str) -> Callable[[Any], tuple[Any, None]]:
@@ -45,6 +45,43 @@ class ThresholdDice(IgniteMetricHandler):
         save_details: bool = True,
     ) -> None:
         super().__init__(metric_fn=ThresholdDiceMetric(threshold, reduction), output_transform=output_transform, save_details=save_details)
+
+
+def _label_channel(pred_key: str, label_key: str, label: int) -> Callable[[Any], tuple[list, list]]:
+    pick = from_engine([pred_key, label_key])
+
+    def transform(output: Any) -> tuple[list, list]:
+        pred, truth = pick(output)
+        return [p[label : label + 1] for p in pred], [t[label : label + 1] for t in truth]
+
+    return transform
+
+
+class LabelDice(MeanDice):
+    """Dice of the warped moving labels and the fixed labels (one-hot ``pred_label`` / ``fixed_label`` outputs of
+    :class:`~monai_icon.engines.ICONEvaluator`), MONAI's ``DiceMetric`` underneath.
+
+    Args:
+        label: one label value (e.g. 1 = femoral cartilage) for its own Dice; ``None``: the mean over all labels
+            except the background.
+        pred_key: ``"pred_label"`` (registered) or ``"moving_label"`` (before registration).
+        reduction, save_details: as MONAI's ``MeanDice`` (per-pair values are kept for ``MetricsSaver``).
+    """
+
+    def __init__(
+        self,
+        label: int | None = None,
+        pred_key: str = RegKeys.PRED_LABEL,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        save_details: bool = True,
+    ) -> None:
+        if label is None:
+            transform, background = from_engine([pred_key, RegKeys.FIXED_LABEL]), False
+        else:
+            if int(label) < 0:
+                raise ValueError(f"label must be a non-negative label value, got {label}.")
+            transform, background = _label_channel(pred_key, RegKeys.FIXED_LABEL, int(label)), True
+        super().__init__(include_background=background, reduction=reduction, output_transform=transform, save_details=save_details)
 
 
 class Folds(IgniteMetricHandler):

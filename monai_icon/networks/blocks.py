@@ -198,19 +198,26 @@ class Frozen(RegistrationModule):
 
     Args:
         block: the trained registration block.
+        frozen: ``False`` makes this wrapper transparent (the block trains as usual) while keeping the same
+            state-dict keys, so a model saved with a frozen stage loads into an unfrozen one and back.
     """
 
-    def __init__(self, block: RegistrationModule, check_inputs: bool = True) -> None:
+    def __init__(self, block: RegistrationModule, frozen: bool = True, check_inputs: bool = True) -> None:
         super().__init__(check_inputs)
         self.block = block
-        self.block.requires_grad_(False)
-        self.block.eval()
+        self.frozen = bool(frozen)
+        if self.frozen:
+            self.block.requires_grad_(False)
+            self.block.eval()
 
     def train(self, mode: bool = True) -> Frozen:
         super().train(mode)
-        self.block.eval()
+        if self.frozen:
+            self.block.eval()
         return self
 
     def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:
+        if not self.frozen:
+            return _child_map(self.block, image_A, image_B)
         with torch.no_grad():
             return _child_map(self.block, image_A, image_B)

@@ -58,7 +58,8 @@ def multistep_registration(
         coarse_steps: U-Net steps composed at reduced resolution (the paper: 2).
         coarse_factor: their pooling factor (2 = half resolution; 1 = full resolution).
         fine_steps: full-resolution steps composed after them (0 for stage 1; 1 or 2 for stage 2).
-        freeze_coarse: with ``fine_steps > 0``, keep the coarse steps fixed (:class:`Frozen`).
+        freeze_coarse: with ``fine_steps > 0``, keep the coarse steps fixed (:class:`Frozen`; the state-dict keys
+            are the same either way).
         coarse_weights: a stage-1 checkpoint (a ``multistep_registration(fine_steps=0)`` model with the same
             arguments) loaded strictly into the coarse steps.
 
@@ -73,5 +74,5 @@ def multistep_registration(
         load_weights(coarse, coarse_weights)
     if fine_steps == 0:
         return coarse
-    first = Frozen(coarse.block) if freeze_coarse else coarse.block
+    first = Frozen(coarse.block, frozen=freeze_coarse)
     return RegistrationNet(chain(first, *[unet_step(*args) for _ in range(fine_steps)]))

@@ -23,12 +23,11 @@ def extract_state_dict(checkpoint: Mapping[str, Any], network: nn.Module) -> Map
     """The network's state dict inside ``checkpoint``: either the checkpoint itself (Ignite/MONAI
     ``CheckpointSaver`` with one object) or its ``"model"``/``"network"``/``"state_dict"`` entry (resume
     checkpoints, :func:`monai_icon.apps.save_model` files)."""
-    expected = set(network.state_dict())
-    if expected & set(checkpoint):
-        return checkpoint
     for key in _NESTED_KEYS:
-        if isinstance(checkpoint.get(key), Mapping):
+        if isinstance(checkpoint.get(key), Mapping) and not set(network.state_dict()) & set(checkpoint):
             return checkpoint[key]
+    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint  # a flat state dict (whether or not its keys match: the caller compares them)
     raise ValueError(f"the checkpoint holds no state dict of this network (top-level keys: {sorted(checkpoint)[:8]}).")
 
 

@@ -1,0 +1,146 @@
+"""The multi-step 3D model, per-label Dice, and the 3D knee configs run as a user runs them."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from monai_icon.apps import load_registration_model
+from monai_icon.data import build_knee_datalist, write_datalist, write_synthetic_knees
+from monai_icon.engines import RegKeys
+from monai_icon.handlers import LabelDice
+from monai_icon.networks import Frozen, load_weights, multistep_registration, unet_step
+from monai_icon.networks.maps import one_hot_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "knee3d"
+TINY = {"encoder_channels": [4, 8], "decoder_channels": [8, 4]}
+
+
+def test_frozen_block_stays_fixed_in_eval_mode_and_passes_gradients_to_later_steps():
+    coarse = unet_step(3, **TINY)
+    torch.nn.init.normal_(coarse.net.out.weight, std=0.05)
+    frozen = Frozen(coarse)
+    frozen.train()
+    assert not coarse.training and all(not p.requires_grad for p in coarse.parameters())
+    net = multistep_registration(coarse_steps=1, fine_steps=1, **TINY)
+    net.train()
+    assert not net.block.first.block.training and net.block.second.training
+    moving, fixed = torch.rand(2, 1, 8, 8, 4), torch.rand(2, 1, 8, 8, 4)
+    phi_AB, _ = net(moving, fixed)
+    torch.nn.init.normal_(net.block.second.net.out.weight, std=0.05)
+    phi_AB, phi_BA = net(moving, fixed)
+    (phi_AB.grid((8, 8, 4)) ** 2).sum().backward()
+    assert net.block.second.net.out.weight.grad is not None
+    assert all(p.grad is None for p in net.block.first.parameters())
+    # the frozen map still responds to the points it is evaluated at (composition is differentiable)
+    points = torch.rand(1, 3, 5, requires_grad=True)
+    frozen(moving, fixed)(points).sum().backward()
+    assert points.grad is not None
+
+
+def test_stage_two_loads_stage_one_strictly(tmp_path):
+    stage1 = multistep_registration(coarse_factor=1, **TINY)
+    for p in stage1.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    torch.save(stage1.state_dict(), tmp_path / "s1.pt")
+    stage2 = multistep_registration(fine_steps=2, coarse_weights=tmp_path / "s1.pt", **TINY)
+    coarse = stage2.block.first.first.block  # chain(Frozen(coarse), step, step)
+    for k, v in stage1.block.state_dict().items():
+        assert torch.equal(coarse.state_dict()[k], v)
+    # the same keys whether the coarse part is frozen or not: the final model loads for evaluation
+    torch.save(stage2.state_dict(), tmp_path / "s2.pt")
+    load_weights(multistep_registration(fine_steps=2, freeze_coarse=False, **TINY), tmp_path / "s2.pt")
+    with pytest.raises(ValueError, match="does not match the network"):
+        multistep_registration(coarse_steps=1, coarse_weights=tmp_path / "s1.pt", **TINY)
+    with pytest.raises(FileNotFoundError):
+        multistep_registration(coarse_weights=tmp_path / "none.pt", **TINY)
+
+
+def test_label_dice_per_label_and_mean():
+    fixed = torch.zeros(1, 1, 4, 4, 2, dtype=torch.long)
+    fixed[..., :2, :, :] = 1
+    fixed[..., 3, :, :] = 2
+    pred = fixed.clone()
+    pred[..., 0, :, :] = 0  # label 1: 8 of 16 voxels found -> Dice 2*8/(8+16)
+    output = [{RegKeys.PRED_LABEL: one_hot_labels(pred, 3)[0], RegKeys.FIXED_LABEL: one_hot_labels(fixed, 3)[0]}]
+    expected = {1: 2 * 8 / 24, 2: 1.0, None: (2 * 8 / 24 + 1.0) / 2}
+    for label, value in expected.items():
+        handler = LabelDice(label, save_details=False)
+        handler.reset()
+        handler.update(handler._output_transform(output))
+        assert handler.compute() == pytest.approx(value)
+
+
+def bundle_run(configs, *args, timeout=900):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str([str(CONFIGS / c) for c in configs]), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{configs} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def knee_runs(tmp_path_factory):
+    """Stage 1, stage 2 (frozen stage 1 + a full-resolution step) and evaluation on synthetic knees."""
+    root = tmp_path_factory.mktemp("knee3d")
+    write_synthetic_knees(root / "knees", num_subjects=6, shape=(32, 32, 16), spacing=(4.2, 4.2, 7.5))
+    write_datalist(build_knee_datalist(root / "knees", 0.3, num_test_pairs=2, relative_to=root), root / "datalist.json")
+    common = ["--datalist", str(root / "datalist.json"), "--output_root", str(root / "runs"), "--full_size", "[16,16,8]",
+              "--iterations_per_epoch", "2", "--batch_size", "2", "--val_pairs", "2", "--epochs", "1",
+              "--architecture#encoder_channels", "[4,8]", "--architecture#decoder_channels", "[8,4]",
+              "--fold_threshold", "-1"]
+    logs = {"stage1": bundle_run(["common.yaml", "stage1.yaml"], *common)}
+    logs["stage2"] = bundle_run(["common.yaml", "stage2.yaml"], *common)
+    logs["evaluate"] = bundle_run(["common.yaml", "stage2.yaml", "evaluate.yaml"], *common)
+    return root, logs
+
+
+def test_stages_train_export_and_chain(knee_runs):
+    root, logs = knee_runs
+    for stage in ("stage1", "stage2"):
+        models = root / "runs" / stage / "models"
+        assert {"model.pt", "registration_model.pt"} <= {p.name for p in models.iterdir()}
+        assert "Dice, femoral cartilage" in logs[stage] and "folds per image" in logs[stage]
+    s1 = load_registration_model(root / "runs" / "stage1" / "models" / "registration_model.pt")
+    s2 = load_registration_model(root / "runs" / "stage2" / "models" / "registration_model.pt")
+    assert s1.spatial_size == (8, 8, 4) and s2.spatial_size == (16, 16, 8) and s2.axcodes == "PIR"
+    # fold_threshold -1: lambda rises by the increment every iteration (stage 1: +0.1 x 2; stage 2 starts there)
+    assert s1.lmbda == pytest.approx(1.2) and s2.lmbda == pytest.approx(1.2 + 2 * 0.8)
+    # stage 2 kept stage 1's (frozen) weights
+    coarse = s2.network.block.first.block
+    for k, v in s1.network.block.state_dict().items():
+        assert torch.equal(coarse.state_dict()[k], v)
+
+
+def test_evaluation_writes_per_pair_csv_and_summary(knee_runs):
+    root, logs = knee_runs
+    out = root / "runs" / "stage2" / "eval"
+    for name in ("val_dice_femoral_cartilage", "val_dice_tibial_cartilage", "val_folds", "val_folds_percent", "val_time"):
+        rows = list(csv.reader(open(out / f"{name}_raw.csv"), delimiter="\t"))
+        assert len(rows) == 1 + 2, name  # header + one row per test pair
+    summary = (out / "metrics.csv").read_text()
+    assert "val_label_dice" in summary and "val_label_dice_unregistered" in summary
+    assert "evaluation on 2 test pairs" in logs["evaluate"]
+    assert list(out.glob("test_*.png"))
+
+
+def test_exported_model_registers_files_with_the_cli(knee_runs, tmp_path):
+    from monai_icon.apps.cli import main
+
+    root, _ = knee_runs
+    images = sorted((root / "knees").glob("*_image.nii.gz"))
+    args = ["register", "--fixed", str(images[0]), "--moving", str(images[1]), "--model",
+            str(root / "runs" / "stage2" / "models" / "registration_model.pt"), "--warped", str(tmp_path / "w.nii.gz"),
+            "--fixed-side", "LEFT", "--moving-side", "RIGHT"]
+    assert main(args) == 0
+    import nibabel as nib
+
+    assert nib.load(tmp_path / "w.nii.gz").shape == (32, 32, 16)
+    assert np.isfinite(nib.load(tmp_path / "w.nii.gz").get_fdata()).all()
