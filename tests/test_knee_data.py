@@ -202,3 +202,25 @@ def test_datalist_errors_name_the_problem(tmp_path):
     _write(tmp_path / "one", "9000005_noside_image.nii.gz", np.zeros((4, 4, 4), np.float32), np.eye(4))
     with pytest.raises(ValueError, match="no LEFT/RIGHT"):
         build_knee_datalist(tmp_path / "one")
+
+
+def test_deformed_copies_of_the_embedded_t1_volume(tmp_path):
+    from monai_icon.data import embedded_t1_head, write_deformed_copies
+
+    image_path, label_path = embedded_t1_head()
+    source, source_label = nib.load(image_path), nib.load(label_path)
+    records = write_deformed_copies(tmp_path / "vols", num_copies=3, deformation_mm=6.0, seed=1)
+    labels = [np.asarray(nib.load(r["label"]).dataobj) for r in records]
+    original = np.asarray(source_label.dataobj)
+    for r, lab in zip(records, labels):
+        copy = nib.load(r["image"])
+        np.testing.assert_allclose(copy.affine, source.affine)
+        assert copy.shape == source.shape and set(np.unique(lab)) <= set(np.unique(original))
+        # deformed, but still mostly the same anatomy: a fair share of voxels keeps its label
+        agreement = (lab == original).mean()
+        assert 0.5 < agreement < 0.999
+    assert (labels[0] != labels[1]).any()
+    datalist = build_knee_datalist(tmp_path / "vols", 0.34, num_test_pairs=1, require_side=False)
+    assert "side" not in datalist["training"][0] and "moving_side" not in datalist["test_pairs"][0]
+    with pytest.raises(ValueError, match="no LEFT/RIGHT"):
+        build_knee_datalist(tmp_path / "vols")

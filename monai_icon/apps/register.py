@@ -44,6 +44,7 @@ from monai_icon.losses.icon import ICONLoss
 from monai_icon.networks.maps import Map, one_hot_labels
 from monai_icon.networks.registration_net import register_pair
 from monai_icon.networks.weights import load_weights
+from monai_icon.transforms.laterality import side_from_filename
 
 __all__ = [
     "MODEL_FORMAT",
@@ -275,7 +276,8 @@ def register_files(
         transform: output ITK displacement-field transform (``.h5``), applied by ITK/3D Slicer/ANTs.
         moving_label, warped_label: a moving label map and where to write it warped onto the fixed grid
             (one-hot linear interpolation + arg-max, integer labels kept).
-        fixed_side, moving_side: knee sides, for models trained on one side (see :class:`RegistrationModel`).
+        fixed_side, moving_side: knee sides, for models trained on one side (see :class:`RegistrationModel`);
+            by default taken from ``LEFT``/``RIGHT`` in the file names when the model has a ``target_side``.
         io_steps, io_lr: instance optimisation (weights restored afterwards).
 
     Returns:
@@ -304,6 +306,9 @@ def register_files(
     check_memory(int(np.prod(fixed_shape)), 3 + moving_image.shape[0] + num_classes, "the outputs on the fixed grid",
                  memory_limit_bytes)
 
+    if model.target_side is not None:  # one-sided knee model: sides default to LEFT/RIGHT in the file names
+        fixed_side = fixed_side or side_from_filename(fixed)
+        moving_side = moving_side or side_from_filename(moving)
     result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, io_steps, io_lr, device)
     points = result.fixed_to_moving(fixed_affine, fixed_shape)
     moving_affine = np.asarray(moving_image.affine, dtype=np.float64)

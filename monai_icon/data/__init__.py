@@ -5,6 +5,7 @@
 """The paper's 2D datasets (triangles & circles, MNIST fives), random pairs, synthetic knees and knee datalists."""
 
 from monai_icon.data.datalist import PAIR_FILE_KEYS, load_pair_datalist
+from monai_icon.data.deformed_volume import embedded_t1_head, random_smooth_ddf, write_deformed_copies
 from monai_icon.data.knee_datalist import build_knee_datalist, find_knee_files, write_datalist
 from monai_icon.data.mnist import EMBEDDED_MNIST_FIVES, MNISTFivesDataset, load_mnist_fives, split_indices
 from monai_icon.data.pairs import RandomPairDataset
@@ -41,4 +42,7 @@ __all__ = [
     "find_knee_files",
     "build_knee_datalist",
     "write_datalist",
+    "embedded_t1_head",
+    "random_smooth_ddf",
+    "write_deformed_copies",
 ]

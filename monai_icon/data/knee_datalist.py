@@ -33,10 +33,13 @@ from monai_icon.transforms.laterality import side_from_filename
 __all__ = ["find_knee_files", "build_knee_datalist", "write_datalist"]
 
 
-def find_knee_files(folder: str | Path, image_pattern: str = "*image.nii*", label_token: tuple[str, str] = ("image", "label")) -> list[dict[str, Any]]:
+def find_knee_files(
+    folder: str | Path, image_pattern: str = "*image.nii*", label_token: tuple[str, str] = ("image", "label"),
+    require_side: bool = True,
+) -> list[dict[str, Any]]:
     """Image files under ``folder`` (recursive ``image_pattern``) with their labels (the file name with the last
-    ``label_token[0]`` replaced by ``label_token[1]``; ``None`` when absent), side (``LEFT``/``RIGHT`` in the name)
-    and subject (leading digits of the name, else the name).
+    ``label_token[0]`` replaced by ``label_token[1]``; ``None`` when absent), side (``LEFT``/``RIGHT`` in the name;
+    ``None`` when absent and not ``require_side``) and subject (leading digits of the name, else the name).
 
     Raises:
         FileNotFoundError: the folder is missing or holds no matching image.
@@ -52,7 +55,7 @@ def find_knee_files(folder: str | Path, image_pattern: str = "*image.nii*", labe
     records = []
     for image in images:
         side = side_from_filename(image)
-        if side is None:
+        if side is None and require_side:
             raise ValueError(f"{image.name}: no LEFT/RIGHT in the file name; name the side or add it to the datalist by hand.")
         head, sep, tail = image.name.rpartition(old)
         label = image.with_name(head + new + tail) if sep else None
@@ -74,6 +77,7 @@ def build_knee_datalist(
     image_pattern: str = "*image.nii*",
     label_token: tuple[str, str] = ("image", "label"),
     relative_to: str | Path | None = None,
+    require_side: bool = True,
 ) -> dict[str, Any]:
     """A knee datalist (see the module docstring) from the files under ``folder``.
 
@@ -83,13 +87,14 @@ def build_knee_datalist(
         num_test_pairs: number of fixed test pairs (moving/fixed of different subjects when possible), drawn with
             ``seed``; pairs need labelled test images.
         relative_to: write paths relative to this folder (normally the datalist file's folder); ``None``: absolute.
+        require_side: every file name must carry LEFT/RIGHT (knees); ``False`` for other anatomy.
 
     Raises:
         ValueError: fewer than two subjects, or no labelled test images for the requested pairs.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
-    records = find_knee_files(folder, image_pattern, label_token)
+    records = find_knee_files(folder, image_pattern, label_token, require_side)
     subjects = sorted({r["subject"] for r in records})
     if len(subjects) < 2:
         raise ValueError(f"need at least two subjects to split into training and test, found {subjects}.")
@@ -111,11 +116,12 @@ def build_knee_datalist(
         picks = rng.choice(len(candidates), size=num_test_pairs, replace=num_test_pairs > len(candidates))
         for k in picks:
             a, b = labelled[candidates[k][0]], labelled[candidates[k][1]]
-            pairs.append({
+            pair = {
                 "moving_image": a["image"], "moving_label": a["label"], "moving_side": a["side"],
                 "fixed_image": b["image"], "fixed_label": b["label"], "fixed_side": b["side"],
                 "pair_id": f"{Path(a['image']).name.split('.')[0]}_to_{Path(b['image']).name.split('.')[0]}",
-            })
+            }
+            pairs.append({k: v for k, v in pair.items() if v is not None})
     if relative_to is not None:
         base = Path(relative_to).resolve()
 

@@ -62,6 +62,7 @@ class KneeAnatomy:
     extent: float = 60.0
     intensities: tuple[float, float, float, float] = (0.25, 0.55, 0.9, 0.4)  # soft tissue, bone, cartilage, fat
     noise: float = 0.02
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)  # position of the knee in the field of view (mm; x mirrored for RIGHT)
     deformation: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -71,9 +72,12 @@ class KneeAnatomy:
         self.side = side
 
 
-def random_knee_anatomy(side: str = "LEFT", seed: int | None = None, deformation_mm: float = 4.0) -> KneeAnatomy:
-    """A knee with sizes jittered by about ±10 %, jittered intensities and a random smooth deformation whose
-    control-point displacements have a standard deviation of ``deformation_mm`` (0 for none)."""
+def random_knee_anatomy(
+    side: str = "LEFT", seed: int | None = None, deformation_mm: float = 5.0, offset_mm: float = 6.0
+) -> KneeAnatomy:
+    """A knee with sizes jittered by about ±10 %, jittered intensities, a random position (uniform in
+    ``±offset_mm`` per axis) and a random smooth deformation whose control-point displacements have a standard
+    deviation of ``deformation_mm`` (0 for none)."""
     rng = np.random.default_rng(seed)
 
     def jitter(value: float, rel: float = 0.1) -> float:
@@ -92,6 +96,7 @@ def random_knee_anatomy(side: str = "LEFT", seed: int | None = None, deformation
         fibula_radius=jitter(base.fibula_radius),
         patella_radii=tuple(jitter(r) for r in base.patella_radii),  # type: ignore[arg-type]
         intensities=tuple(float(np.clip(v + rng.uniform(-0.05, 0.05), 0.0, 1.0)) for v in base.intensities),  # type: ignore[arg-type]
+        offset=tuple(float(v) for v in rng.uniform(-offset_mm, offset_mm, size=3)),  # type: ignore[arg-type]
         deformation=deformation,
     )
 
@@ -167,7 +172,8 @@ def render_knee(
         ``shape``.
     """
     p = _deform(_world_points(shape, affine), anatomy)
-    x, y, z = p[0] * (1.0 if anatomy.side == "LEFT" else -1.0), p[1], p[2]  # a right knee mirrors x
+    ox, oy, oz = anatomy.offset
+    x, y, z = p[0] * (1.0 if anatomy.side == "LEFT" else -1.0) - ox, p[1] - oy, p[2] - oz  # a right knee mirrors x
     # a left knee's lateral side is the patient's left (-x): lateral condyle and fibula there
     r_med, r_lat = anatomy.condyle_radius, 0.85 * anatomy.condyle_radius
     c = anatomy.condyle_spacing
@@ -212,7 +218,7 @@ def write_synthetic_knees(
     shape: Sequence[int] = (96, 96, 40),
     spacing: Sequence[float] = (1.4, 1.4, 3.0),
     axcodes: str = "PIR",
-    deformation_mm: float = 4.0,
+    deformation_mm: float = 5.0,
     seed: int = 0,
 ) -> list[dict[str, str]]:
     """Write an OAI-like folder of synthetic knees: ``<subject>_<YYYYMMDD>_SAG_3D_DESS_<SIDE>_image.nii.gz``
