@@ -220,3 +220,22 @@ def test_symmetric_call_validates_the_pair_once(monkeypatch):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         net(bad, b)
+
+
+def test_gradient_clip_handler_bounds_the_step_gradient():
+    from monai.engines.utils import IterationEvents
+
+    from monai_icon.handlers import GradientClipHandler
+
+    torch.manual_seed(0)
+    net = RegistrationNet(DisplacementField(UNet(2, encoder_channels=(8, 16), decoder_channels=(16, 8))))
+    trainer = ICONTrainer("cpu", 1, _loader(), net, torch.optim.SGD(net.parameters(), 1e-3), ICONLoss("mse", 16))
+    GradientClipHandler(max_norm=1e-4).attach(trainer)
+    norms = []
+    trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, lambda e: norms.append(
+        float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None]))))
+    trainer.run()
+    assert trainer.state.grad_norm > 1e-4  # the raw norm, recorded before clipping
+    assert len(norms) == 2 and max(norms) <= 1e-4 * (1 + 1e-4)
+    with pytest.raises(ValueError, match="max_norm"):
+        GradientClipHandler(0.0)

@@ -88,14 +88,14 @@ def bundle_run(configs, *args, timeout=900):
 
 @pytest.fixture(scope="module")
 def knee_runs(tmp_path_factory):
-    """Stage 1, stage 2 (frozen stage 1 + a full-resolution step) and evaluation on synthetic knees."""
+    """Stage 1, stage 2 (frozen stage 1 + a full-resolution step) and evaluation on synthetic knees (LNCC)."""
     root = tmp_path_factory.mktemp("knee3d")
     write_synthetic_knees(root / "knees", num_subjects=6, shape=(32, 32, 16), spacing=(4.2, 4.2, 7.5))
     write_datalist(build_knee_datalist(root / "knees", 0.3, num_test_pairs=2, relative_to=root), root / "datalist.json")
     common = ["--datalist", str(root / "datalist.json"), "--output_root", str(root / "runs"), "--full_size", "[16,16,8]",
               "--iterations_per_epoch", "2", "--batch_size", "2", "--val_pairs", "2", "--epochs", "1",
               "--architecture#encoder_channels", "[4,8]", "--architecture#decoder_channels", "[8,4]",
-              "--fold_threshold", "-1"]
+              "--fold_threshold", "-1", "--similarity", "lncc"]  # MSE is the default; the option is exercised here
     logs = {"stage1": bundle_run(["common.yaml", "stage1.yaml"], *common)}
     logs["stage2"] = bundle_run(["common.yaml", "stage2.yaml"], *common)
     logs["evaluate"] = bundle_run(["common.yaml", "stage2.yaml", "evaluate.yaml"], *common)
@@ -111,6 +111,7 @@ def test_stages_train_export_and_chain(knee_runs):
     s1 = load_registration_model(root / "runs" / "stage1" / "models" / "registration_model.pt")
     s2 = load_registration_model(root / "runs" / "stage2" / "models" / "registration_model.pt")
     assert s1.spatial_size == (8, 8, 4) and s2.spatial_size == (16, 16, 8) and s2.axcodes == "PIR"
+    assert s2.similarity == "lncc" and s2.target_side == "LEFT"
     # fold_threshold -1: lambda rises by the increment every iteration (stage 1: +0.1 x 2; stage 2 starts there)
     assert s1.lmbda == pytest.approx(1.2) and s2.lmbda == pytest.approx(1.2 + 2 * 0.8)
     # stage 2 kept stage 1's (frozen) weights

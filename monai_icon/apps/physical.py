@@ -169,6 +169,20 @@ def sample_world(
     return out
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``, else free pages), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def check_memory(num_voxels: int, channels: int, what: str = "the outputs", limit_bytes: int | None = None) -> None:
     """Refuse work whose ``num_voxels * channels`` float32 arrays (times 3 for temporaries) would not fit in memory.
 
@@ -176,11 +190,9 @@ def check_memory(num_voxels: int, channels: int, what: str = "the outputs", limi
         MemoryError: with the size needed and the memory available.
     """
     needed = 3 * 4 * int(num_voxels) * int(channels)
-    if limit_bytes is None:
-        try:
-            limit_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # not available on this platform: do not guess
-            return
+    limit_bytes = _available_memory() if limit_bytes is None else limit_bytes
+    if limit_bytes is None:  # unknown on this platform: do not guess
+        return
     if needed > limit_bytes:
         raise MemoryError(f"{what} need about {needed / 2**30:.1f} GiB ({num_voxels} voxels x {channels} channels) but "
                           f"only {limit_bytes / 2**30:.1f} GiB of memory is available; resample the fixed image to a "

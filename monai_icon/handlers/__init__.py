@@ -7,6 +7,7 @@
 from monai_icon.handlers.adaptive_lambda import AdaptiveLambdaHandler, batch_mean_folds
 from monai_icon.handlers.checkpoint import AtomicCheckpointSaver, latest_checkpoint, require_file
 from monai_icon.handlers.figures import RegistrationFigureHandler
+from monai_icon.handlers.gradient_clipping import GradientClipHandler
 from monai_icon.handlers.metrics import Folds, LabelDice, OutputValue, ThresholdDice, pair_names
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "latest_checkpoint",
     "require_file",
     "RegistrationFigureHandler",
+    "GradientClipHandler",
     "ThresholdDice",
     "LabelDice",
     "Folds",
