@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("register", help="register a moving image file to a fixed one (outputs on the fixed grid)")
     reg.add_argument("--fixed", required=True, help="fixed image file (NIfTI, MHA, NRRD, ...)")
     reg.add_argument("--moving", required=True, help="moving image file")
-    reg.add_argument("--model", required=True, help="model file (save_registration_model) or bundle folder")
+    reg.add_argument("--model", required=True, help="model file (save_registration_model), bundle folder, or published weights (with --model-kind)")
+    reg.add_argument("--model-kind", choices=["icon_oai", "gradicon_oai", "unigradicon", "multigradicon"],
+                     help="the published model that --model holds weights of (you bring the file)")
+    reg.add_argument("--window", type=_floats, help="map this intensity range to 0..1, e.g. -1000,1000 for CT")
+    reg.add_argument("--percentiles", type=_floats, help="map these intensity percentiles to 0..1, e.g. 0,99 (MRI)")
     reg.add_argument("--warped", help="output: moving image resampled onto the fixed grid")
     reg.add_argument("--ddf", help="output: displacement field, LPS mm on the fixed grid (ITK/ANTs/Slicer convention)")
     reg.add_argument("--transform", help="output: ITK displacement-field transform (.h5), fixed -> moving points")
@@ -80,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from monai_icon.apps.register import load_registration_model, register_files
 
             device = _default_device(args.device)
-            model = load_registration_model(args.model, device, args.spatial_size)
+            overrides = {k: v for k, v in (("window", args.window), ("percentiles", args.percentiles)) if v is not None}
+            if args.window is not None:
+                overrides["percentiles"] = None
+            model = load_registration_model(args.model, device, args.spatial_size, args.model_kind, **overrides)
             summary = register_files(
                 args.fixed, args.moving, model, warped=args.warped, ddf=args.ddf, transform=args.transform,
                 moving_label=args.moving_label, warped_label=args.warped_label, fixed_side=args.fixed_side,

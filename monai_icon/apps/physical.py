@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, Orientation, Resize, ScaleIntensityRangePercentiles
+from monai.transforms import LoadImage, Orientation, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles
 
 from monai_icon.networks.maps import Map
 from monai_icon.transforms.laterality import left_right_axis, normalise_side
@@ -74,13 +74,20 @@ def to_network_grid(
     percentiles: tuple[float, float] | None = (1.0, 99.0),
     side: str | None = None,
     target_side: str | None = None,
+    window: tuple[float, float] | None = None,
+    resize_mode: str = "area",
+    reverse_axes: bool = False,
+    normalise_first: bool = False,
 ) -> MetaTensor:
     """Resample an image onto a network grid, keeping track of where every network voxel lies in the world.
 
-    Steps: reorient to ``axcodes`` (if given), resize to ``spatial_size`` (``"area"``: average pooling when
-    shrinking), mirror the array along its left-right axis when ``side`` differs from ``target_side`` (the affine is
-    updated so that the world image is unchanged: the network sees a mirrored knee, the physical transform stays
-    right), then map the ``percentiles`` to 0 and 1 and clamp.
+    Steps: reorient to ``axcodes`` (if given); reverse the order of the spatial axes when ``reverse_axes`` (ITK's
+    z, y, x array order, as networks trained with ITK-loaded arrays expect); resize to ``spatial_size``
+    (``resize_mode``: ``"area"`` = average pooling when shrinking, or ``"trilinear"``); mirror the array along its
+    left-right axis when ``side`` differs from ``target_side``; normalise intensities (``window``: this fixed
+    range to 0..1, e.g. CT ``(-1000, 1000)``; else ``percentiles`` to 0 and 1), clamped, before resizing when
+    ``normalise_first``. Every step updates the affine so that the world image is unchanged (the network may see a
+    mirrored or transposed array; the physical transform stays right).
 
     Returns:
         float32 MetaTensor ``[C, *spatial_size]`` whose affine maps network voxel indices to world (RAS, mm).
@@ -91,16 +98,32 @@ def to_network_grid(
     out = image.float()
     if axcodes is not None:
         out = Orientation(axcodes=axcodes, labels=None)(out)
-    out = Resize(tuple(spatial_size), mode="area")(out)
+    if reverse_axes:
+        dims = out.ndim - 1
+        order = list(range(dims))[::-1]
+        out = _with_affine(out.as_tensor().permute(0, *[d + 1 for d in order]), out, out.affine[:, [*order, dims]])
+    if normalise_first:
+        out = _normalise(out, window, percentiles)
+    out = Resize(tuple(spatial_size), mode=resize_mode)(out)
     if side is not None and target_side is not None and normalise_side(side) != normalise_side(target_side):
         axis = left_right_axis(out.affine)
         flip = torch.eye(out.affine.shape[0], dtype=out.affine.dtype)
         flip[axis, axis], flip[axis, -1] = -1.0, float(out.shape[axis + 1] - 1)
-        meta = {k: v for k, v in out.meta.items() if k != "affine"}
-        out = MetaTensor(torch.flip(out.as_tensor(), dims=[axis + 1]), affine=out.affine @ flip, meta=meta)
+        out = _with_affine(torch.flip(out.as_tensor(), dims=[axis + 1]), out, out.affine @ flip)
+    return out if normalise_first else _normalise(out, window, percentiles)
+
+
+def _with_affine(array: torch.Tensor, like: MetaTensor, affine: torch.Tensor) -> MetaTensor:
+    meta = {k: v for k, v in like.meta.items() if k != "affine"}
+    return MetaTensor(array.contiguous(), affine=affine, meta=meta)
+
+
+def _normalise(image: MetaTensor, window: tuple[float, float] | None, percentiles: tuple[float, float] | None) -> MetaTensor:
+    if window is not None:
+        return ScaleIntensityRange(window[0], window[1], 0.0, 1.0, clip=True)(image)
     if percentiles is not None:
-        out = ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 1.0, clip=True)(out)
-    return out
+        return ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 1.0, clip=True)(image)
+    return image
 
 
 def unit_to_world(affine: torch.Tensor | np.ndarray, spatial_size: Sequence[int]) -> np.ndarray:

@@ -11,7 +11,8 @@ knee side) and the loss used for optional instance optimisation. It is read from
   the 3D knee configs write one at the end of training), or
 * a MONAI bundle folder: ``configs/inference.json|yaml`` with ``network_def`` and ``spatial_size`` (optionally
   ``axcodes``, ``percentiles``, ``target_side``, ``similarity``, ``lmbda``, ``regularizer``) and
-  ``models/model.pt``.
+  ``models/model.pt``, or
+* a published ICON / GradICON / uniGradICON weights file with its ``kind`` (:mod:`monai_icon.networks.pretrained`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from monai_icon.apps.physical import (
     write_image,
 )
 from monai_icon.losses.icon import ICONLoss
+from monai_icon.networks import pretrained
 from monai_icon.networks.maps import Map, one_hot_labels
 from monai_icon.networks.registration_net import register_pair
 from monai_icon.networks.weights import load_weights
@@ -58,7 +60,8 @@ __all__ = [
 ]
 
 MODEL_FORMAT = "monai-icon-model/1"
-_SETTINGS = ("spatial_size", "axcodes", "percentiles", "target_side", "similarity", "lmbda", "regularizer")
+_SETTINGS = ("spatial_size", "axcodes", "percentiles", "window", "target_side", "resize_mode", "reverse_axes",
+             "normalise_first", "similarity", "lmbda", "regularizer")
 
 
 @dataclass
@@ -70,8 +73,11 @@ class RegistrationModel:
         spatial_size: the network grid (e.g. ``(192, 192, 80)``).
         axcodes: orientation images are brought to before resizing (``None``: the file's array order).
         percentiles: intensity percentiles mapped to 0 and 1 (``None``: intensities unchanged).
+        window: a fixed intensity range mapped to 0 and 1 instead (e.g. CT ``(-1000, 1000)``).
         target_side: knee side the model was trained on (images of the other side are mirrored when their side
             is given); ``None`` for non-knee models.
+        resize_mode, reverse_axes, normalise_first: see :func:`~monai_icon.apps.physical.to_network_grid`
+            (published ICON-family models: trilinear, ITK array order, normalised before resizing).
         similarity, lmbda, regularizer: the ICON loss of instance optimisation.
     """
 
@@ -79,7 +85,11 @@ class RegistrationModel:
     spatial_size: tuple[int, ...]
     axcodes: str | None = None
     percentiles: tuple[float, float] | None = (1.0, 99.0)
+    window: tuple[float, float] | None = None
     target_side: str | None = None
+    resize_mode: str = "area"
+    reverse_axes: bool = False
+    normalise_first: bool = False
     similarity: str = "mse"
     lmbda: float = 1.0
     regularizer: str = "icon"
@@ -112,17 +122,25 @@ def _model(network: nn.Module, settings: dict[str, Any], source: str) -> Registr
         raise ValueError(f"{source} does not say the network's grid size (spatial_size); pass it explicitly.")
     kwargs = {k: settings[k] for k in _SETTINGS if settings.get(k) is not None}
     kwargs["spatial_size"] = tuple(int(s) for s in kwargs["spatial_size"])
-    if "percentiles" in kwargs:
-        kwargs["percentiles"] = tuple(kwargs["percentiles"])
+    for key in ("percentiles", "window"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
     if "percentiles" in settings and settings["percentiles"] is None:
         kwargs["percentiles"] = None
     return RegistrationModel(network=network, settings=dict(settings), **kwargs)
 
 
 def load_registration_model(
-    path: str | Path, device: str | torch.device | None = None, spatial_size: Sequence[int] | None = None
+    path: str | Path, device: str | torch.device | None = None, spatial_size: Sequence[int] | None = None,
+    kind: str | None = None, **overrides: Any,
 ) -> RegistrationModel:
     """Load a model file or bundle folder (see the module docstring) onto ``device`` in evaluation mode.
+
+    Args:
+        path: model file, bundle folder, or (with ``kind``) a published weights file.
+        kind: a published model (:data:`monai_icon.networks.pretrained.PRETRAINED`: ``icon_oai``, ``gradicon_oai``,
+            ``unigradicon``, ``multigradicon``); its network, grid and preprocessing come with it.
+        spatial_size, overrides: replace settings (e.g. ``window=(-1000, 1000)`` for CT with uniGradICON).
 
     Raises:
         FileNotFoundError: missing model file, bundle config or bundle weights.
@@ -130,7 +148,13 @@ def load_registration_model(
     """
     path = Path(path)
     device = torch.device(device or "cpu")
-    if path.is_dir():
+    unknown = set(overrides) - set(_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown model settings {sorted(unknown)}; known: {_SETTINGS}.")
+    if kind is not None:
+        network = pretrained.load(path, kind)
+        settings, source = dict(pretrained.PRETRAINED[kind].settings), f"the {kind} recipe"
+    elif path.is_dir():
         config_file = next((path / "configs" / f"inference.{ext}" for ext in ("json", "yaml", "yml")
                             if (path / "configs" / f"inference.{ext}").is_file()), None)
         if config_file is None:
@@ -159,6 +183,7 @@ def load_registration_model(
         settings, source = dict(content["settings"]), str(path)
     if spatial_size is not None:
         settings["spatial_size"] = list(spatial_size)
+    settings.update(overrides)
     return _model(network.to(device).eval(), settings, source)
 
 
@@ -227,7 +252,8 @@ def register_images(
                              f"{image.ndim - 1}D (shape {tuple(image.shape[1:])}).")
     device = torch.device(device) if device is not None else next(model.network.parameters()).device
     start = time.perf_counter()
-    grids = [to_network_grid(img, model.spatial_size, model.axcodes, model.percentiles, side, model.target_side)
+    grids = [to_network_grid(img, model.spatial_size, model.axcodes, model.percentiles, side, model.target_side,
+                             model.window, model.resize_mode, model.reverse_axes, model.normalise_first)
              for img, side in ((fixed, fixed_side), (moving, moving_side))]
     fixed_net, moving_net = (g.as_tensor().unsqueeze(0).to(device) for g in grids)
     if fixed_net.shape[1] != moving_net.shape[1]:

@@ -9,6 +9,7 @@ from monai_icon.networks.nets.affine import AffineNet
 from monai_icon.networks.nets.conv_only import ConvOnly
 from monai_icon.networks.nets.encoder_decoder import EncoderDecoder
 from monai_icon.networks.nets.mlp import MLP
+from monai_icon.networks.nets.tall_unet import TallUNet
 from monai_icon.networks.nets.unet import UNet
 
-__all__ = ["MLP", "EncoderDecoder", "ConvOnly", "UNet", "AffineNet"]
+__all__ = ["MLP", "EncoderDecoder", "ConvOnly", "UNet", "AffineNet", "TallUNet"]

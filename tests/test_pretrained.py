@@ -1,0 +1,120 @@
+"""Published ICON-family models built from this project's blocks: names, shapes, strict loading, agreement."""
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from monai_icon.apps import load_registration_model
+from monai_icon.networks import pretrained
+from monai_icon.networks.nets import TallUNet
+
+HAS_REFERENCE = importlib.util.find_spec("icon_registration") is not None
+KINDS = sorted(pretrained.PRETRAINED)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_names_and_shapes_match_the_reference_list(kind):
+    state = pretrained.to_reference_state_dict(pretrained.build(kind))
+    expected = pretrained.reference_shapes(kind)
+    assert len(expected) > 150
+    assert set(state) == set(expected)
+    assert all(list(v.shape) == expected[k] for k, v in state.items())
+
+
+def test_random_weights_round_trip_through_a_file(tmp_path):
+    torch.manual_seed(0)
+    network = pretrained.build("gradicon_oai")
+    for p in network.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    torch.save(pretrained.to_reference_state_dict(network), tmp_path / "w.trch")
+    loaded = pretrained.load(tmp_path / "w.trch", "gradicon_oai")
+    assert not loaded.training
+    for k, v in network.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    # without the loss wrapper's "regis_net." prefix the file loads too
+    stripped = {k.removeprefix("regis_net."): v for k, v in pretrained.to_reference_state_dict(network).items()}
+    torch.save(stripped, tmp_path / "bare.trch")
+    pretrained.load(tmp_path / "bare.trch", "unigradicon")  # same layout as GradICON
+
+
+def test_loading_is_strict_and_names_the_problem(tmp_path):
+    state = pretrained.to_reference_state_dict(pretrained.build("gradicon_oai"))
+    key = next(iter(state))
+    cases = {
+        "missing": {k: v for k, v in state.items() if k != key},
+        "unexpected": {**state, "regis_net.extra": torch.zeros(1)},
+        "mis-shaped": {**state, key: torch.zeros(3)},
+    }
+    for word, broken in cases.items():
+        torch.save(broken, tmp_path / f"{word}.trch")
+        with pytest.raises(ValueError, match=word):
+            pretrained.load(tmp_path / f"{word}.trch", "gradicon_oai")
+    with pytest.raises(ValueError, match="not a 'icon_oai' model"):
+        torch.save(state, tmp_path / "g.trch")
+        pretrained.load(tmp_path / "g.trch", "icon_oai")
+    with pytest.raises(ValueError, match="unknown pretrained model kind"):
+        pretrained.load(tmp_path / "g.trch", "voxelmorph")
+    with pytest.raises(FileNotFoundError, match="bring|download"):
+        pretrained.load(tmp_path / "none.trch", "unigradicon")
+    (tmp_path / "junk.trch").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot read"):
+        pretrained.load(tmp_path / "junk.trch", "unigradicon")
+
+
+def test_published_models_start_at_the_identity_and_register_through_the_app(tmp_path):
+    torch.save(pretrained.to_reference_state_dict(pretrained.build("unigradicon")), tmp_path / "w.trch")
+    model = load_registration_model(tmp_path / "w.trch", kind="unigradicon", window=(-1000.0, 1000.0), percentiles=None)
+    assert model.spatial_size == (175, 175, 175) and model.reverse_axes and model.resize_mode == "trilinear"
+    assert model.window == (-1000.0, 1000.0) and model.regularizer == "gradicon" and model.lmbda == 1.5
+    with pytest.raises(ValueError, match="unknown model settings"):
+        load_registration_model(tmp_path / "w.trch", kind="unigradicon", colour="red")
+
+
+def test_chunky_middle_needs_its_input_size():
+    net = TallUNet(3, chunky_middle=True)
+    with pytest.raises(ValueError, match="40 x 96 x 96"):
+        net(torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32))
+    with pytest.raises(ValueError, match="chunky_middle"):
+        TallUNet(2, chunky_middle=True)
+
+
+@pytest.mark.skipif(not HAS_REFERENCE, reason="the reference package icon_registration is not installed")
+def test_tall_unet_agrees_with_the_reference_network():
+    import icon_registration.networks as reference
+
+    torch.manual_seed(0)
+    for dims, shape in ((2, (37, 50)), (3, (20, 24, 18))):
+        ref = reference.tallUNet2(dimension=dims)
+        for p in ref.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        ours = TallUNet(dims)
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        a, b = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
+        for mode in ("train", "eval"):
+            getattr(ref, mode)()
+            getattr(ours, mode)()
+            with torch.no_grad():
+                torch.testing.assert_close(ours(a, b), ref(a, b))
+
+
+@pytest.mark.skipif(not HAS_REFERENCE or importlib.util.find_spec("unigradicon") is None,
+                    reason="the reference packages icon_registration / unigradicon are not installed")
+def test_unigradicon_maps_agree_with_the_reference_for_the_same_weights(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    import unigradicon
+
+    torch.manual_seed(0)
+    shape = (128, 136, 128)  # the smallest sizes whose quarter resolution survives five U-Net levels
+    ref = unigradicon.make_network([1, 1, *shape], include_last_step=True)
+    for name, p in ref.named_parameters():
+        torch.nn.init.normal_(p, std=0.02 if "lastConv" in name else 0.05)
+    ref.eval()
+    ours = pretrained.from_reference_state_dict(pretrained.build("unigradicon"), ref.state_dict(), "unigradicon").eval()
+    a, b = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+    with torch.no_grad():
+        expected = ref.regis_net(a, b)(ref.identity_map)
+        got = ours.register(a, b).grid(shape)
+    assert float((got - ref.identity_map).abs().max()) > 1e-2  # a non-trivial map
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
