@@ -17,7 +17,7 @@ if [ "$DATA" = real ]; then
 from monai_icon.data import build_knee_datalist, write_datalist, write_deformed_copies
 write_deformed_copies('$OUT/volumes', num_copies=16, deformation_mm=6.0, seed=0)
 write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, relative_to='$OUT'), '$OUT/datalist.json')"
-  DATA_ARGS=(--target_side None --axcodes None --num_classes 7 --label_names "{1: 'class1', 2: 'class2', 3: 'class3', 4: 'class4', 5: 'class5', 6: 'class6'}")
+  DATA_ARGS=(--target_side '$None' --axcodes '$None' --num_classes 7 --label_names "{1: 'class1', 2: 'class2', 3: 'class3', 4: 'class4', 5: 'class5', 6: 'class6'}")
 else
   [ -f "$OUT/datalist.json" ] || {
     "$PY" -m monai_icon synthetic-knees "$OUT/knees" --subjects 16 --shape 64,64,32 --spacing 2.1,2.1,3.75
@@ -26,7 +26,7 @@ else
   DATA_ARGS=()
 fi
 ARGS=(--datalist "$OUT/datalist.json" --output_root "$OUT" --full_size "[64,64,32]" --batch_size 4
-      --iterations_per_epoch 50 --val_pairs 8 --learning_rate 0.0005 "${DATA_ARGS[@]}" "$@")
+      --iterations_per_epoch 50 --val_pairs 8 --learning_rate 0.0002 "${DATA_ARGS[@]}" "$@")
 C=configs/knee3d
 "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage1.yaml']" --epochs 8 "${ARGS[@]}"
 "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage2.yaml']" --epochs 2 "${ARGS[@]}"
