@@ -4,6 +4,7 @@
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
 """Applications: registering real image files in physical space (``monai-icon register``) and the CLI."""
 
+from monai_icon.apps.atlas import AtlasSegmentation
 from monai_icon.apps.physical import (
     fixed_to_moving_world,
     load_image,
@@ -24,6 +25,7 @@ from monai_icon.apps.register import (
 )
 
 __all__ = [
+    "AtlasSegmentation",
     "RegistrationModel",
     "save_registration_model",
     "load_registration_model",
