@@ -21,6 +21,8 @@ rm -rf "$WORK/app"
 cp -r "$SAMPLE" "$WORK/app"
 mkdir -p "$WORK/app/model" "${STUDIES:=$WORK/studies}"
 ln -sfn "$BUNDLE" "$WORK/app/model/$NAME"
-exec "$(dirname "$PYTHON")/monailabel" start_server --app "$WORK/app" --studies "$STUDIES" \
+ML_BIN=$(cd "$(dirname "$PYTHON")" && pwd)
+export MONAILABEL_PYEXE="$ML_BIN/$(basename "$PYTHON")"  # MONAI Label's launcher runs `python` from PATH otherwise
+exec "$ML_BIN/monailabel" start_server --app "$WORK/app" --studies "$STUDIES" \
   --conf models "$NAME" --conf zoo_source github --conf sam2 false --conf skip_trainers true \
   --host 127.0.0.1 --port "$PORT"

@@ -116,5 +116,6 @@ def test_monailabel_server_segments_with_the_atlas_bundle(bundle_copy, tmp_path)
         assert seg.shape == USER_SHAPE
         assert dice(seg, truth, 1) > 0.7 and dice(seg, truth, 2) > 0.6
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
