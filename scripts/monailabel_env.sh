@@ -11,11 +11,11 @@ if [ ! -x "$VENV_ML/bin/monailabel" ]; then
   "$VENV_ML/bin/python" -m pip install -q --upgrade pip
   "$VENV_ML/bin/python" -m pip install -q "torch==2.13.0"
   "$VENV_ML/bin/python" -m pip install -q "monailabel==0.8.5" "torchvision==0.28.0" "numpy<2" "pydicom<3" "pynetdicom<3" "dicomweb-client[gcp]<0.60"
-  # MONAI Label imports torchvision at start; PyPI's torchvision is built against PyPI's (CUDA) torch of the same
-  # version and fails to load with a CPU-only torch build ("operator torchvision::nms does not exist"): use PyPI's.
-  if ! "$VENV_ML/bin/python" -c "import torchvision.utils" 2>/dev/null; then
-    "$VENV_ML/bin/python" -m pip --isolated install -q --force-reinstall "torch==2.13.0" "torchvision==0.28.0" "numpy<2"
-  fi
+fi
+# MONAI Label imports torchvision at start; PyPI's torchvision is built against PyPI's (CUDA) torch of the same
+# version and fails to load with a CPU-only torch build ("operator torchvision::nms does not exist"): use PyPI's.
+if ! "$VENV_ML/bin/python" -c "import torchvision.utils" 2>/dev/null; then
+  "$VENV_ML/bin/python" -m pip --isolated install -q --force-reinstall "torch==2.13.0" "torchvision==0.28.0" "numpy<2"
 fi
 "$VENV_ML/bin/python" -m pip install -q -e . "numpy<2"
 echo "MONAILABEL_PYTHON=$(cd "$VENV_ML/bin" && pwd)/python"
