@@ -3,6 +3,7 @@
 import importlib.util
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,38 @@ def test_unigradicon_maps_agree_with_the_reference_for_the_same_weights(monkeypa
         got = ours.register(a, b).grid(shape)
     assert float((got - ref.identity_map).abs().max()) > 1e-2  # a non-trivial map
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_register_pairs_config_with_a_weights_file(tmp_path):
+    """configs/pretrained/register_pairs.yaml, run as a user runs it, on a small CT-like pair."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import nibabel as nib
+
+    torch.manual_seed(0)
+    network = pretrained.build("unigradicon")
+    for name, p in network.named_parameters():
+        if "lastConv" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    torch.save(pretrained.to_reference_state_dict(network), tmp_path / "w.trch")
+    affine = torch.diag(torch.tensor([2.0, 2.5, 3.0, 1.0])).numpy()
+    for name in ("a", "b"):
+        volume = (torch.rand(40, 36, 20) * 2000 - 1000).numpy()
+        nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / f"{name}.nii.gz"))
+    (tmp_path / "pairs.json").write_text(json.dumps([{"moving_image": "a.nii.gz", "fixed_image": "b.nii.gz", "pair_id": "ab"}]))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "pretrained" / "register_pairs.yaml"),
+         "--weights", str(tmp_path / "w.trch"), "--kind", "unigradicon", "--datalist", str(tmp_path / "pairs.json"),
+         "--output_dir", str(tmp_path / "out"), "--window", "[-1000, 1000]", "--spatial_size", "[128, 128, 128]"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for suffix in ("_warped.nii.gz", "_ddf.nii.gz", "_phi.h5"):
+        assert (tmp_path / "out" / f"ab{suffix}").is_file()
+    warped = nib.load(tmp_path / "out" / "ab_warped.nii.gz")
+    assert warped.shape == (40, 36, 20)
+    ddf = nib.load(tmp_path / "out" / "ab_ddf.nii.gz").get_fdata()
+    assert np.abs(ddf).max() > 0.1  # the (random) network moved the image: a real run, not the identity
