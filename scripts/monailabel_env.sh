@@ -15,7 +15,8 @@ fi
 # MONAI Label imports torchvision at start; PyPI's torchvision is built against PyPI's (CUDA) torch of the same
 # version and fails to load with a CPU-only torch build ("operator torchvision::nms does not exist"): use PyPI's.
 if ! "$VENV_ML/bin/python" -c "import torchvision.utils" 2>/dev/null; then
-  "$VENV_ML/bin/python" -m pip --isolated install -q --force-reinstall "torch==2.13.0" "torchvision==0.28.0" "numpy<2"
+  # --isolated: straight from PyPI, past any local CPU-only wheel cache configured for pip on this machine
+  "$VENV_ML/bin/python" -m pip --isolated install -q ${PIP_CERT:+--cert "$PIP_CERT"} --force-reinstall "torch==2.13.0" "torchvision==0.28.0" "numpy<2"
 fi
 "$VENV_ML/bin/python" -m pip install -q -e . "numpy<2"
 echo "MONAILABEL_PYTHON=$(cd "$VENV_ML/bin" && pwd)/python"
