@@ -45,7 +45,7 @@ from monai_icon.losses.icon import ICONLoss
 from monai_icon.networks import pretrained
 from monai_icon.networks.maps import Map, one_hot_labels
 from monai_icon.networks.registration_net import register_pair
-from monai_icon.networks.weights import load_weights
+from monai_icon.networks.weights import load_weights, read_checkpoint
 from monai_icon.transforms.laterality import side_from_filename
 
 __all__ = [
@@ -169,13 +169,8 @@ def load_registration_model(
         settings = {k: parser.get_parsed_content(k) for k in _SETTINGS if k in parser}
         source = str(config_file)
     else:
-        if not path.is_file():
-            raise FileNotFoundError(f"model not found: {path} (a model file or a bundle folder)")
-        try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"cannot read the model file {path}: {err}") from err
-        if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
+        content = read_checkpoint(path, "model", "a model file or a bundle folder")
+        if content.get("format") != MODEL_FORMAT:
             raise ValueError(f"{path} is not a monai-icon model file (save one with save_registration_model, or "
                              "pass a bundle folder); for plain weights build the network and use load_weights.")
         network = ConfigParser({"network_def": content["network_def"]}).get_parsed_content("network_def")

@@ -37,6 +37,7 @@ import torch.nn as nn
 from monai_icon.networks.blocks import DisplacementField, Downsample, TwoStep
 from monai_icon.networks.nets.tall_unet import TallUNet
 from monai_icon.networks.registration_net import RegistrationNet
+from monai_icon.networks.weights import read_checkpoint
 
 __all__ = ["PRETRAINED", "PretrainedSpec", "build", "reference_key_map", "reference_shapes", "to_reference_state_dict",
            "from_reference_state_dict", "load"]
@@ -161,14 +162,6 @@ def load(path: str | Path, kind: str, device: str | torch.device = "cpu") -> Reg
         FileNotFoundError: no such file. ValueError: unknown kind, unreadable file or weights of another model.
     """
     spec = _spec(kind)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path} (download the published file yourself)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read weights from {path}: {err}") from err
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__}).")
+    state = read_checkpoint(path, hint="download the published file yourself")
     network = from_reference_state_dict(spec.builder(), state, kind)
     return network.to(device).eval()

@@ -13,10 +13,29 @@ from typing import Any, TypeVar
 import torch
 import torch.nn as nn
 
-__all__ = ["extract_state_dict", "load_weights"]
+__all__ = ["read_checkpoint", "extract_state_dict", "load_weights"]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 _NESTED_KEYS = ("model", "network", "state_dict")
+
+
+def read_checkpoint(path: str | Path, what: str = "weights file", hint: str = "") -> Mapping[str, Any]:
+    """Read a ``torch.save`` dictionary safely (``weights_only``) on the CPU.
+
+    Raises:
+        FileNotFoundError: no such file (``what`` and ``hint`` go into the message).
+        ValueError: unreadable/corrupt file, or not a dictionary.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}{f' ({hint})' if hint else ''}")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated/corrupt files
+        raise ValueError(f"cannot read the {what} {path}: {err}") from err
+    if not isinstance(content, Mapping):
+        raise ValueError(f"{path} does not hold a dictionary of tensors (got {type(content).__name__}).")
+    return content
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], network: nn.Module) -> Mapping[str, torch.Tensor]:
@@ -31,22 +50,15 @@ def extract_state_dict(checkpoint: Mapping[str, Any], network: nn.Module) -> Map
     raise ValueError(f"the checkpoint holds no state dict of this network (top-level keys: {sorted(checkpoint)[:8]}).")
 
 
-def load_weights(network: ModuleT, path: str | Path, map_location: str | torch.device = "cpu") -> ModuleT:
-    """Load a checkpoint file into ``network`` strictly (every key and shape must match) and return it.
+def load_weights(network: ModuleT, path: str | Path) -> ModuleT:
+    """Load a checkpoint file into ``network`` strictly (every key and shape must match) and return it (tensors
+    are copied onto the network's own device).
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: unreadable file, or keys/shapes that do not match (the first differences are listed).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises several types for truncated/corrupt files
-        raise ValueError(f"cannot read weights from {path}: {err}") from err
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (got {type(checkpoint).__name__}).")
+    checkpoint = read_checkpoint(path)
     state = extract_state_dict(checkpoint, network)
     own = network.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
