@@ -13,6 +13,7 @@ import torch.nn as nn
 from monai_icon.apps.register import instance_optimise, restored_weights
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.networks.maps import interpolate, one_hot_labels
+from monai_icon.networks.registration_net import register_one_way
 
 __all__ = ["AtlasSegmentation"]
 
@@ -71,6 +72,6 @@ class AtlasSegmentation(nn.Module):
                 with torch.enable_grad():
                     instance_optimise(network, atlas, image, self.loss, self.io_steps, self.io_lr)
             with torch.no_grad():
-                phi = network.register(atlas, image) if hasattr(network, "register") else network(atlas, image)[0]
+                phi = register_one_way(network, atlas, image)
                 labels = self.atlas_onehot.expand(image.shape[0], *self.atlas_onehot.shape[1:])
                 return interpolate(labels, phi.grid(image.shape[2:]))

@@ -21,7 +21,7 @@ import copy
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from monai_icon.apps.physical import (
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.networks import pretrained
 from monai_icon.networks.maps import Map, one_hot_labels
-from monai_icon.networks.registration_net import register_pair
+from monai_icon.networks.registration_net import register_one_way, register_pair
 from monai_icon.networks.weights import load_weights, read_checkpoint
 from monai_icon.transforms.laterality import side_from_filename
 
@@ -62,6 +62,7 @@ __all__ = [
 MODEL_FORMAT = "monai-icon-model/1"
 _SETTINGS = ("spatial_size", "axcodes", "percentiles", "window", "target_side", "resize_mode", "reverse_axes",
              "normalise_first", "similarity", "lmbda", "regularizer")
+_OPTIONAL = ("axcodes", "percentiles", "window", "target_side")  # settings whose None means "skip this step"
 
 
 @dataclass
@@ -93,7 +94,6 @@ class RegistrationModel:
     similarity: str = "mse"
     lmbda: float = 1.0
     regularizer: str = "icon"
-    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spatial_dims(self) -> int:
@@ -120,14 +120,12 @@ def save_registration_model(path: str | Path, network: nn.Module, network_def: d
 def _model(network: nn.Module, settings: dict[str, Any], source: str) -> RegistrationModel:
     if settings.get("spatial_size") is None:
         raise ValueError(f"{source} does not say the network's grid size (spatial_size); pass it explicitly.")
-    kwargs = {k: settings[k] for k in _SETTINGS if settings.get(k) is not None}
+    kwargs = {k: v for k, v in settings.items() if k in _SETTINGS and (v is not None or k in _OPTIONAL)}
     kwargs["spatial_size"] = tuple(int(s) for s in kwargs["spatial_size"])
     for key in ("percentiles", "window"):
-        if key in kwargs:
+        if kwargs.get(key) is not None:
             kwargs[key] = tuple(kwargs[key])
-    if "percentiles" in settings and settings["percentiles"] is None:
-        kwargs["percentiles"] = None
-    return RegistrationModel(network=network, settings=dict(settings), **kwargs)
+    return RegistrationModel(network=network, **kwargs)
 
 
 def load_registration_model(
@@ -260,7 +258,7 @@ def register_images(
             loss = ICONLoss(model.similarity, model.lmbda, model.regularizer, spatial_dims=model.spatial_dims)
             losses = instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr)
         with torch.no_grad():  # the map holds the network's outputs: unaffected by restoring the weights
-            phi = network.register(moving_net, fixed_net) if hasattr(network, "register") else register_pair(network, moving_net, fixed_net)[0]
+            phi = register_one_way(network, moving_net, fixed_net)
     return PhysicalRegistration(
         phi=phi,
         fixed_unit_to_world=unit_to_world(grids[0].affine, model.spatial_size),

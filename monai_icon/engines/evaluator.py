@@ -20,7 +20,7 @@ from monai_icon.engines.prepare_batch import PrepareRegistrationBatch
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.losses.similarity import per_pair
 from monai_icon.networks.maps import interpolate, map_grid_to_ddf, one_hot_labels, warp_labels
-from monai_icon.networks.registration_net import register_pair
+from monai_icon.networks.registration_net import register_one_way, register_pair
 
 __all__ = ["ICONEvaluator"]
 
@@ -110,7 +110,7 @@ class ICONEvaluator(SupervisedEvaluator):
             if engine.loss_function is not None:
                 phi_AB, phi_BA = register_pair(engine.network, moving, fixed)
             else:
-                phi_AB = _register_one_way(engine.network, moving, fixed)
+                phi_AB = register_one_way(engine.network, moving, fixed)
             grid = phi_AB.grid(shape)
             if moving.device.type == "cuda":
                 torch.cuda.synchronize(moving.device)
@@ -133,8 +133,3 @@ class ICONEvaluator(SupervisedEvaluator):
         return engine.state.output
 
 
-
-def _register_one_way(network: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor):
-    """``phi_AB`` only: ``RegistrationNet.register`` (unwrapping DDP/DataParallel) or a plain block's call."""
-    module = getattr(network, "module", network)
-    return module.register(moving, fixed) if hasattr(module, "register") else network(moving, fixed)

@@ -8,7 +8,7 @@ from monai_icon.networks import blocks, maps, nets
 from monai_icon.networks.blocks import Affine, DisplacementField, Downsample, Frozen, RegistrationModule, TwoStep
 from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, IdentityMap, Map
 from monai_icon.networks.multistep import chain, multistep_registration, unet_step
-from monai_icon.networks.registration_net import RegistrationNet, register_pair
+from monai_icon.networks.registration_net import RegistrationNet, register_one_way, register_pair
 from monai_icon.networks.weights import extract_state_dict, load_weights
 
 __all__ = [
@@ -33,4 +33,5 @@ __all__ = [
     "IdentityMap",
     "RegistrationNet",
     "register_pair",
+    "register_one_way",
 ]

@@ -12,7 +12,7 @@ import torch.nn as nn
 from monai_icon.networks.blocks import RegistrationModule
 from monai_icon.networks.maps import Map
 
-__all__ = ["RegistrationNet", "register_pair"]
+__all__ = ["RegistrationNet", "register_pair", "register_one_way"]
 
 
 class RegistrationNet(nn.Module):
@@ -57,3 +57,13 @@ def register_pair(network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor)
     if isinstance(out, Map):
         return out, network(fixed, moving)
     raise ValueError(f"the network must return a Map or a (phi_AB, phi_BA) tuple, got {type(out).__name__}.")
+
+
+def register_one_way(network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> Map:
+    """``phi_AB`` alone: ``RegistrationNet.register`` (unwrapping DDP/DataParallel), else the network's own call
+    (a block returning a map, or a module returning ``(phi_AB, phi_BA)``)."""
+    module = getattr(network, "module", network)
+    if hasattr(module, "register"):
+        return module.register(moving, fixed)
+    out = network(moving, fixed)
+    return out[0] if isinstance(out, tuple) else out

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from monai.networks.layers import Conv
 
 from monai_icon.networks.nets._utils import concat_pair, zero_init
