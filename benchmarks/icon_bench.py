@@ -18,6 +18,7 @@ For each case it reports, as medians over ``--repeats`` runs after ``--warmup`` 
 
     python benchmarks/icon_bench.py                      # everything, writes docs/benchmarks.md
     python benchmarks/icon_bench.py --quick              # fewer repeats, small scaling ladder
+    python benchmarks/icon_bench.py --variants           # torch.compile / channels_last against eager
 """
 
 from __future__ import annotations
@@ -99,6 +100,94 @@ def make_step(case: Case, device: torch.device):
             phi.warp(a)
 
     return step, bare, infer
+
+
+VARIANTS = ("eager", "compile-loss", "compile-all", "channels-last")
+
+
+def make_variant_step(case: Case, device: torch.device, variant: str):
+    """A training step as in :func:`make_step`, run as ``variant``:
+
+    * ``eager``: as is; ``compile-loss``: ``torch.compile`` of the ICON loss (maps, warps, similarity, inverse
+      consistency, folds); ``compile-all``: the U-Nets compiled too; ``channels-last``: U-Net weights and images
+      in ``torch.channels_last`` (2D) / ``channels_last_3d`` (3D) memory format.
+
+    Returns ``step(seed) -> loss value``; the seed fixes the inverse consistency jitter.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}.")
+    model, nets, loss, optimizer, a, b = build(case, device)
+    if variant == "channels-last":
+        fmt = torch.channels_last_3d if case.spatial_dims == 3 else torch.channels_last
+        for net in nets:
+            net.to(memory_format=fmt)
+        a, b = a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
+    if variant.startswith("compile"):
+        loss.compile()
+        if variant == "compile-all":
+            for net in nets:
+                net.compile()
+
+    def step(seed: int) -> float:
+        torch.manual_seed(seed)
+        optimizer.zero_grad(set_to_none=True)
+        out = loss(a, b, model(a, b), model(b, a))
+        out.loss.backward()
+        optimizer.step()
+        return float(out.loss)
+
+    return step
+
+
+def run_variants(args) -> str:
+    """Step time of each variant against eager (alternated, medians), first-call (compile) time, and the loss of
+    the first step next to eager's (same weights, data and jitter seed; ``fallback_random`` makes compiled
+    random numbers equal to eager ones for that comparison)."""
+    import torch._inductor.config as inductor_config
+
+    device = torch.device(args.device)
+    warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
+    inductor_config.fallback_random = True
+    cases = [
+        Case("2D U-Net 128x128, batch 32", 2, (128, 128), 32, "mse"),
+        Case("2D U-Net 128x128, batch 32", 2, (128, 128), 32, "lncc"),
+        Case("3D two-step 1/2 res. 96x96x40, batch 1", 3, (96, 96, 40), 1, "mse"),
+        Case("3D two-step 1/2 res. 96x96x40, batch 1", 3, (96, 96, 40), 1, "lncc"),
+    ]
+    lines = [
+        "| case | similarity | variant | first step [s] | step [s] | eager step [s] | variant / eager | loss (eager) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for case in cases:
+        for variant in args.variants:
+            if variant == "eager":
+                continue
+            torch._dynamo.reset()
+            other = make_variant_step(case, device, variant)
+            start = time.perf_counter()
+            try:
+                loss_variant = other(0)
+            except Exception as e:  # e.g. an inductor code-generation error: report it, go on
+                reason = str(e).strip().splitlines()[0][:80] if str(e).strip() else ""
+                lines.append(f"| {case.name} | {case.similarity} | {variant} | failed: {type(e).__name__} {reason} | | | | |")
+                print(lines[-1], flush=True)
+                continue
+            sync(device)
+            first = time.perf_counter() - start
+            eager = make_variant_step(case, device, "eager")  # same initial weights as ``other``
+            loss_eager = eager(0)
+            seeds = iter(range(1, 10_000))
+            t_variant, t_eager, ratio = interleaved_times(
+                lambda: other(next(seeds)), lambda: eager(next(seeds)), device, warmup, repeats
+            )
+            lines.append(
+                f"| {case.name} | {case.similarity} | {variant} | {first:.1f} | {t_variant:.3f} | {t_eager:.3f} | "
+                f"{ratio:.2f} | {loss_variant:.6f} ({loss_eager:.6f}) |"
+            )
+            print(lines[-1], flush=True)
+    return "\n".join(
+        [f"Machine: {machine()}; device {device}. Medians of {repeats} runs after {warmup} warm-up run(s).", "", *lines]
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -262,8 +351,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--output", default=None, help="write the markdown table to this file")
+    p.add_argument(
+        "--variants", nargs="*", choices=VARIANTS, default=None,
+        help="instead of the main report, time these variants of the training step against eager "
+        "(torch.compile, channels_last); no variant given: all",
+    )
     args = p.parse_args()
-    report = run(args)
+    if args.variants is not None and not args.variants:
+        args.variants = list(VARIANTS)
+    report = run(args) if args.variants is None else run_variants(args)
     print(report)
     if args.output:
         Path(args.output).write_text(report + "\n")

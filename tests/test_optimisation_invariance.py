@@ -100,3 +100,102 @@ def test_stacked_lncc_equals_monai_lncc(dims, kernel_type, reduction):
     g_ours = torch.autograd.grad(ours.sum(), pred)[0]
     g_ref = torch.autograd.grad(ref.sum(), pred)[0]
     assert torch.allclose(g_ours, g_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dims,kernel_type", [(2, "rectangular"), (2, "gaussian"), (3, "rectangular"), (3, "triangular")])
+@pytest.mark.parametrize("needs", ["pred", "target", "both"])
+def test_stacked_lncc_closed_form_gradient(dims, kernel_type, needs):
+    """The hand-written backward equals autograd through MONAI's loss in double precision, for the prediction,
+    the target or both, including flat regions where the local variance sits at the ``smooth_dr`` floor."""
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+
+    from monai_icon.losses import StackedLNCCLoss
+
+    torch.manual_seed(0)
+    shape = (2, 2, 13, 11) if dims == 2 else (2, 1, 9, 8, 7)
+    pred = torch.rand(shape, dtype=torch.float64)
+    target = torch.rand(shape, dtype=torch.float64)
+    pred[..., :4, :4] = 0.5  # flat patches: variance below the floor, masked out of the gradient
+    target[..., -4:, :5] = 0.25
+    pred.requires_grad_(needs in ("pred", "both"))
+    target.requires_grad_(needs in ("target", "both"))
+    inputs = [x for x in (pred, target) if x.requires_grad]
+    weights = torch.rand(shape, dtype=torch.float64)  # a non-uniform upstream gradient
+    ours = StackedLNCCLoss(dims, 5, kernel_type, reduction="none").double()
+    ref = LocalNormalizedCrossCorrelationLoss(dims, 5, kernel_type, reduction="none").double()
+    value_ours, value_ref = ours(pred, target), ref(pred, target)
+    assert torch.allclose(value_ours, value_ref, rtol=1e-10, atol=1e-12)
+    g_ours = torch.autograd.grad((value_ours * weights).sum(), inputs)
+    g_ref = torch.autograd.grad((value_ref * weights).sum(), inputs)
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_stacked_lncc_gradcheck():
+    from monai_icon.losses import StackedLNCCLoss
+
+    torch.manual_seed(0)
+    pred, target = (torch.rand(1, 1, 7, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(StackedLNCCLoss(2, 3, reduction="none").double(), (pred, target))
+
+
+def test_stacked_lncc_refuses_double_backward_and_asymmetric_kernels():
+    from monai_icon.losses import StackedLNCCLoss
+
+    pred = torch.rand(1, 1, 9, 9, requires_grad=True)
+    value = StackedLNCCLoss(2, 3, reduction="sum")(pred, torch.rand(1, 1, 9, 9))
+    (grad,) = torch.autograd.grad(value, pred, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|double backward|once_differentiable"):
+        grad.sum().backward()
+    with pytest.raises(ValueError, match="symmetric"):
+        class Skewed(StackedLNCCLoss):
+            def register_buffer(self, name, tensor, persistent=True):
+                if name == "kernel":
+                    tensor = torch.tensor([1.0, 2.0, 3.0])
+                super().register_buffer(name, tensor, persistent)
+
+        Skewed(2, 3)
+
+
+@pytest.mark.parametrize("dims,similarity,regularizer", [(2, "mse", "icon"), (2, "lncc", "gradicon"), (3, "mse", "icon")])
+def test_loss_traces_without_graph_breaks(dims, similarity, regularizer):
+    """``torch.compile`` sees the whole ICON loss (maps, warps, similarity, inverse consistency, folds) as one
+    graph: no data-dependent checks or thread queries inside it."""
+    torch.manual_seed(0)
+    shape = (24, 20) if dims == 2 else (12, 10, 8)
+    a, b = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
+    ddf = 0.3 * torch.randn(2, dims, *shape)
+    phi_AB, phi_BA = DisplacementMap(ddf), DisplacementMap(-ddf)
+    loss = ICONLoss(similarity, 512.0, regularizer, spatial_dims=dims)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(loss)(a, b, phi_AB, phi_BA)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_loss_equals_eager():
+    """A compiled ICON loss gives eager's values and gradients (same jitter: ``fallback_random``)."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    net = UNet(2, encoder_channels=(8, 16, 32), decoder_channels=(16, 8, 8))
+    with torch.no_grad():
+        net.out.weight.normal_(0, 0.02)
+    model = DisplacementField(net)
+    a, b = torch.rand(2, 1, 32, 28), torch.rand(2, 1, 32, 28)
+    eager = ICONLoss("lncc", 512.0, spatial_dims=2)
+    compiled = torch.compile(ICONLoss("lncc", 512.0, spatial_dims=2))
+    results = []
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inductor_config, "fallback_random", True)
+        for loss in (eager, compiled):
+            torch.manual_seed(1)
+            net.zero_grad()
+            out = loss(a, b, model(a, b), model(b, a))
+            out.loss.backward()
+            results.append((out.loss.detach(), out.folds, net.out.weight.grad.clone()))
+    (l0, f0, g0), (l1, f1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-5)
+    assert torch.equal(f0, f1)
+    assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-7)

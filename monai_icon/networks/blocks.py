@@ -26,7 +26,8 @@ def check_image_pair(image_A: torch.Tensor, image_B: torch.Tensor, check_finite:
     """Raise a ``ValueError`` naming the problem unless ``image_A`` and ``image_B`` form a valid pair.
 
     A valid pair is two float tensors of identical shape ``[B, C, H, W]`` or ``[B, C, H, W, D]`` and, with
-    ``check_finite``, no NaN or infinite value.
+    ``check_finite``, no NaN or infinite value (that check is skipped inside ``torch.jit.trace`` and
+    ``torch.compile``, where it would break the graph: check the data before calling a compiled module).
     """
     for name, image in (("image_A", image_A), ("image_B", image_B)):
         if not isinstance(image, torch.Tensor):
@@ -42,7 +43,8 @@ def check_image_pair(image_A: torch.Tensor, image_B: torch.Tensor, check_finite:
         raise ValueError(
             f"image_A and image_B must have the same shape, got {tuple(image_A.shape)} and {tuple(image_B.shape)}."
         )
-    if check_finite and not torch.jit.is_tracing():  # a data-dependent check cannot be traced
+    # a data-dependent check can neither be traced nor compiled without a graph break: skipped there
+    if check_finite and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
         finite = torch.stack([torch.isfinite(image_A).all(), torch.isfinite(image_B).all()])
         if not bool(finite.all()):
             bad = [n for n, ok in zip(("image_A", "image_B"), finite.tolist()) if not ok]

@@ -118,7 +118,7 @@ def _cpu_chunks(field: torch.Tensor, num_points: int) -> int:
     PyTorch's CPU ``grid_sample`` parallelises over the batch only (in 3D), so a batch smaller than the thread
     count leaves cores idle. Not used on other devices, whose kernels parallelise over points.
     """
-    if field.device.type != "cpu":
+    if field.device.type != "cpu" or torch.compiler.is_compiling():  # compiled code has its own parallel loops
         return 1
     threads = torch.get_num_threads()
     batch = field.shape[0]
