@@ -173,29 +173,45 @@ def test_loss_traces_without_graph_breaks(dims, similarity, regularizer):
     assert explanation.graph_count == 1
 
 
-def test_compiled_loss_equals_eager():
-    """A compiled ICON loss gives eager's values and gradients (same jitter: ``fallback_random``)."""
+def test_compiled_trainer_equals_eager():
+    """``ICONTrainer(compile=True)`` trains exactly as eager (same jitter: ``fallback_random``), with MetaTensor
+    inputs, a changing lambda (as the adaptive schedule changes it) and unchanged state-dict keys. (SGD: Adam's
+    first, sign-like steps would amplify rounding differences of the compiled convolutions.)"""
     import torch._inductor.config as inductor_config
+    from monai.data import MetaTensor
+    from monai.engines.utils import IterationEvents
+
+    from monai_icon.engines import ICONTrainer
+    from monai_icon.networks import RegistrationNet
 
     torch.manual_seed(0)
-    net = UNet(2, encoder_channels=(8, 16, 32), decoder_channels=(16, 8, 8))
-    with torch.no_grad():
-        net.out.weight.normal_(0, 0.02)
-    model = DisplacementField(net)
-    a, b = torch.rand(2, 1, 32, 28), torch.rand(2, 1, 32, 28)
-    eager = ICONLoss("lncc", 512.0, spatial_dims=2)
-    compiled = torch.compile(ICONLoss("lncc", 512.0, spatial_dims=2))
+    images = [MetaTensor(torch.rand(2, 1, 32, 28)) for _ in range(6)]
+    batches = [{"moving_image": images[i], "fixed_image": images[i + 1]} for i in range(0, 6, 2)]
     results = []
     torch._dynamo.reset()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(inductor_config, "fallback_random", True)
-        for loss in (eager, compiled):
+        for compile_ in (False, True):
+            torch.manual_seed(0)
+            net = RegistrationNet(DisplacementField(UNet(2, encoder_channels=(8, 16, 32), decoder_channels=(16, 8, 8))))
+            with torch.no_grad():  # off the voxel nodes, where bilinear sampling has no unique derivative
+                net.block.net.out.weight.normal_(0, 0.02)
+            keys = list(net.state_dict())
+            loss = ICONLoss("lncc", 64.0, spatial_dims=2)
+            trainer = ICONTrainer("cpu", 1, batches, net, torch.optim.SGD(net.parameters(), 1e-4), loss, compile=compile_, decollate=False)
+            losses = []
+
+            @trainer.on(IterationEvents.MODEL_COMPLETED)
+            def record(engine):
+                losses.append(float(engine.state.output["loss"]))
+                engine.loss_function.lmbda *= 1.5  # the adaptive schedule's kind of change
+
             torch.manual_seed(1)
-            net.zero_grad()
-            out = loss(a, b, model(a, b), model(b, a))
-            out.loss.backward()
-            results.append((out.loss.detach(), out.folds, net.out.weight.grad.clone()))
-    (l0, f0, g0), (l1, f1, g1) = results
-    assert torch.allclose(l0, l1, rtol=1e-5)
-    assert torch.equal(f0, f1)
-    assert torch.allclose(g0, g1, rtol=1e-4, atol=1e-7)
+            trainer.run()
+            assert list(net.state_dict()) == keys
+            results.append((losses, [p.detach().clone() for p in net.parameters()], loss.lmbda))
+    (l0, w0, lam0), (l1, w1, lam1) = results
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert lam0 == lam1 == 64.0 * 1.5**3
+    for a, b in zip(w0, w1):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
