@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NETWORKS = ("mlp", "encdec", "unet", "convonly")
 NETWORK_TITLES = {"mlp": "MLP", "encdec": "Enc-Dec", "unet": "U-Net", "convonly": "ConvOnly"}
 LAMBDAS = (64, 128, 256, 512, 1024, 2048)
+BUDGET_KEYS = ("steps", "batch_size", "lr", "test_pairs")  # a finished setting is reused only if these match
 DATASET_TITLES = {"mnist": "MNIST", "triangles": "Triangles & Circles"}
 
 # The paper's Table 1 (Dice, folds per image), for comparison.
@@ -99,7 +100,14 @@ def run_setting(config: dict[str, Any], out: Path, device: torch.device, epoch_s
     """Train and evaluate one setting in ``out`` (resuming from its checkpoint); return the result dict."""
     result_file = out / "result.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        differing = {k: (result.get(k), config[k]) for k in BUDGET_KEYS if result.get(k) != config[k]}
+        if differing:
+            raise ValueError(
+                f"{out} holds a finished run with another budget (stored, asked): {differing}; "
+                "use another --out or delete that folder."
+            )
+        return result
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config["seed"])
     size = int(config["image_size"])

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,9 @@ def test_table1_runner_tiny_setting_and_resume(tmp_path, capsys):
     mtime = (setting / "result.json").stat().st_mtime_ns
     table1.main(args)
     assert (setting / "result.json").stat().st_mtime_ns == mtime
+    # ... and is not passed off as the result of another budget
+    with pytest.raises(ValueError, match="another budget.*steps"):
+        table1.main([a if a != "4" else "5" for a in args])
 
 
 def test_table1_runner_resumes_an_interrupted_setting(tmp_path):
