@@ -215,3 +215,49 @@ def test_compiled_trainer_equals_eager():
     assert lam0 == lam1 == 64.0 * 1.5**3
     for a, b in zip(w0, w1):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_channels_last_trainer_equals_default(spatial_dims):
+    """``ICONTrainer(channels_last=True)`` keeps the same parameter objects (the optimiser still holds them) and
+    state dict, stores convolution weights channels-last, 2D convolutions compute channels-last (the default: the
+    standard layout), and it trains as the default layout up to rounding."""
+    from monai.data import MetaTensor
+    from monai.engines.utils import IterationEvents
+
+    from monai_icon.engines import ICONTrainer
+    from monai_icon.networks import RegistrationNet
+
+    fmt = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    shape = (2, 1, 32, 28) if spatial_dims == 2 else (1, 1, 16, 16, 12)
+    torch.manual_seed(0)
+    images = [MetaTensor(torch.rand(shape)) for _ in range(4)]
+    batches = [{"moving_image": images[i], "fixed_image": images[i + 1]} for i in range(0, 4, 2)]
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        net = RegistrationNet(DisplacementField(UNet(spatial_dims, encoder_channels=(8, 16), decoder_channels=(8, 8))))
+        with torch.no_grad():  # off the voxel nodes, where linear sampling has no unique derivative
+            net.block.net.out.weight.normal_(0, 0.02)
+        params, keys = list(net.parameters()), list(net.state_dict())
+        trainer = ICONTrainer(
+            "cpu", 1, batches, net, torch.optim.SGD(params, 1e-3), ICONLoss("mse", 64.0, spatial_dims=spatial_dims), decollate=False,
+            channels_last=channels_last,
+        )
+        assert list(net.parameters()) == params and list(net.state_dict()) == keys
+        conv_weights = [p for p in params if p.ndim == spatial_dims + 2]
+        assert conv_weights and all(p.is_contiguous(memory_format=fmt) == channels_last for p in conv_weights)
+        seen, losses = [], []
+        first_conv = next(m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
+        first_conv.register_forward_hook(lambda m, args, out: seen.append(out.is_contiguous(memory_format=fmt)))
+        trainer.on(IterationEvents.MODEL_COMPLETED)(lambda e: losses.append(float(e.state.output["loss"])))
+        torch.manual_seed(1)
+        trainer.run()
+        assert len(seen) == 4  # two pairs, both directions
+        if spatial_dims == 2:  # torch 2.13's CPU 3D convolutions compute in the standard layout either way
+            assert all(s == channels_last for s in seen)
+        results.append((losses, [p.detach().clone() for p in params]))
+    (l0, w0), (l1, w1) = results
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    for a, b in zip(w0, w1):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

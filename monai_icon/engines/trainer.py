@@ -22,7 +22,23 @@ from monai_icon.losses.icon import ICONLoss
 from monai_icon.networks.maps import map_grid_to_ddf
 from monai_icon.networks.registration_net import register_pair
 
-__all__ = ["ICONTrainer"]
+__all__ = ["ICONTrainer", "channels_last_copy", "to_channels_last"]
+
+
+def channels_last_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in channels-last memory format: ``torch.channels_last`` for ``[B, C, H, W]``,
+    ``torch.channels_last_3d`` for ``[B, C, D, H, W]``, unchanged otherwise (same values, same type)."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return tensor.contiguous(memory_format=formats[tensor.ndim]) if tensor.ndim in formats else tensor
+
+
+def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """Store ``module``'s 4D / 5D parameters and buffers (convolution weights) in channels-last memory format, in
+    place: the parameter objects are kept, so an optimiser built before the call still holds them."""
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            tensor.data = channels_last_copy(tensor.data)
+    return module
 
 
 class ICONTrainer(SupervisedTrainer):
@@ -48,6 +64,10 @@ class ICONTrainer(SupervisedTrainer):
             ``lmbda`` costs one recompilation, not one per value. Inside compiled code the finiteness check of the
             inputs is skipped. See ``docs/benchmarks.md`` for when it pays off.
         compile_kwargs: arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
+        channels_last: keep the network's 4D / 5D weights and the input images in channels-last memory format
+            (``torch.channels_last`` / ``torch.channels_last_3d``; values and state-dict unchanged, results equal
+            up to rounding). On CPU it makes a 2D U-Net step about 20 % faster; PyTorch's CPU 3D convolutions
+            compute in the standard layout anyway, so it does not help in 3D there (``docs/benchmarks.md``).
         Other arguments: as ``monai.engines.SupervisedTrainer``.
     """
 
@@ -75,9 +95,12 @@ class ICONTrainer(SupervisedTrainer):
         amp_kwargs: dict | None = None,
         compile: bool = False,
         compile_kwargs: dict | None = None,
+        channels_last: bool = False,
     ) -> None:
         if not isinstance(loss_function, ICONLoss):
             raise ValueError(f"loss_function must be a monai_icon.losses.ICONLoss, got {type(loss_function).__name__}.")
+        if channels_last:
+            to_channels_last(network)
         if compile:
             network.compile(**(compile_kwargs or {}))
             loss_function.compile(**(compile_kwargs or {}))
@@ -105,6 +128,7 @@ class ICONTrainer(SupervisedTrainer):
             **extra,
         )
         self.compile = compile
+        self.channels_last = channels_last
 
     def _iteration(self, engine: ICONTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -112,6 +136,8 @@ class ICONTrainer(SupervisedTrainer):
         moving, fixed, _, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         if engine.compile:  # MetaTensor subclasses trip torch.compile (pytorch/pytorch#117026)
             moving, fixed = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (moving, fixed))
+        if engine.channels_last:
+            moving, fixed = (channels_last_copy(x) for x in (moving, fixed))
         engine.state.output = {RegKeys.MOVING: moving, RegKeys.FIXED: fixed}
         loss_function: ICONLoss = engine.loss_function
         engine.network.train()
