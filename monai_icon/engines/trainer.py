@@ -99,6 +99,9 @@ class ICONTrainer(SupervisedTrainer):
     ) -> None:
         if not isinstance(loss_function, ICONLoss):
             raise ValueError(f"loss_function must be a monai_icon.losses.ICONLoss, got {type(loss_function).__name__}.")
+        for name, value in (("compile", compile), ("channels_last", channels_last)):
+            if not isinstance(value, bool):  # a string "false" would be true
+                raise TypeError(f"{name} must be a bool, got {value!r} (monai_icon.config.as_bool reads strings).")
         if channels_last:
             to_channels_last(network)
         if compile:
