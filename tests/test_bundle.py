@@ -135,7 +135,9 @@ def test_two_process_distributed_training(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file",
            f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.yaml'}']", "--bundle_root", str(tmp_path), "--epochs", "1", *SMALL]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    if proc.returncode != 0:  # the whole tail, not pytest's shortened assertion message
+        pytest.fail(f"torchrun exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n"
+                    f"{proc.stderr[-8000:]}", pytrace=False)
     assert (tmp_path / "models" / "model.pt").is_file()
     assert proc.stdout.count("== ICON training: last validation ==") == 1  # only rank 0 reports
 
