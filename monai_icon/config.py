@@ -11,19 +11,18 @@ false`` would silently resume. Configs pass their yes/no settings through :func:
 
 from __future__ import annotations
 
-__all__ = ["as_bool"]
+from monai.utils import str2bool
 
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
+__all__ = ["as_bool"]
 
 
 def as_bool(value: bool | int | str, name: str = "setting") -> bool:
-    """``value`` as a bool: ``True``/``False``, ``0``/``1`` or (any case) ``"true"``/``"false"``, ``"yes"``/``"no"``,
-    ``"on"``/``"off"``, ``"1"``/``"0"``; anything else is a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"{name} must be true or false, got {value!r}.")
+    """``value`` as a bool, by ``monai.utils.str2bool``: ``True``/``False``, ``0``/``1`` or (any case, surrounding
+    blanks ignored) ``"true"``/``"false"``, ``"yes"``/``"no"``, ``"t"``/``"f"``, ``"y"``/``"n"``, ``"1"``/``"0"``;
+    anything else is a ``ValueError`` naming ``name``."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = str(value).strip()
+    try:
+        return str2bool(value)
+    except ValueError:
+        raise ValueError(f"{name} must be true or false, got {value!r}.") from None
