@@ -12,26 +12,30 @@ Three registrations of the same pair, all with the MSE + lambda * inverse consis
 Reports folds (negative Jacobian cells of phi_AB), Dice and the inverse consistency error for each, and saves
 the figure (warped moving image with phi_AB's grid).
 
+The U-Net is trained and evaluated on test pairs by the Table 1 runner (``table1.run_setting``: progress bar,
+a checkpoint every ``--epoch-steps`` steps, so an interrupted run resumes) in
+``<out>/unet_population_lambda<lambda>_size<size>``; its population Dice and folds are reported beside the pair's.
+
     python experiments/fig5_no_network.py --out runs/fig5
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from monai_icon.data import RandomPairDataset, TrianglesCirclesDataset, render_shape
+from monai_icon.data import render_shape
+from monai_icon.handlers import latest_checkpoint
 from monai_icon.losses import ICONLoss, inverse_consistency
 from monai_icon.metrics import count_folds, threshold_dice
 from monai_icon.networks import DisplacementField
 from monai_icon.networks.maps import DisplacementMap
 from monai_icon.networks.nets import UNet
 from monai_icon.visualize import save_figure
+from table1 import run_setting, write_json_atomic  # experiments/table1.py, beside this script
 
 
 def the_pair(size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,22 +58,25 @@ def direct_optimisation(a, b, lmbda: float, epsilon: float, steps: int, lr: floa
     return DisplacementMap(d_ab.detach()), DisplacementMap(d_ba.detach())
 
 
-def trained_unet(size: int, lmbda: float, steps: int, batch_size: int, lr: float, checkpoint: str | None):
-    model = DisplacementField(UNet(2))
-    if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("block."): v for k, v in state.items()}  # a RegistrationNet's state dict
-        model.load_state_dict(state)
-        return model
-    loss = ICONLoss("mse", lmbda)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loader = DataLoader(RandomPairDataset(TrianglesCirclesDataset(6000, size, seed=0), steps * batch_size), batch_size=batch_size)
-    for batch in tqdm(loader, desc="U-Net on the population", mininterval=2.0):
-        x, y = batch["moving_image"], batch["fixed_image"]
-        optimizer.zero_grad()
-        loss(x, y, model(x, y), model(y, x)).loss.backward()
-        optimizer.step()
-    return model
+def trained_unet(args: argparse.Namespace, out: Path) -> tuple[torch.nn.Module, dict | None]:
+    """The population U-Net: ``--unet-checkpoint`` if given, otherwise trained (or resumed, or reused when
+    finished) by the Table 1 runner. Returns the block (maps in, maps out) and the runner's result dict."""
+    network = DisplacementField(UNet(2))
+    if args.unet_checkpoint:
+        state = torch.load(args.unet_checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("network", state)  # a runner/trainer checkpoint or a bare state dict
+        network.load_state_dict({k.removeprefix("block."): v for k, v in state.items()})  # RegistrationNet keys
+        return network, None
+    config = {
+        "dataset": "triangles", "network": "unet", "lmbda": args.lmbda, "similarity": "mse",
+        "image_size": args.image_size, "lr": args.unet_lr, "batch_size": args.unet_batch_size,
+        "steps": args.unet_steps, "test_pairs": args.unet_test_pairs, "seed": 0,
+    }
+    run_dir = out / f"unet_population_lambda{args.lmbda:g}_size{args.image_size}"
+    result = run_setting(config, run_dir, torch.device(args.device), args.epoch_steps, mnist_path=None)
+    state = torch.load(latest_checkpoint(run_dir / "checkpoints"), map_location="cpu", weights_only=True)["network"]
+    network.load_state_dict({k.removeprefix("block."): v for k, v in state.items()})
+    return network, result
 
 
 def summarise(name, a, b, phi_ab, phi_ba):
@@ -115,10 +122,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--epsilon", type=float, default=0.125, help="approximate inverse consistency noise, pixels (paper: 1/8)")
     p.add_argument("--direct-steps", type=int, default=2000)
     p.add_argument("--direct-lr", type=float, default=1e-3)
-    p.add_argument("--unet-steps", type=int, default=400)
+    p.add_argument("--unet-steps", type=int, default=1500)
     p.add_argument("--unet-batch-size", type=int, default=16)
     p.add_argument("--unet-lr", type=float, default=5e-4)
-    p.add_argument("--unet-checkpoint", default=None, help="a trained RegistrationNet/U-Net state dict instead of training")
+    p.add_argument("--unet-test-pairs", type=int, default=512, help="test pairs for the U-Net's population Dice and folds")
+    p.add_argument("--unet-checkpoint", default=None,
+                   help="a trained U-Net instead of training one: a runner checkpoint or a RegistrationNet state dict")
+    p.add_argument("--epoch-steps", type=int, default=50, help="U-Net steps between checkpoints")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the U-Net's training")
     p.add_argument("--out", default="runs/fig5")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -129,18 +140,20 @@ def main(argv=None) -> list[dict]:
     for name, eps in (("direct, no noise", 0.0), (f"direct, noise {args.epsilon:g} px", args.epsilon)):
         phi_ab, phi_ba = direct_optimisation(a, b, args.lmbda, eps, args.direct_steps, args.direct_lr)
         panels.append((summarise(name, a, b, phi_ab, phi_ba), phi_ab))
-    model = trained_unet(args.image_size, args.lmbda, args.unet_steps, args.unet_batch_size, args.unet_lr, args.unet_checkpoint)
-    if not args.unet_checkpoint:  # keep the trained U-Net so the figure can be redrawn (--unet-checkpoint)
-        torch.save(model.state_dict(), out / "unet.pt")
+    model, population = trained_unet(args, out)
     model.eval()
     with torch.no_grad():
         phi_ab, phi_ba = model(a, b), model(b, a)
     panels.append((summarise("U-Net (population)", a, b, phi_ab, phi_ba), phi_ab))
     summaries = [s for s, _ in panels]
-    (out / "fig5.json").write_text(json.dumps({"settings": vars(args), "results": summaries}, indent=2) + "\n")
+    saved = {"settings": vars(args), "results": summaries, "unet_population": population}
+    write_json_atomic(out / "fig5.json", saved)
     draw_fig5(out / "fig5.png", a, b, panels)
     for s in summaries:
         print(f"{s['method']:28s} folds {s['folds']:6.0f}  Dice {s['dice']:.3f}  inverse consistency {s['inverse_consistency']:.2e}")
+    if population is not None:
+        print(f"U-Net on {population['test_pairs']} test pairs of the population: Dice {population['dice']:.3f}  "
+              f"folds {population['folds']:.2f} per image (unregistered Dice {population['dice_unregistered']:.3f})")
     print(f"figure: {out / 'fig5.png'}")
     return summaries
 

@@ -58,9 +58,24 @@ def test_table1_runner_resumes_an_interrupted_setting(tmp_path):
 
 
 def test_fig5_script_tiny(tmp_path):
-    summaries = fig5_no_network.main(["--image-size", "32", "--direct-steps", "5", "--unet-steps", "2",
-                                      "--unet-batch-size", "2", "--out", str(tmp_path)])
+    args = ["--image-size", "32", "--direct-steps", "5", "--unet-steps", "4", "--unet-batch-size", "2",
+            "--unet-test-pairs", "4", "--epoch-steps", "2", "--out", str(tmp_path)]
+    summaries = fig5_no_network.main(args)
     assert [s["method"].split(",")[0] for s in summaries] == ["direct", "direct", "U-Net (population)"]
     assert (tmp_path / "fig5.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "fig5.json").read_text())
     assert len(saved["results"]) == 3 and all(r["folds"] >= 0 for r in saved["results"])
+    # the population U-Net is trained by the Table 1 runner: checkpointed, evaluated, reported
+    run_dir = tmp_path / "unet_population_lambda2048_size32"
+    population = saved["unet_population"]
+    assert population == json.loads((run_dir / "result.json").read_text())
+    assert population["steps"] == 4 and population["lmbda"] == 2048 and 0 <= population["dice"] <= 1
+    checkpoint = table1.latest_checkpoint(run_dir / "checkpoints")
+    assert table1.torch.load(checkpoint, weights_only=False)["trainer"]["iteration"] == 4
+    # a rerun reuses the finished U-Net (same maps), and so does passing its checkpoint
+    mtime = (run_dir / "result.json").stat().st_mtime_ns
+    assert fig5_no_network.main(args)[2] == summaries[2]
+    assert (run_dir / "result.json").stat().st_mtime_ns == mtime
+    from_checkpoint = fig5_no_network.main(args[:-1] + [str(tmp_path / "again"), "--unet-checkpoint", str(checkpoint)])
+    assert from_checkpoint[2] == summaries[2]
+    assert json.loads((tmp_path / "again" / "fig5.json").read_text())["unet_population"] is None
