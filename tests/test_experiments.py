@@ -64,13 +64,16 @@ def test_table1_runner_resumes_an_interrupted_setting(tmp_path):
 
 
 def test_fig5_script_tiny(tmp_path):
-    args = ["--image-size", "32", "--direct-steps", "5", "--unet-steps", "4", "--unet-batch-size", "2",
+    args = ["--image-size", "32", "--direct-steps", "5", "--direct-seeds", "2", "--unet-steps", "4", "--unet-batch-size", "2",
             "--unet-test-pairs", "4", "--epoch-steps", "2", "--out", str(tmp_path)]
     summaries = fig5_no_network.main(args)
     assert [s["method"].split(",")[0] for s in summaries] == ["direct", "direct", "U-Net (population)"]
     assert (tmp_path / "fig5.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "fig5.json").read_text())
-    assert len(saved["results"]) == 3 and all(r["folds"] >= 0 for r in saved["results"])
+    assert len(saved["results"]) == 3 and all(r["folds"] >= 0 and r["jacobian_std"] >= 0 for r in saved["results"])
+    for direct in saved["results"][:2]:  # every seed is reported; the figure's run is seed 0
+        assert len(direct["seeds"]) == 2 and direct["seeds"][0]["folds"] == direct["folds"]
+        assert direct["seeds"][0]["jacobian_std"] != direct["seeds"][1]["jacobian_std"]
     # the population U-Net is trained by the Table 1 runner: checkpointed, evaluated, reported
     run_dir = tmp_path / "unet_population_lambda2048_size32"
     population = saved["unet_population"]
