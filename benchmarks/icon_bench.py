@@ -19,6 +19,7 @@ For each case it reports, as medians over ``--repeats`` runs after ``--warmup`` 
     python benchmarks/icon_bench.py                      # everything, writes docs/benchmarks.md
     python benchmarks/icon_bench.py --quick              # fewer repeats, small scaling ladder
     python benchmarks/icon_bench.py --variants           # torch.compile / channels_last against eager
+    python benchmarks/icon_bench.py --paper-sizes        # 192x192x80 (the paper's OAI size), batch as large as fits
 """
 
 from __future__ import annotations
@@ -146,6 +147,68 @@ def make_variant_step(case: Case, device: torch.device, variant: str):
         return float(out.loss)
 
     return step
+
+
+PAPER_SHAPE = (192, 192, 80)  # the paper's OAI knee images
+
+
+def fits(case: Case, device: torch.device) -> bool:
+    """Whether one training step of ``case`` runs on ``device`` without running out of memory."""
+    try:
+        step, _, _ = make_step(case, device)
+        step()
+        sync(device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def largest_batch(case: Case, device: torch.device, max_batch: int) -> int:
+    """The largest power-of-two batch (up to ``max_batch``) whose training step fits; 0 if batch 1 does not."""
+    batch, candidate = 0, 1
+    while candidate <= max_batch and fits(Case(case.name, case.spatial_dims, case.shape, candidate, case.similarity), device):
+        batch, candidate = candidate, 2 * candidate
+    return batch
+
+
+def run_paper_sizes(args) -> str:
+    """The main report's columns at the paper's full 3D size (the two-step model at half resolution, as in its
+    first training stage), with the largest power-of-two batch that fits (``--max-batch``)."""
+    device = torch.device(args.device)
+    warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
+    shape = tuple(args.shape) if args.shape else PAPER_SHAPE
+    lines = [
+        "| case | similarity | batch | step [s] | bare nets [s] | overhead | step / pair [s] | inference / pair [s] | peak mem step / bare |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for similarity in ("mse", "lncc"):
+        name = f"3D two-step 1/2 res. {'x'.join(map(str, shape))}"
+        batch = largest_batch(Case(name, 3, shape, 1, similarity), device, args.max_batch)
+        if batch == 0:
+            lines.append(f"| {name} | {similarity} | batch 1 does not fit | | | | | | |")
+            print(lines[-1], flush=True)
+            continue
+        case = Case(f"{name}, batch {batch}", 3, shape, batch, similarity)
+        step, bare, infer = make_step(case, device)
+        t_step, t_bare, ratio = interleaved_times(step, bare, device, warmup, repeats)
+        t_infer = median_time(infer, device, warmup, repeats) / batch
+        del step, bare, infer
+        mem = ""
+        if not args.no_memory:
+            m_step, m_bare = measure_memory(case, "step", device), measure_memory(case, "bare", device)
+            mem = f"{m_step / 2**20:.0f} / {m_bare / 2**20:.0f} MiB = {m_step / max(m_bare, 1):.2f}"
+        lines.append(
+            f"| {name} | {similarity} | {batch} | {t_step:.3f} | {t_bare:.3f} | {ratio:.2f} | {t_step / batch:.4f} | "
+            f"{t_infer:.4f} | {mem} |"
+        )
+        print(lines[-1], flush=True)
+    return "\n".join(
+        [f"Machine: {machine()}; device {device}. Medians of {repeats} runs after {warmup} warm-up run(s); "
+         f"batch: the largest power of two up to {args.max_batch} that fits.", "", *lines]
+    )
 
 
 def run_variants(args) -> str:
@@ -353,10 +416,21 @@ def main() -> None:
         help="instead of the main report, time these variants of the training step against eager "
         "(torch.compile, channels_last); no variant given: all",
     )
+    p.add_argument("--paper-sizes", action="store_true",
+                   help="instead of the main report, the paper's 3D size with the largest batch that fits")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="--paper-sizes: largest batch tried (default 64 on CUDA, which reports running out of memory; "
+                   "1 on CPU, where running out of memory kills the process)")
+    p.add_argument("--shape", type=int, nargs=3, default=None, help="--paper-sizes: another 3D shape (testing)")
     args = p.parse_args()
     if args.variants is not None and not args.variants:
         args.variants = list(VARIANTS)
-    report = run(args) if args.variants is None else run_variants(args)
+    if args.max_batch is None:
+        args.max_batch = 64 if torch.device(args.device).type == "cuda" else 1
+    if args.paper_sizes:
+        report = run_paper_sizes(args)
+    else:
+        report = run(args) if args.variants is None else run_variants(args)
     print(report)
     if args.output:
         Path(args.output).write_text(report + "\n")
