@@ -86,7 +86,8 @@ def trained_unet(args: argparse.Namespace, out: Path) -> tuple[torch.nn.Module, 
 def jacobian_std(phi, shape) -> float:
     """Spread of phi's Jacobian determinant over the cells, in voxel units (0 for the identity or a translation):
     a regularity measure that, unlike the fold count, also sees cells that are squeezed without folding."""
-    grid = phi.grid(shape) * torch.tensor([n - 1 for n in shape], dtype=torch.float32).reshape(1, -1, 1, 1)
+    grid = phi.grid(shape)
+    grid = grid * torch.tensor([n - 1 for n in shape], dtype=grid.dtype, device=grid.device).reshape(1, -1, 1, 1)
     return float(jacobian_determinant(grid).std())
 
 
