@@ -192,14 +192,7 @@ def run_paper_sizes(args) -> str:
             print(lines[-1], flush=True)
             continue
         case = Case(f"{name}, batch {batch}", 3, shape, batch, similarity)
-        step, bare, infer = make_step(case, device)
-        t_step, t_bare, ratio = interleaved_times(step, bare, device, warmup, repeats)
-        t_infer = median_time(infer, device, warmup, repeats) / batch
-        del step, bare, infer
-        mem = ""
-        if not args.no_memory:
-            m_step, m_bare = measure_memory(case, "step", device), measure_memory(case, "bare", device)
-            mem = f"{m_step / 2**20:.0f} / {m_bare / 2**20:.0f} MiB = {m_step / max(m_bare, 1):.2f}"
+        t_step, t_bare, ratio, t_infer, mem = measure_case(case, device, warmup, repeats, not args.no_memory)
         lines.append(
             f"| {name} | {similarity} | {batch} | {t_step:.3f} | {t_bare:.3f} | {ratio:.2f} | {t_step / batch:.4f} | "
             f"{t_infer:.4f} | {mem} |"
@@ -340,6 +333,20 @@ def machine() -> str:
     )
 
 
+def measure_case(case: Case, device: torch.device, warmup: int, repeats: int, memory: bool):
+    """Step and bare times with their ratio (alternated), inference time per pair, and (``memory``) the peak
+    memory of a step and of the bare passes as a table cell ("" otherwise)."""
+    step, bare, infer = make_step(case, device)
+    t_step, t_bare, ratio = interleaved_times(step, bare, device, warmup, repeats)
+    t_infer = median_time(infer, device, warmup, repeats) / case.batch
+    del step, bare, infer
+    mem = ""
+    if memory:
+        m_step, m_bare = measure_memory(case, "step", device), measure_memory(case, "bare", device)
+        mem = f"{m_step / 2**20:.0f} / {m_bare / 2**20:.0f} MiB = {m_step / max(m_bare, 1):.2f}"
+    return t_step, t_bare, ratio, t_infer, mem
+
+
 def run(args) -> str:
     device = torch.device(args.device)
     warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
@@ -348,14 +355,7 @@ def run(args) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for case in CASES:
-        step, bare, infer = make_step(case, device)
-        t_step, t_bare, ratio = interleaved_times(step, bare, device, warmup, repeats)
-        t_infer = median_time(infer, device, warmup, repeats) / case.batch
-        del step, bare, infer
-        mem = ""
-        if not args.no_memory:
-            m_step, m_bare = measure_memory(case, "step", device), measure_memory(case, "bare", device)
-            mem = f"{m_step / 2**20:.0f} / {m_bare / 2**20:.0f} MiB = {m_step / max(m_bare, 1):.2f}"
+        t_step, t_bare, ratio, t_infer, mem = measure_case(case, device, warmup, repeats, not args.no_memory)
         lines.append(
             f"| {case.name} | {case.similarity} | {t_step:.3f} | {t_bare:.3f} | {ratio:.2f} | {t_infer:.4f} | {mem} |"
         )
