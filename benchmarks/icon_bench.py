@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -169,7 +169,7 @@ def fits(case: Case, device: torch.device) -> bool:
 def largest_batch(case: Case, device: torch.device, max_batch: int) -> int:
     """The largest power-of-two batch (up to ``max_batch``) whose training step fits; 0 if batch 1 does not."""
     batch, candidate = 0, 1
-    while candidate <= max_batch and fits(Case(case.name, case.spatial_dims, case.shape, candidate, case.similarity), device):
+    while candidate <= max_batch and fits(replace(case, batch=candidate), device):
         batch, candidate = candidate, 2 * candidate
     return batch
 
@@ -186,12 +186,13 @@ def run_paper_sizes(args) -> str:
     ]
     for similarity in ("mse", "lncc"):
         name = f"3D two-step 1/2 res. {'x'.join(map(str, shape))}"
-        batch = largest_batch(Case(name, 3, shape, 1, similarity), device, args.max_batch)
+        case = Case(name, 3, shape, 1, similarity)
+        batch = largest_batch(case, device, args.max_batch)
         if batch == 0:
             lines.append(f"| {name} | {similarity} | batch 1 does not fit | | | | | | |")
             print(lines[-1], flush=True)
             continue
-        case = Case(f"{name}, batch {batch}", 3, shape, batch, similarity)
+        case = replace(case, batch=batch)
         t_step, t_bare, ratio, t_infer, mem = measure_case(case, device, warmup, repeats, not args.no_memory)
         lines.append(
             f"| {name} | {similarity} | {batch} | {t_step:.3f} | {t_bare:.3f} | {ratio:.2f} | {t_step / batch:.4f} | "

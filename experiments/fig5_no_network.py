@@ -65,21 +65,21 @@ def direct_optimisation(a, b, lmbda: float, epsilon: float, steps: int, lr: floa
 def trained_unet(args: argparse.Namespace, out: Path) -> tuple[torch.nn.Module, dict | None]:
     """The population U-Net: ``--unet-checkpoint`` if given, otherwise trained (or resumed, or reused when
     finished) by the Table 1 runner. Returns the block (maps in, maps out) and the runner's result dict."""
+    result = None
+    checkpoint = args.unet_checkpoint
+    if not checkpoint:
+        config = {
+            "dataset": "triangles", "network": "unet", "lmbda": args.lmbda, "similarity": "mse",
+            "image_size": args.image_size, "lr": args.unet_lr, "batch_size": args.unet_batch_size,
+            "steps": args.unet_steps, "test_pairs": args.unet_test_pairs, "seed": 0,
+        }
+        run_dir = out / f"unet_population_lambda{args.lmbda:g}_size{args.image_size}"
+        result = run_setting(config, run_dir, torch.device(args.device), args.epoch_steps, mnist_path=None)
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = state.get("network", state)  # a runner/trainer checkpoint or a bare state dict
     network = DisplacementField(UNet(2))
-    if args.unet_checkpoint:
-        state = torch.load(args.unet_checkpoint, map_location="cpu", weights_only=True)
-        state = state.get("network", state)  # a runner/trainer checkpoint or a bare state dict
-        network.load_state_dict({k.removeprefix("block."): v for k, v in state.items()})  # RegistrationNet keys
-        return network, None
-    config = {
-        "dataset": "triangles", "network": "unet", "lmbda": args.lmbda, "similarity": "mse",
-        "image_size": args.image_size, "lr": args.unet_lr, "batch_size": args.unet_batch_size,
-        "steps": args.unet_steps, "test_pairs": args.unet_test_pairs, "seed": 0,
-    }
-    run_dir = out / f"unet_population_lambda{args.lmbda:g}_size{args.image_size}"
-    result = run_setting(config, run_dir, torch.device(args.device), args.epoch_steps, mnist_path=None)
-    state = torch.load(latest_checkpoint(run_dir / "checkpoints"), map_location="cpu", weights_only=True)["network"]
-    network.load_state_dict({k.removeprefix("block."): v for k, v in state.items()})
+    network.load_state_dict({k.removeprefix("block."): v for k, v in state.items()})  # RegistrationNet keys
     return network, result
 
 
