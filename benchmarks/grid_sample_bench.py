@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Can trilinear sampling be made cheaper on CPU without changing results? (not part of the test suite)
+
+Most of the 3D overhead of an ICON step on CPU is ``grid_sample`` of the half-resolution displacement fields at
+full-resolution points (``docs/benchmarks.md``), and most of that is its backward. This script times, forward +
+backward (gradients for the field and the points, as in the inverse consistency term), three ways of doing the
+same trilinear sampling with border padding against the library's :func:`monai_icon.networks.maps.interpolate`:
+
+* ``gather``: the eight corners gathered with ``index_select`` and weighted, autograd through plain PyTorch ops;
+* ``slices-2d-float32`` / ``slices-2d-float64``: the volume's slices stacked into one 2D image and the point
+  sampled bilinearly in the two slices around it, then interpolated linearly between them (PyTorch's 2D CPU
+  kernel is vectorised, the 3D one is not), in single or double precision.
+
+Errors are the largest absolute differences from the same sampling in float64 (values; gradients relative to
+their largest magnitude), next to those of the library's float32 sampling. Times are medians of ``--repeats``
+runs after a warm-up, the methods alternated round by round; the ratio is to ``interpolate`` in the same round.
+
+    python benchmarks/grid_sample_bench.py                  # a 3-channel 64x64x32 field at 128x128x64 points
+    python benchmarks/grid_sample_bench.py --field 48 48 20 --points 96 96 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from monai_icon.networks.maps import interpolate
+
+
+def gather_trilinear(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Trilinear sampling with border padding by eight ``index_select`` s; ``field [B, C, D, H, W]``, ``points
+    [B, 3, P]`` in ``[0, 1]`` units (array order); returns ``[B, C, P]``."""
+    batch, channels, *size = field.shape
+    flat = field.reshape(batch, channels, -1)
+    coords, lower, frac = [], [], []
+    for axis, n in enumerate(size):
+        c = (points[:, axis] * (n - 1)).clamp(0, n - 1)
+        c0 = c.detach().floor().clamp(max=max(n - 2, 0))
+        coords.append(c)
+        lower.append(c0.long())
+        frac.append(c - c0)
+    strides = (size[1] * size[2], size[2], 1)
+    out = 0.0
+    for corner in range(8):
+        offsets = [(corner >> (2 - axis)) & 1 for axis in range(3)]
+        index = sum((lower[axis] + offsets[axis]).clamp(max=size[axis] - 1) * strides[axis] for axis in range(3))
+        weight = 1.0
+        for axis in range(3):
+            weight = weight * (frac[axis] if offsets[axis] else 1 - frac[axis])
+        values = torch.stack([flat[b].index_select(1, index[b]) for b in range(batch)])
+        out = out + values * weight.unsqueeze(1)
+    return out
+
+
+def sliced_trilinear(field: torch.Tensor, points: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Trilinear sampling as two bilinear samplings of the stacked slices (``[D * H, W]`` image) in ``dtype``;
+    same arguments and result as :func:`gather_trilinear`."""
+    batch, channels, depth, height, width = field.shape
+    p = points.to(dtype)
+    z = (p[:, 0] * (depth - 1)).clamp(0, depth - 1)
+    y = (p[:, 1] * (height - 1)).clamp(0, height - 1)
+    x = (p[:, 2] * (width - 1)).clamp(0, width - 1)
+    z0 = z.detach().floor().clamp(max=max(depth - 2, 0))
+    z1 = (z0 + 1).clamp(max=depth - 1)
+    rows = torch.stack([z0 * height + y, z1 * height + y], 1)  # [B, 2, P]
+    grid_x = (x / max(width - 1, 1) * 2 - 1).unsqueeze(1).expand_as(rows)
+    grid_r = rows / (depth * height - 1) * 2 - 1
+    grid = torch.stack([grid_x, grid_r], -1).reshape(batch, -1, 1, 2)
+    image = field.to(dtype).reshape(batch, channels, depth * height, width)
+    v = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    v = v.reshape(batch, channels, 2, -1)
+    return (v[:, :, 0] + (z - z0).unsqueeze(1) * (v[:, :, 1] - v[:, :, 0])).to(field.dtype)
+
+
+METHODS = {
+    "interpolate": lambda f, p: interpolate(f, p),
+    "gather": gather_trilinear,
+    "slices-2d-float32": lambda f, p: sliced_trilinear(f, p, torch.float32),
+    "slices-2d-float64": lambda f, p: sliced_trilinear(f, p, torch.float64),
+}
+
+
+def forward_backward(method, field: torch.Tensor, points: torch.Tensor, grad_out: torch.Tensor):
+    field = field.detach().requires_grad_()
+    points = points.detach().requires_grad_()
+    out = method(field, points)
+    grad_field, grad_points = torch.autograd.grad(out, (field, points), grad_out)
+    return out.detach(), grad_field, grad_points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--field", type=int, nargs=3, default=(64, 64, 32), help="field size (half resolution)")
+    parser.add_argument("--points", type=int, nargs=3, default=(128, 128, 64), help="grid of jittered points")
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    field = torch.randn(1, args.channels, *args.field) * 0.05
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n) for n in args.points], indexing="ij")).reshape(1, 3, -1)
+    points = grid + torch.randn_like(grid) * 0.01  # about one voxel of jitter, a few points beyond the border
+    grad_out = torch.randn(1, args.channels, points.shape[-1])
+
+    reference = forward_backward(METHODS["interpolate"], field.double(), points.double(), grad_out.double())
+    print(f"field {args.channels}x{'x'.join(map(str, args.field))}, {points.shape[-1]:,} points, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; errors against float64 sampling")
+    errors = {}
+    for name, method in METHODS.items():
+        out, grad_field, grad_points = forward_backward(method, field, points, grad_out)
+        errors[name] = [
+            (out.double() - reference[0]).abs().max().item(),
+            ((grad_field.double() - reference[1]).abs().max() / reference[1].abs().max()).item(),
+            ((grad_points.double() - reference[2]).abs().max() / reference[2].abs().max()).item(),
+        ]
+    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    for round_ in range(args.repeats + 1):
+        for name, method in METHODS.items():
+            start = time.perf_counter()
+            forward_backward(method, field, points, grad_out)
+            if round_:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    base = times["interpolate"]
+    print("| method | forward + backward [s] | / interpolate | value error | field-gradient error | point-gradient error |")
+    print("|---|---|---|---|---|---|")
+    for name in METHODS:
+        ratio = statistics.median(t / b for t, b in zip(times[name], base))
+        err = " | ".join(f"{e:.1e}" for e in errors[name])
+        print(f"| {name} | {statistics.median(times[name]):.3f} | {ratio:.2f} | {err} |")
+
+
+if __name__ == "__main__":
+    main()
