@@ -16,7 +16,9 @@ same trilinear sampling with border padding against the library's :func:`monai_i
   kernel is vectorised, the 3D one is not), in single or double precision.
 
 Errors are the largest absolute differences from the same sampling in float64 (values; gradients relative to
-their largest magnitude), next to those of the library's float32 sampling. Times are medians of ``--repeats``
+their largest magnitude), next to those of the library's float32 sampling. The gradient with respect to a point
+jumps where the point crosses a voxel face, and there float32 rounding may pick either side, so the points
+within 1e-4 voxels of a face are left out of the point-gradient error. Times are medians of ``--repeats``
 runs after a warm-up, the methods alternated round by round; the ratio is to ``interpolate`` in the same round.
 
     python benchmarks/grid_sample_bench.py                  # a 3-channel 64x64x32 field at 128x128x64 points
@@ -111,6 +113,8 @@ def main() -> None:
     grad_out = torch.randn(1, args.channels, points.shape[-1])
 
     reference = forward_backward(METHODS["interpolate"], field.double(), points.double(), grad_out.double())
+    voxel = points.double()[0] * torch.tensor([n - 1 for n in args.field], dtype=torch.float64).reshape(3, 1)
+    off_faces = ((voxel - voxel.round()).abs() > 1e-4).all(0)  # [P]
     print(f"field {args.channels}x{'x'.join(map(str, args.field))}, {points.shape[-1]:,} points, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; errors against float64 sampling")
     errors = {}
@@ -119,7 +123,7 @@ def main() -> None:
         errors[name] = [
             (out.double() - reference[0]).abs().max().item(),
             ((grad_field.double() - reference[1]).abs().max() / reference[1].abs().max()).item(),
-            ((grad_points.double() - reference[2]).abs().max() / reference[2].abs().max()).item(),
+            ((grad_points.double() - reference[2])[..., off_faces].abs().max() / reference[2].abs().max()).item(),
         ]
     times: dict[str, list[float]] = {name: [] for name in METHODS}
     for round_ in range(args.repeats + 1):
