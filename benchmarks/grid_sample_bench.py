@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from monai_icon.networks.maps import interpolate
+from monai_icon.networks.maps import identity_grid, interpolate
 
 
 def gather_trilinear(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -42,11 +42,10 @@ def gather_trilinear(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     [B, 3, P]`` in ``[0, 1]`` units (array order); returns ``[B, C, P]``."""
     batch, channels, *size = field.shape
     flat = field.reshape(batch, channels, -1)
-    coords, lower, frac = [], [], []
+    lower, frac = [], []
     for axis, n in enumerate(size):
         c = (points[:, axis] * (n - 1)).clamp(0, n - 1)
         c0 = c.detach().floor().clamp(max=max(n - 2, 0))
-        coords.append(c)
         lower.append(c0.long())
         frac.append(c - c0)
     strides = (size[1] * size[2], size[2], 1)
@@ -108,7 +107,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     field = torch.randn(1, args.channels, *args.field) * 0.05
-    grid = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n) for n in args.points], indexing="ij")).reshape(1, 3, -1)
+    grid = identity_grid(args.points).reshape(1, 3, -1)
     points = grid + torch.randn_like(grid) * 0.01  # about one voxel of jitter, a few points beyond the border
     grad_out = torch.randn(1, args.channels, points.shape[-1])
 
