@@ -10,7 +10,7 @@ full-resolution points (``docs/benchmarks.md``), and most of that is its backwar
 backward (gradients for the field and the points, as in the inverse consistency term), three ways of doing the
 same trilinear sampling with border padding against the library's :func:`monai_icon.networks.maps.interpolate`:
 
-* ``gather``: the eight corners gathered with ``index_select`` and weighted, autograd through plain PyTorch ops;
+* ``gather``: the eight corners gathered with ``torch.gather`` and weighted, autograd through plain PyTorch ops;
 * ``slices-2d-float32`` / ``slices-2d-float64``: the volume's slices stacked into one 2D image and the point
   sampled bilinearly in the two slices around it, then interpolated linearly between them (PyTorch's 2D CPU
   kernel is vectorised, the 3D one is not), in single or double precision.
@@ -38,7 +38,7 @@ from monai_icon.networks.maps import identity_grid, interpolate
 
 
 def gather_trilinear(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Trilinear sampling with border padding by eight ``index_select`` s; ``field [B, C, D, H, W]``, ``points
+    """Trilinear sampling with border padding by eight ``gather`` s; ``field [B, C, D, H, W]``, ``points
     [B, 3, P]`` in ``[0, 1]`` units (array order); returns ``[B, C, P]``."""
     batch, channels, *size = field.shape
     flat = field.reshape(batch, channels, -1)
@@ -56,7 +56,7 @@ def gather_trilinear(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         weight = 1.0
         for axis in range(3):
             weight = weight * (frac[axis] if offsets[axis] else 1 - frac[axis])
-        values = torch.stack([flat[b].index_select(1, index[b]) for b in range(batch)])
+        values = flat.gather(2, index.unsqueeze(1).expand(batch, channels, -1))
         out = out + values * weight.unsqueeze(1)
     return out
 
