@@ -84,6 +84,40 @@ def test_grid_fast_paths_equal_generic_evaluation(coarse, fine):
     assert torch.allclose(interpolate(phi.displacement, x), phi.grid(fine) - x, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel_type", ["rectangular", "triangular", "gaussian"])
+@pytest.mark.parametrize("shape", [(3, 5, 19, 17), (2, 3, 11, 4, 9), (1, 2, 2, 30)])
+def test_shifted_filtering_equals_monai_separable_filtering(kernel_type, shape):
+    """The CPU fast path of the LNCC's filtering: same values as MONAI's depthwise convolution (zero padding),
+    also where an axis is shorter than the kernel."""
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+    from monai.networks.layers import separable_filtering
+
+    from monai_icon.losses.similarity import shifted_filtering
+
+    torch.manual_seed(0)
+    kernel = LocalNormalizedCrossCorrelationLoss(len(shape) - 2, 7, kernel_type).kernel.double()
+    x = torch.rand(shape, dtype=torch.float64)
+    ours = shifted_filtering(x, tuple(kernel.tolist()), len(shape) - 2)
+    ref = separable_filtering(x, [kernel] * (len(shape) - 2))
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
+    x32 = x.float()
+    assert torch.allclose(shifted_filtering(x32, tuple(kernel.tolist()), len(shape) - 2), ref.float(), atol=1e-5)
+    with pytest.raises(ValueError, match="odd number of taps"):
+        shifted_filtering(x, (1.0, 1.0), len(shape) - 2)
+
+
+def test_stacked_lncc_off_cpu_uses_monai_filtering():
+    """Off the CPU the LNCC filters with MONAI's convolution (checked for shapes on the meta device)."""
+    from monai_icon.losses import StackedLNCCLoss
+
+    pred = torch.empty(2, 1, 12, 10, device="meta", requires_grad=True)
+    value = StackedLNCCLoss(2, 7, reduction="none")(pred, torch.empty(2, 1, 12, 10, device="meta"))
+    assert value.shape == (2, 1, 12, 10) and value.device.type == "meta"
+    (grad,) = torch.autograd.grad(value.sum(), pred)
+    assert grad.shape == pred.shape
+
+
 @pytest.mark.parametrize("dims,kernel_type", [(2, "rectangular"), (2, "gaussian"), (3, "triangular")])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_stacked_lncc_equals_monai_lncc(dims, kernel_type, reduction):

@@ -9,13 +9,48 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.layers import separable_filtering
 from monai.utils import LossReduction
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["SIMILARITIES", "StackedLNCCLoss", "get_similarity", "per_pair"]
+__all__ = ["SIMILARITIES", "StackedLNCCLoss", "get_similarity", "per_pair", "shifted_filtering"]
+
+
+def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: int) -> torch.Tensor:
+    """``monai.networks.layers.separable_filtering(x, [kernel] * spatial_dims)`` for a symmetric odd-length kernel
+    with values ``taps``, as weighted sums of shifted views of the zero-padded input.
+
+    Same values as the convolution up to the order of the floating-point additions. On CPU it is several times
+    faster for the few-channel, many-voxel tensors of the LNCC (a depthwise convolution of 64 x 5 x 128 x 128 by
+    a 7-tap box: about 100 ms by the convolution against about 20 ms here, 2 threads), because
+    each shift is one vectorised pass over contiguous memory.
+
+    Args:
+        x: ``[B, C, *N]`` with ``spatial_dims`` spatial axes.
+        taps: the 1D kernel, odd length ``2 r + 1``, applied along every spatial axis with ``r`` zeros of padding.
+    """
+    if len(taps) % 2 != 1:
+        raise ValueError(f"shifted_filtering needs an odd number of taps, got {len(taps)}.")
+    radius = len(taps) // 2
+    for axis in range(2, 2 + spatial_dims):
+        size = x.shape[axis]
+        padded = F.pad(x, [0, 0] * (x.ndim - 1 - axis) + [radius, radius])
+        out = padded.narrow(axis, 0, size) * taps[0]
+        for shift, weight in enumerate(taps[1:], start=1):
+            out.add_(padded.narrow(axis, shift, size), alpha=weight)
+        x = out
+    return x
+
+
+def _filter(x: torch.Tensor, kernel: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
+    """The LNCC's separable filtering: :func:`shifted_filtering` on CPU, MONAI's depthwise convolution elsewhere
+    (GPU convolution kernels parallelise over voxels already)."""
+    if x.device.type == "cpu":
+        return shifted_filtering(x, taps, x.ndim - 2)
+    return separable_filtering(x, [kernel] * (x.ndim - 2))
 
 
 def _lncc_terms(sums: torch.Tensor, channels: int, kernel_vol: torch.Tensor, floor: torch.Tensor):
@@ -38,15 +73,15 @@ class _LocalNCC(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pred, target, kernel, kernel_vol, smooth_nr: float, smooth_dr: float):  # type: ignore[override]
-        channels, ndim = pred.shape[1], pred.ndim - 2
+    def forward(ctx, pred, target, kernel, kernel_vol, taps, smooth_nr: float, smooth_dr: float):  # type: ignore[override]
+        channels = pred.shape[1]
         stacked = torch.cat([target, pred, target * target, pred * pred, target * pred], dim=1)
-        sums = separable_filtering(stacked, [kernel] * ndim)
+        sums = _filter(stacked, kernel, taps)
         del stacked
         floor = torch.as_tensor(smooth_dr, dtype=sums.dtype, device=sums.device)
         cross, t_var, p_var, _, _ = _lncc_terms(sums, channels, kernel_vol, floor)
         ctx.save_for_backward(pred, target, sums, kernel, kernel_vol)
-        ctx.smooth_nr, ctx.smooth_dr = smooth_nr, smooth_dr
+        ctx.taps, ctx.smooth_nr, ctx.smooth_dr = taps, smooth_nr, smooth_dr
         return (cross * cross + smooth_nr) / (t_var * p_var)
 
     @staticmethod
@@ -54,7 +89,7 @@ class _LocalNCC(torch.autograd.Function):
     def backward(ctx, grad_ncc):  # type: ignore[override]
         pred, target, sums, kernel, kernel_vol = ctx.saved_tensors
         need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        channels, ndim = pred.shape[1], pred.ndim - 2
+        channels = pred.shape[1]
         floor = torch.as_tensor(ctx.smooth_dr, dtype=sums.dtype, device=sums.device)
         cross, t_var, p_var, t_on, p_on = _lncc_terms(sums, channels, kernel_vol, floor)
         t_sum, p_sum = sums[:, :channels], sums[:, channels : 2 * channels]
@@ -72,13 +107,13 @@ class _LocalNCC(torch.autograd.Function):
             parts += [-(g_cross * p_sum + 2.0 * g_t_var * t_sum) / kernel_vol, g_t_var]
             names += ["t", "t2"]
         if not parts:
-            return None, None, None, None, None, None
-        filtered = dict(zip(names + ["tp"], separable_filtering(torch.cat(parts + [g_cross], dim=1), [kernel] * ndim).split(channels, dim=1)))
+            return None, None, None, None, None, None, None
+        filtered = dict(zip(names + ["tp"], _filter(torch.cat(parts + [g_cross], dim=1), kernel, ctx.taps).split(channels, dim=1)))
         if need_pred:
             grads_pred = filtered["p"] + 2.0 * pred * filtered["p2"] + target * filtered["tp"]
         if need_target:
             grads_target = filtered["t"] + 2.0 * target * filtered["t2"] + pred * filtered["tp"]
-        return grads_pred, grads_target, None, None, None, None
+        return grads_pred, grads_target, None, None, None, None, None
 
 
 class StackedLNCCLoss(LocalNormalizedCrossCorrelationLoss):
@@ -95,6 +130,7 @@ class StackedLNCCLoss(LocalNormalizedCrossCorrelationLoss):
         super().__init__(*args, **kwargs)
         if not torch.equal(self.kernel, self.kernel.flip(0)):  # the closed-form backward needs K^T = K
             raise ValueError("StackedLNCCLoss needs a symmetric filter kernel.")
+        self.taps = tuple(float(w) for w in self.kernel)  # the fixed filter as Python numbers (CPU fast path)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.ndim - 2 != self.ndim:
@@ -102,7 +138,7 @@ class StackedLNCCLoss(LocalNormalizedCrossCorrelationLoss):
         if target.shape != pred.shape:
             raise ValueError(f"ground truth has differing shape ({target.shape}) from pred ({pred.shape})")
         kernel, kernel_vol = self.kernel.to(pred), self.kernel_vol.to(pred)
-        ncc = _LocalNCC.apply(pred, target, kernel, kernel_vol, self.smooth_nr, self.smooth_dr)
+        ncc = _LocalNCC.apply(pred, target, kernel, kernel_vol, self.taps, self.smooth_nr, self.smooth_dr)
         if self.reduction == LossReduction.SUM.value:
             return torch.sum(ncc).neg()
         if self.reduction == LossReduction.NONE.value:
