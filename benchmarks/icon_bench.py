@@ -12,8 +12,10 @@ For each case it reports, as medians over ``--repeats`` runs after ``--warmup`` 
   a trivial loss, same optimiser step), without maps, warping or the inverse consistency evaluation;
 * ``overhead``: step / bare, the median of per-round ratios with step and bare runs alternated (target <= 1.15);
 * ``infer``: inference per pair (``torch.inference_mode``; map on the fixed grid + warped moving image);
-* peak memory of a step and of the bare passes, each measured in a fresh process (CPU: peak RSS above the
-  set-up; CUDA: ``torch.cuda.max_memory_allocated``);
+* peak memory of a step and of the bare passes, each measured in a fresh process: the peak of live tensor
+  storages above the set-up (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the same quantity counted by
+  :class:`TensorMemoryPeak`) and, on CPU, also the peak RSS above the set-up (which adds the C allocator's
+  retention and the libraries' own buffers, and varies from run to run);
 * step time against the number of voxels (fitted exponent, target <= 1.1).
 
     python benchmarks/icon_bench.py                      # everything, writes docs/benchmarks.md
@@ -33,11 +35,14 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from monai_icon.losses import ICONLoss
 from monai_icon.networks import DisplacementField, Downsample, TwoStep
@@ -181,7 +186,7 @@ def run_paper_sizes(args) -> str:
     warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
     shape = tuple(args.shape) if args.shape else PAPER_SHAPE
     lines = [
-        "| case | similarity | batch | step [s] | bare nets [s] | overhead | step / pair [s] | inference / pair [s] | peak mem step / bare |",
+        "| case | similarity | batch | step [s] | bare nets [s] | overhead | step / pair [s] | inference / pair [s] | peak memory step / bare: tensors (RSS) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for similarity in ("mse", "lncc"):
@@ -294,10 +299,57 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("peak memory needs Linux /proc/self/status (VmHWM)")
 
 
-def memory_probe(case: Case, which: str, device: torch.device) -> int:
-    """Peak memory of ``which`` (step | bare) above the set-up, in bytes (run in a fresh process)."""
+class TensorMemoryPeak(TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside the context and alive at the same time: on CPU what
+    ``torch.cuda.max_memory_allocated`` measures on CUDA (above the memory allocated before the context).
+
+    Every operation's outputs are recorded once per storage, unless they alias one of its inputs (views and
+    in-place updates of existing tensors); a storage counts until it is freed. Buffers that an operation allocates
+    and frees internally are not seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._alive: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._alive.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in inputs or key in self._alive:
+                continue
+            self._alive.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, nbytes)
+        return out
+
+
+MEMORY_KINDS = ("tensors", "rss")
+
+
+def memory_probe(case: Case, which: str, device: torch.device, kind: str = "tensors") -> int:
+    """Peak memory of two calls of ``which`` (step | bare) above the set-up, in bytes (run in a fresh process):
+    ``kind`` ``"tensors"`` (live tensor storages) or ``"rss"`` (CPU only: the process's peak resident memory)."""
     step, bare, _ = make_step(case, device)
     fn = step if which == "step" else bare
+    if kind == "rss":
+        if device.type != "cpu":
+            raise ValueError("peak RSS is measured on CPU only.")
+        base = peak_rss_bytes()
+        fn()
+        fn()
+        return peak_rss_bytes() - base
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -306,16 +358,26 @@ def memory_probe(case: Case, which: str, device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    base = peak_rss_bytes()
-    fn()
-    fn()
-    return peak_rss_bytes() - base
+    with TensorMemoryPeak() as tracker:
+        fn()
+        fn()
+    return tracker.peak
 
 
-def measure_memory(case: Case, which: str, device: torch.device) -> int:
-    args = [sys.executable, __file__, "--probe", json.dumps(case.__dict__ | {"shape": list(case.shape)}), which, str(device)]
+def measure_memory(case: Case, which: str, device: torch.device, kind: str = "tensors") -> int:
+    args = [sys.executable, __file__, "--probe", json.dumps(case.__dict__ | {"shape": list(case.shape)}), which, str(device), kind]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def memory_cell(case: Case, device: torch.device) -> str:
+    """``step / bare MiB = ratio`` of the tensor peaks, followed on CPU by the same for the peak RSS."""
+    cells = []
+    for kind in MEMORY_KINDS if device.type == "cpu" else MEMORY_KINDS[:1]:
+        m_step, m_bare = measure_memory(case, "step", device, kind), measure_memory(case, "bare", device, kind)
+        cell = f"{m_step / 2**20:.0f} / {m_bare / 2**20:.0f} MiB = {m_step / max(m_bare, 1):.2f}"
+        cells.append(cell if kind == "tensors" else f"(RSS {cell})")
+    return " ".join(cells)
 
 
 def machine() -> str:
@@ -341,10 +403,7 @@ def measure_case(case: Case, device: torch.device, warmup: int, repeats: int, me
     t_step, t_bare, ratio = interleaved_times(step, bare, device, warmup, repeats)
     t_infer = median_time(infer, device, warmup, repeats) / case.batch
     del step, bare, infer
-    mem = ""
-    if memory:
-        m_step, m_bare = measure_memory(case, "step", device), measure_memory(case, "bare", device)
-        mem = f"{m_step / 2**20:.0f} / {m_bare / 2**20:.0f} MiB = {m_step / max(m_bare, 1):.2f}"
+    mem = memory_cell(case, device) if memory else ""
     return t_step, t_bare, ratio, t_infer, mem
 
 
@@ -352,7 +411,7 @@ def run(args) -> str:
     device = torch.device(args.device)
     warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
     lines = [
-        "| case | similarity | step [s] | bare nets [s] | overhead | inference / pair [s] | peak mem step / bare |",
+        "| case | similarity | step [s] | bare nets [s] | overhead | inference / pair [s] | peak memory step / bare: tensors (RSS) |",
         "|---|---|---|---|---|---|---|",
     ]
     for case in CASES:
@@ -403,7 +462,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--probe":
         spec = json.loads(sys.argv[2])
         spec["shape"] = tuple(spec["shape"])
-        print(memory_probe(Case(**spec), sys.argv[3], torch.device(sys.argv[4])))
+        print(memory_probe(Case(**spec), sys.argv[3], torch.device(sys.argv[4]), sys.argv[5]))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

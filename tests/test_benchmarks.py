@@ -23,3 +23,35 @@ def test_grid_sample_alternatives_sample_like_interpolate(name):
     tol = 1e-4 if name.endswith("float32") else 1e-10  # float32 coordinates on the stacked slices
     for a, b in zip(got, expected):
         torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+
+
+def test_tensor_memory_peak_counts_live_storages_once():
+    import icon_bench
+
+    mib = 2**20
+    kept = torch.ones(mib // 4)  # created before: never counted
+    with icon_bench.TensorMemoryPeak() as tracker:
+        a = torch.ones(mib // 4)  # 1 MiB
+        b = torch.ones(mib // 4)
+        del b  # freed: 1 MiB live
+        a.add_(1)  # in place and a view: no new storage
+        view = a[:10]
+        c = torch.ones(mib // 2) + kept.sum()  # 2 MiB (the sum's scalar output adds 4 bytes for a while)
+        w = torch.ones(mib // 4, requires_grad=True)  # 1 MiB
+        (w * c[: mib // 4]).sum().backward()  # the product and the gradient: 2 MiB more at most
+    assert tracker.live == pytest.approx(5 * mib, abs=64)  # a, c, w and w.grad
+    assert 5 * mib <= tracker.peak <= 6 * mib + 64
+    del a, c, w
+    assert tracker.live == mib  # the view keeps a's storage alive
+    del view
+    assert tracker.live == 0
+
+
+def test_memory_cell_reports_tensors_and_rss_on_cpu():
+    import icon_bench
+
+    case = icon_bench.Case("tiny", 2, (32, 32), 2)
+    cell = icon_bench.memory_cell(case, torch.device("cpu"))
+    assert " MiB = " in cell and "(RSS " in cell
+    step, bare = (float(v) for v in cell.split(" MiB")[0].split(" / "))
+    assert step > 0 and bare > 0
