@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 from monai.networks.layers import separable_filtering
 from monai.utils import LossReduction
@@ -121,7 +120,8 @@ class StackedLNCCLoss(LocalNormalizedCrossCorrelationLoss):
 
     MONAI's loss filters ``t``, ``p``, ``t^2``, ``p^2`` and ``t p`` one after another and back-propagates through
     every intermediate; here they are stacked along the channel axis and filtered together, and the gradient is
-    computed in closed form from the five filtered sums (one 3-channel filtering in the backward pass). Same
+    computed in closed form from the five filtered sums (one 3-channel filtering in the backward pass). On CPU the
+    filtering is :func:`shifted_filtering` (shifted sums instead of MONAI's depthwise convolution). Same
     arguments, values and gradients as the MONAI loss up to floating-point rounding (best value -1); no double
     backward.
     """
