@@ -118,6 +118,8 @@ class ICONLoss(_Loss):
         batch, shape = image_A.shape[0], image_A.shape[2:]
         grid_AB, grid_BA = phi_AB.grid(shape), phi_BA.grid(shape)
         warped_A, warped_B = interpolate(image_A, grid_AB), interpolate(image_B, grid_BA)
+        del grid_BA  # full-size and not needed below: free it before the regulariser's evaluations
+        folds = count_folds(grid_AB.detach())  # before the regulariser, whose saved tensors would add to its peak
         # both directions in one call (similarities are per pair): sim(A o phi_AB, B) + sim(B o phi_BA, A)
         both = self.similarity(torch.cat([warped_A, warped_B]), torch.cat([image_B, image_A]))
         similarity = per_pair(both, 2 * batch).reshape(2, batch).sum(dim=0)
@@ -127,7 +129,7 @@ class ICONLoss(_Loss):
             loss=reduce(total, self.reduction),
             similarity=reduce(similarity, self.reduction),
             inverse_consistency=reduce(regularization, self.reduction),
-            folds=count_folds(grid_AB.detach()),
+            folds=folds,
             warped_A=warped_A,
             warped_B=warped_B,
             phi_AB_grid=grid_AB,

@@ -83,18 +83,24 @@ def inverse_consistency(
     phi_AB, phi_BA = as_map(phi_AB), as_map(phi_BA)
     if phi_AB.spatial_dims != len(shape) or phi_BA.spatial_dims != len(shape):
         raise ValueError(f"maps of dimension {phi_AB.spatial_dims}/{phi_BA.spatial_dims} and a grid {shape} differ.")
-    batch = phi_AB.batch_size
-    total = 0.0
-    for outer, inner in ((phi_AB, phi_BA), (phi_BA, phi_AB)):
-        x = sample_points(shape, batch, sigma, phi_AB.device, phi_AB.dtype)
-        y = inner(x)
-        if epsilon:
-            y = y + torch.randn_like(y) * (epsilon * voxel_size(shape, y))
-        z = outer(y)
-        if epsilon:
-            z = z + torch.randn_like(z) * (epsilon * voxel_size(shape, z))
-        total = total + (z - x).pow(2).reshape(batch, -1).mean(dim=1)
-    return total
+    return _round_trip_error(phi_AB, phi_BA, shape, sigma, epsilon) + _round_trip_error(phi_BA, phi_AB, shape, sigma, epsilon)
+
+
+def _round_trip_error(outer: Map, inner: Map, shape: tuple[int, ...], sigma: float, epsilon: float) -> torch.Tensor:
+    """``mean((outer(inner(x)) - x)^2)`` per pair, ``[B]``, at fresh jittered points ``x``.
+
+    A function of its own so that its full-size points and maps are freed when it returns (only what autograd
+    saves stays): the second direction's evaluation then does not run beside the first one's intermediates.
+    """
+    batch = outer.batch_size
+    x = sample_points(shape, batch, sigma, outer.device, outer.dtype)
+    y = inner(x)
+    if epsilon:
+        y = y + torch.randn_like(y) * (epsilon * voxel_size(shape, y))
+    z = outer(y)
+    if epsilon:
+        z = z + torch.randn_like(z) * (epsilon * voxel_size(shape, z))
+    return (z - x).pow(2).reshape(batch, -1).mean(dim=1)
 
 
 class InverseConsistencyLoss(_Loss):
