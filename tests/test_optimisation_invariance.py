@@ -56,23 +56,6 @@ def test_loss_maps_and_gradients_are_pinned(key):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("dims,batch", [(2, 3), (3, 1), (3, 2)])
-def test_sampling_grid_product_equals_flip_and_affine(dtype, dims, batch):
-    """The one-product conversion of points to grid_sample's grid gives exactly the values and gradients of the
-    flip / transpose / ``2 x - 1`` formulation it replaced."""
-    from monai_icon.networks.maps import _to_sampling_grid
-
-    torch.manual_seed(0)
-    points = (torch.rand(batch, dims, 1000, dtype=dtype) * 1.4 - 0.2).requires_grad_()
-    upstream = torch.randn(batch, 1000, dims, dtype=dtype)
-    ours = _to_sampling_grid(points)
-    (g_ours,) = torch.autograd.grad(ours, points, upstream)
-    ref = points.flip(1).movedim(1, -1) * 2.0 - 1.0
-    (g_ref,) = torch.autograd.grad(ref, points, upstream)
-    assert ours.is_contiguous() and torch.equal(ours, ref) and torch.equal(g_ours, g_ref)
-
-
 @pytest.mark.parametrize("shape", [(13, 17), (9, 8, 11)])
 def test_chunked_grid_sample_equals_one_call(shape):
     dims = len(shape)

@@ -99,27 +99,14 @@ def interpolate(
             raise ValueError(f"batch sizes differ: field {batch}, points {points.shape[0]}.")
         points = points.expand(batch, *points.shape[1:])
     point_shape = points.shape[2:]
-    grid = _to_sampling_grid(points.reshape(batch, spatial_dims, -1))
+    # grid_sample wants [B, *out, D] with the last-axis coordinate first, in [-1, 1].
+    grid = points.reshape(batch, spatial_dims, -1).flip(1).movedim(1, -1) * 2.0 - 1.0
     chunks = _cpu_chunks(field, grid.shape[1])
     if chunks > 1:
         return _chunked_grid_sample(field, grid, chunks, mode, padding_mode).reshape(batch, field.shape[1], *point_shape)
     grid = grid.reshape(batch, -1, *([1] * (spatial_dims - 1)), spatial_dims)
     values = F.grid_sample(field, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return values.reshape(batch, field.shape[1], *point_shape)
-
-
-def _to_sampling_grid(points: torch.Tensor) -> torch.Tensor:
-    """``[B, D, P]`` points in ``[0, 1]`` units to ``grid_sample``'s ``[B, P, D]`` grid: the last-axis coordinate
-    first, in ``[-1, 1]``.
-
-    One batched product ``points^T (2 J) - 1`` (``J`` the exchange matrix) instead of a flip, a transpose and two
-    elementwise passes: a contiguous grid in one pass, and the same values (each output sums ``2 x_d`` and exact
-    zeros).
-    """
-    dims = points.shape[1]
-    exchange = torch.eye(dims, device=points.device, dtype=points.dtype).flip(0).mul_(2.0)
-    minus_one = torch.full((1, 1, 1), -1.0, device=points.device, dtype=points.dtype)
-    return torch.baddbmm(minus_one, points.transpose(1, 2), exchange.expand(points.shape[0], dims, dims))
 
 
 _MIN_POINTS_PER_CHUNK = 4096
