@@ -56,6 +56,29 @@ def test_loss_maps_and_gradients_are_pinned(key):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("setting", ["autocast", "matmul-precision"])
+def test_sampling_ignores_reduced_precision_settings(setting):
+    """Coordinates must not pass through operations that autocast or ``set_float32_matmul_precision`` lower
+    (a matmul-based grid conversion, tried once, moved points by half a voxel under them)."""
+    from contextlib import ExitStack
+
+    torch.manual_seed(0)
+    field = torch.randn(1, 3, 9, 8, 7)
+    points = torch.rand(1, 3, 5000) * 1.2 - 0.1
+    expected = interpolate(field, points)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        with ExitStack() as stack:
+            if setting == "autocast":
+                stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            else:
+                torch.set_float32_matmul_precision("medium")
+            got = interpolate(field, points)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(got.float(), expected)
+
+
 @pytest.mark.parametrize("shape", [(13, 17), (9, 8, 11)])
 def test_chunked_grid_sample_equals_one_call(shape):
     dims = len(shape)
