@@ -320,7 +320,8 @@ class TensorMemoryPeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue
@@ -365,7 +366,8 @@ def memory_probe(case: Case, which: str, device: torch.device, kind: str = "tens
 
 
 def measure_memory(case: Case, which: str, device: torch.device, kind: str = "tensors") -> int:
-    args = [sys.executable, __file__, "--probe", json.dumps(case.__dict__ | {"shape": list(case.shape)}), which, str(device), kind]
+    spec = json.dumps(case.__dict__ | {"shape": list(case.shape)})
+    args = [sys.executable, __file__, "--probe", spec, which, str(device), kind]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 

@@ -83,7 +83,8 @@ def inverse_consistency(
     phi_AB, phi_BA = as_map(phi_AB), as_map(phi_BA)
     if phi_AB.spatial_dims != len(shape) or phi_BA.spatial_dims != len(shape):
         raise ValueError(f"maps of dimension {phi_AB.spatial_dims}/{phi_BA.spatial_dims} and a grid {shape} differ.")
-    return _round_trip_error(phi_AB, phi_BA, shape, sigma, epsilon) + _round_trip_error(phi_BA, phi_AB, shape, sigma, epsilon)
+    error_AB = _round_trip_error(phi_AB, phi_BA, shape, sigma, epsilon)  # phi_AB(phi_BA(x)) - x
+    return error_AB + _round_trip_error(phi_BA, phi_AB, shape, sigma, epsilon)
 
 
 def _round_trip_error(outer: Map, inner: Map, shape: tuple[int, ...], sigma: float, epsilon: float) -> torch.Tensor:

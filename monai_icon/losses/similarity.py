@@ -72,7 +72,9 @@ class _LocalNCC(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pred, target, kernel, kernel_vol, taps, smooth_nr: float, smooth_dr: float):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, pred, target, kernel, kernel_vol, taps, smooth_nr: float, smooth_dr: float
+    ):
         channels = pred.shape[1]
         stacked = torch.cat([target, pred, target * target, pred * pred, target * pred], dim=1)
         sums = _filter(stacked, kernel, taps)
@@ -107,7 +109,8 @@ class _LocalNCC(torch.autograd.Function):
             names += ["t", "t2"]
         if not parts:
             return None, None, None, None, None, None, None
-        filtered = dict(zip(names + ["tp"], _filter(torch.cat(parts + [g_cross], dim=1), kernel, ctx.taps).split(channels, dim=1)))
+        filtered_parts = _filter(torch.cat(parts + [g_cross], dim=1), kernel, ctx.taps).split(channels, dim=1)
+        filtered = dict(zip(names + ["tp"], filtered_parts))
         if need_pred:
             grads_pred = filtered["p"] + 2.0 * pred * filtered["p2"] + target * filtered["tp"]
         if need_target:
