@@ -22,6 +22,7 @@ For each case it reports, as medians over ``--repeats`` runs after ``--warmup`` 
     python benchmarks/icon_bench.py --quick              # fewer repeats, small scaling ladder
     python benchmarks/icon_bench.py --variants           # torch.compile / channels_last against eager
     python benchmarks/icon_bench.py --paper-sizes        # 192x192x80 (the paper's OAI size), batch as large as fits
+    python benchmarks/icon_bench.py --similarity-loop    # MSE and LNCC overheads from one alternating loop
 """
 
 from __future__ import annotations
@@ -208,6 +209,44 @@ def run_paper_sizes(args) -> str:
         [f"Machine: {machine()}; device {device}. Medians of {repeats} runs after {warmup} warm-up run(s); "
          f"batch: the largest power of two up to {args.max_batch} that fits.", "", *lines]
     )
+
+
+def similarity_loop_overheads(case: Case, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
+    """Overheads of ``case`` with MSE and with LNCC from one loop that runs, each round, the bare passes, an MSE
+    step, an LNCC step and the bare passes again; each step is divided by the mean of the two bare runs around it
+    (so that drifts of the machine's speed within a round cancel). Returns the median ratio per similarity."""
+    steps = {name: make_step(replace(case, similarity=name), device)[:2] for name in ("mse", "lncc")}
+    bare = steps["mse"][1]
+    for _ in range(warmup):
+        for step, _ in steps.values():
+            step()
+        bare()
+    ratios: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        times = []
+        for fn in (bare, steps["mse"][0], steps["lncc"][0], bare):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        floor = (times[0] + times[3]) / 2
+        ratios["mse"].append(times[1] / floor)
+        ratios["lncc"].append(times[2] / floor)
+    return {name: statistics.median(values) for name, values in ratios.items()}
+
+
+def run_similarity_loop(args) -> str:
+    device = torch.device(args.device)
+    warmup, repeats = (1, 5) if args.quick else (args.warmup, max(args.repeats, 15))
+    lines = ["| case | rounds | overhead MSE | overhead LNCC |", "|---|---|---|---|"]
+    for case in CASES:
+        if case.similarity != "mse":  # one row per case shape
+            continue
+        result = similarity_loop_overheads(case, device, warmup, repeats)
+        lines.append(f"| {case.name} | {repeats} | {result['mse']:.2f} | {result['lncc']:.2f} |")
+        print(lines[-1], flush=True)
+    return "\n".join([f"Machine: {machine()}; device {device}. Medians over the rounds.", "", *lines])
 
 
 def run_variants(args) -> str:
@@ -478,6 +517,8 @@ def main() -> None:
         help="instead of the main report, time these variants of the training step against eager "
         "(torch.compile, channels_last); no variant given: all",
     )
+    p.add_argument("--similarity-loop", action="store_true",
+                   help="instead of the main report, MSE and LNCC overheads from one alternating loop (>= 15 rounds)")
     p.add_argument("--paper-sizes", action="store_true",
                    help="instead of the main report, the paper's 3D size with the largest batch that fits")
     p.add_argument("--max-batch", type=int, default=None,
@@ -491,8 +532,12 @@ def main() -> None:
         args.max_batch = 64 if torch.device(args.device).type == "cuda" else 1
     if args.paper_sizes:
         report = run_paper_sizes(args)
+    elif args.variants is not None:
+        report = run_variants(args)
+    elif args.similarity_loop:
+        report = run_similarity_loop(args)
     else:
-        report = run(args) if args.variants is None else run_variants(args)
+        report = run(args)
     print(report)
     if args.output:
         Path(args.output).write_text(report + "\n")

@@ -55,3 +55,10 @@ def test_memory_cell_reports_tensors_and_rss_on_cpu():
     assert " MiB = " in cell and "(RSS " in cell
     step, bare = (float(v) for v in cell.split(" MiB")[0].split(" / "))
     assert step > 0 and bare > 0
+
+
+def test_similarity_loop_reports_both_similarities():
+    import icon_bench
+
+    result = icon_bench.similarity_loop_overheads(icon_bench.Case("tiny", 2, (32, 32), 2), torch.device("cpu"), 1, 2)
+    assert set(result) == {"mse", "lncc"} and all(v > 0 for v in result.values())
