@@ -344,7 +344,8 @@ class TensorMemoryPeak(TorchDispatchMode):
 
     Every operation's outputs are recorded once per storage, unless they alias one of its inputs (views and
     in-place updates of existing tensors); a storage counts until it is freed. Buffers that an operation allocates
-    and frees internally are not seen.
+    and frees internally are not seen. (``torch.distributed._tools.mem_tracker.MemTracker`` measures the same but
+    refuses modules that run more than once per iteration, as the registration networks do: A->B and B->A.)
     """
 
     def __init__(self) -> None:
