@@ -128,6 +128,8 @@ def test_shifted_filtering_equals_monai_separable_filtering(kernel_type, shape):
     assert torch.allclose(shifted_filtering(x32, tuple(kernel.tolist()), len(shape) - 2), ref.float(), atol=1e-5)
     with pytest.raises(ValueError, match="odd number of taps"):
         shifted_filtering(x, (1.0, 1.0), len(shape) - 2)
+    with pytest.raises(ValueError, match="spatial axes"):
+        shifted_filtering(x, (1.0, 1.0, 1.0), len(shape) - 1)
 
 
 def test_stacked_lncc_off_cpu_uses_monai_filtering():

@@ -33,6 +33,8 @@ def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: in
     """
     if len(taps) % 2 != 1:
         raise ValueError(f"shifted_filtering needs an odd number of taps, got {len(taps)}.")
+    if x.ndim != spatial_dims + 2:
+        raise ValueError(f"expected x of shape [B, C] + {spatial_dims} spatial axes, got shape {tuple(x.shape)}.")
     radius = len(taps) // 2
     for axis in range(2, 2 + spatial_dims):
         size = x.shape[axis]
