@@ -215,25 +215,14 @@ def similarity_loop_overheads(case: Case, device: torch.device, warmup: int, rep
     """Overheads of ``case`` with MSE and with LNCC from one loop that runs, each round, the bare passes, an MSE
     step, an LNCC step and the bare passes again; each step is divided by the mean of the two bare runs around it
     (so that drifts of the machine's speed within a round cancel). Returns the median ratio per similarity."""
-    steps = {name: make_step(replace(case, similarity=name), device)[:2] for name in ("mse", "lncc")}
-    bare = steps["mse"][1]
-    for _ in range(warmup):
-        for step, _ in steps.values():
-            step()
-        bare()
-    ratios: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        times = []
-        for fn in (bare, steps["mse"][0], steps["lncc"][0], bare):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        floor = (times[0] + times[3]) / 2
-        ratios["mse"].append(times[1] / floor)
-        ratios["lncc"].append(times[2] / floor)
-    return {name: statistics.median(values) for name, values in ratios.items()}
+    step_mse, bare, _ = make_step(replace(case, similarity="mse"), device)
+    step_lncc, _, _ = make_step(replace(case, similarity="lncc"), device)
+    rounds = round_times([bare, step_mse, step_lncc, bare], device, warmup, repeats)
+    floors = [(r[0] + r[3]) / 2 for r in rounds]
+    return {
+        "mse": statistics.median(r[1] / f for r, f in zip(rounds, floors)),
+        "lncc": statistics.median(r[2] / f for r, f in zip(rounds, floors)),
+    }
 
 
 def run_similarity_loop(args) -> str:
@@ -299,33 +288,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
+def round_times(fns, device: torch.device, warmup: int, repeats: int) -> list[list[float]]:
+    """Run ``fns`` in turn, ``warmup`` rounds untimed then ``repeats`` timed rounds (so that machine load drifts hit
+    all of them alike); returns the seconds of every call, one list per round in the order of ``fns``."""
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync(device)
-    times = []
+    rounds = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved_times(first, second, device: torch.device, warmup: int, repeats: int) -> tuple[float, float, float]:
-    """Alternate ``first`` and ``second`` (so that machine load drifts hit both alike); return their median times
-    and the median of the per-round ratios ``first / second``."""
-    for _ in range(warmup):
-        first()
-        second()
-    sync(device)
-    t1, t2 = [], []
-    for _ in range(repeats):
-        for fn, times in ((first, t1), (second, t2)):
+        times = []
+        for fn in fns:
             start = time.perf_counter()
             fn()
             sync(device)
             times.append(time.perf_counter() - start)
+        rounds.append(times)
+    return rounds
+
+
+def median_time(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    return statistics.median(t for (t,) in round_times([fn], device, warmup, repeats))
+
+
+def interleaved_times(first, second, device: torch.device, warmup: int, repeats: int) -> tuple[float, float, float]:
+    """Alternate ``first`` and ``second``; return their median times and the median of the per-round ratios
+    ``first / second``."""
+    rounds = round_times([first, second], device, warmup, repeats)
+    t1, t2 = [r[0] for r in rounds], [r[1] for r in rounds]
     return statistics.median(t1), statistics.median(t2), statistics.median(a / b for a, b in zip(t1, t2))
 
 

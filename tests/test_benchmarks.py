@@ -62,3 +62,12 @@ def test_similarity_loop_reports_both_similarities():
 
     result = icon_bench.similarity_loop_overheads(icon_bench.Case("tiny", 2, (32, 32), 2), torch.device("cpu"), 1, 2)
     assert set(result) == {"mse", "lncc"} and all(v > 0 for v in result.values())
+
+
+def test_measure_case_times_step_bare_and_inference():
+    import icon_bench
+
+    t_step, t_bare, ratio, t_infer, mem = icon_bench.measure_case(
+        icon_bench.Case("tiny", 2, (32, 32), 2), torch.device("cpu"), 1, 2, memory=False
+    )
+    assert min(t_step, t_bare, ratio, t_infer) > 0 and mem == ""
