@@ -23,6 +23,12 @@ runs after a warm-up, the methods alternated round by round; the ratio is to ``i
 
     python benchmarks/grid_sample_bench.py                  # a 3-channel 64x64x32 field at 128x128x64 points
     python benchmarks/grid_sample_bench.py --field 48 48 20 --points 96 96 40
+    python benchmarks/grid_sample_bench.py --per-point --field 48 48 20 --points 96 96 40
+
+``--per-point`` instead compares PyTorch's native kernels per point: forward + backward of
+:func:`~monai_icon.networks.maps.interpolate` for the 3D field at the jittered 3D points and for a 2D field of as
+many pixels (``D`` channels each) at as many jittered 2D points, in nanoseconds per point (the 2D CPU kernel is
+vectorised, the 3D one is not).
 """
 
 from __future__ import annotations
@@ -97,15 +103,68 @@ def forward_backward(method, field: torch.Tensor, points: torch.Tensor, grad_out
     return out.detach(), grad_field, grad_points
 
 
+def _square_shape(count: int) -> tuple[int, int]:
+    """A 2D shape ``(n, m)`` with ``n * m`` close to ``count`` (``n = round(sqrt(count))``)."""
+    side = max(1, round(count**0.5))
+    return side, max(1, round(count / side))
+
+
+def jittered_points(shape: tuple[int, ...], sigma_voxels: float = 1.0) -> torch.Tensor:
+    """``[1, D, prod(shape)]`` grid points of ``shape`` in ``[0, 1]`` units, jittered by ``sigma_voxels``."""
+    grid = identity_grid(shape).reshape(1, len(shape), -1)
+    voxel = torch.tensor([1.0 / max(n - 1, 1) for n in shape]).reshape(1, len(shape), 1)
+    return grid + torch.randn_like(grid) * voxel * sigma_voxels
+
+
+def per_point_costs(field_shape: tuple[int, ...], point_shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+    """Forward + backward of :func:`interpolate` (gradients for field and points) per point, in nanoseconds, for
+    the 3D ``field_shape`` field at jittered ``point_shape`` points and for a 2D field with as many pixels at as
+    many jittered 2D points; medians of ``repeats`` alternated runs after a warm-up."""
+    count = 1
+    for n in point_shape:
+        count *= n
+    field_pixels = 1
+    for n in field_shape:
+        field_pixels *= n
+    cases = {
+        "3D": (field_shape, tuple(point_shape)),
+        "2D": (_square_shape(field_pixels), _square_shape(count)),
+    }
+    inputs = {}
+    for name, (fshape, pshape) in cases.items():
+        dims = len(fshape)
+        field = torch.randn(1, dims, *fshape) * 0.05
+        points = jittered_points(pshape)
+        inputs[name] = (field, points, torch.randn(1, dims, points.shape[-1]))
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_ in range(repeats + 1):
+        for name, (field, points, grad_out) in inputs.items():
+            start = time.perf_counter()
+            forward_backward(METHODS["interpolate"], field, points, grad_out)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) / inputs[name][1].shape[-1] * 1e9 for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--field", type=int, nargs=3, default=(64, 64, 32), help="field size (half resolution)")
     parser.add_argument("--points", type=int, nargs=3, default=(128, 128, 64), help="grid of jittered points")
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--per-point", action="store_true", help="native 2D against 3D kernel, ns per point")
     args = parser.parse_args()
 
     torch.manual_seed(0)
+    if args.per_point:
+        costs = per_point_costs(tuple(args.field), tuple(args.points), args.repeats)
+        print(f"3D field {'x'.join(map(str, args.field))} at {'x'.join(map(str, args.points))} jittered points and a "
+              f"2D field of as many pixels at as many points, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; forward + backward per point")
+        for name, ns in costs.items():
+            print(f"{name}: {ns:.1f} ns per point")
+        print(f"3D / 2D: {costs['3D'] / costs['2D']:.1f}")
+        return
     field = torch.randn(1, args.channels, *args.field) * 0.05
     grid = identity_grid(args.points).reshape(1, 3, -1)
     points = grid + torch.randn_like(grid) * 0.01  # about one voxel of jitter, a few points beyond the border
