@@ -34,12 +34,15 @@ vectorised, the 3D one is not).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from monai_icon.losses.inverse_consistency import sample_points
 from monai_icon.networks.maps import identity_grid, interpolate
 
 
@@ -103,46 +106,41 @@ def forward_backward(method, field: torch.Tensor, points: torch.Tensor, grad_out
     return out.detach(), grad_field, grad_points
 
 
+def alternated_times(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of ``runs`` in ``repeats`` rounds, the runs alternated within a round, after one warm-up
+    round (so that the machine's drift hits them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(repeats + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if round_:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def _square_shape(count: int) -> tuple[int, int]:
     """A 2D shape ``(n, m)`` with ``n * m`` close to ``count`` (``n = round(sqrt(count))``)."""
     side = max(1, round(count**0.5))
     return side, max(1, round(count / side))
 
 
-def jittered_points(shape: tuple[int, ...], sigma_voxels: float = 1.0) -> torch.Tensor:
-    """``[1, D, prod(shape)]`` grid points of ``shape`` in ``[0, 1]`` units, jittered by ``sigma_voxels``."""
-    grid = identity_grid(shape).reshape(1, len(shape), -1)
-    voxel = torch.tensor([1.0 / max(n - 1, 1) for n in shape]).reshape(1, len(shape), 1)
-    return grid + torch.randn_like(grid) * voxel * sigma_voxels
-
-
 def per_point_costs(field_shape: tuple[int, ...], point_shape: tuple[int, ...], repeats: int) -> dict[str, float]:
     """Forward + backward of :func:`interpolate` (gradients for field and points) per point, in nanoseconds, for
     the 3D ``field_shape`` field at jittered ``point_shape`` points and for a 2D field with as many pixels at as
     many jittered 2D points; medians of ``repeats`` alternated runs after a warm-up."""
-    count = 1
-    for n in point_shape:
-        count *= n
-    field_pixels = 1
-    for n in field_shape:
-        field_pixels *= n
     cases = {
         "3D": (field_shape, tuple(point_shape)),
-        "2D": (_square_shape(field_pixels), _square_shape(count)),
+        "2D": (_square_shape(math.prod(field_shape)), _square_shape(math.prod(point_shape))),
     }
     inputs = {}
     for name, (fshape, pshape) in cases.items():
         dims = len(fshape)
         field = torch.randn(1, dims, *fshape) * 0.05
-        points = jittered_points(pshape)
+        points = sample_points(pshape, 1, sigma=1.0).reshape(1, dims, -1)  # one voxel of jitter, as in training
         inputs[name] = (field, points, torch.randn(1, dims, points.shape[-1]))
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for round_ in range(repeats + 1):
-        for name, (field, points, grad_out) in inputs.items():
-            start = time.perf_counter()
-            forward_backward(METHODS["interpolate"], field, points, grad_out)
-            if round_:
-                times[name].append(time.perf_counter() - start)
+    runs = {name: lambda args=args: forward_backward(METHODS["interpolate"], *args) for name, args in inputs.items()}
+    times = alternated_times(runs, repeats)
     return {name: statistics.median(t) / inputs[name][1].shape[-1] * 1e9 for name, t in times.items()}
 
 
@@ -183,13 +181,10 @@ def main() -> None:
             ((grad_field.double() - reference[1]).abs().max() / reference[1].abs().max()).item(),
             ((grad_points.double() - reference[2])[..., off_faces].abs().max() / reference[2].abs().max()).item(),
         ]
-    times: dict[str, list[float]] = {name: [] for name in METHODS}
-    for round_ in range(args.repeats + 1):
-        for name, method in METHODS.items():
-            start = time.perf_counter()
-            forward_backward(method, field, points, grad_out)
-            if round_:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
+    runs = {
+        name: lambda method=method: forward_backward(method, field, points, grad_out) for name, method in METHODS.items()
+    }
+    times = alternated_times(runs, args.repeats)
     base = times["interpolate"]
     print("| method | forward + backward [s] | / interpolate | value error | field-gradient error | point-gradient error |")
     print("|---|---|---|---|---|---|")
