@@ -181,12 +181,11 @@ def main() -> None:
             ((grad_field.double() - reference[1]).abs().max() / reference[1].abs().max()).item(),
             ((grad_points.double() - reference[2])[..., off_faces].abs().max() / reference[2].abs().max()).item(),
         ]
-    runs = {
-        name: lambda method=method: forward_backward(method, field, points, grad_out) for name, method in METHODS.items()
-    }
+    runs = {name: lambda m=method: forward_backward(m, field, points, grad_out) for name, method in METHODS.items()}
     times = alternated_times(runs, args.repeats)
     base = times["interpolate"]
-    print("| method | forward + backward [s] | / interpolate | value error | field-gradient error | point-gradient error |")
+    print("| method | forward + backward [s] | / interpolate | value error | field-gradient error "
+          "| point-gradient error |")
     print("|---|---|---|---|---|---|")
     for name in METHODS:
         ratio = statistics.median(t / b for t, b in zip(times[name], base))
