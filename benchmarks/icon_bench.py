@@ -187,7 +187,8 @@ def run_paper_sizes(args) -> str:
     warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
     shape = tuple(args.shape) if args.shape else PAPER_SHAPE
     lines = [
-        "| case | similarity | batch | step [s] | bare nets [s] | overhead | step / pair [s] | inference / pair [s] | peak memory step / bare: tensors (RSS) |",
+        "| case | similarity | batch | step [s] | bare nets [s] | overhead | step / pair [s] | inference / pair [s] "
+        "| peak memory step / bare: tensors (RSS) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for similarity in ("mse", "lncc"):
@@ -262,7 +263,9 @@ def run_variants(args) -> str:
                 loss_variant = other(0)
             except Exception as e:  # e.g. an inductor code-generation error: report it, go on
                 reason = str(e).strip().splitlines()[0][:80] if str(e).strip() else ""
-                lines.append(f"| {case.name} | {case.similarity} | {variant} | failed: {type(e).__name__} {reason} | | | | |")
+                lines.append(
+                    f"| {case.name} | {case.similarity} | {variant} | failed: {type(e).__name__} {reason} | | | | |"
+                )
                 print(lines[-1], flush=True)
                 continue
             sync(device)
@@ -443,7 +446,8 @@ def run(args) -> str:
     device = torch.device(args.device)
     warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
     lines = [
-        "| case | similarity | step [s] | bare nets [s] | overhead | inference / pair [s] | peak memory step / bare: tensors (RSS) |",
+        "| case | similarity | step [s] | bare nets [s] | overhead | inference / pair [s] "
+        "| peak memory step / bare: tensors (RSS) |",
         "|---|---|---|---|---|---|---|",
     ]
     for case in CASES:

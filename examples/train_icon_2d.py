@@ -64,7 +64,11 @@ def make_data(args):
     if args.dataset == "mnist":
         return MNISTFivesDataset("train", args.mnist_path), MNISTFivesDataset("test", args.mnist_path), (28, 28)
     size = (args.image_size, args.image_size)
-    return TrianglesCirclesDataset(2000, size, seed=args.seed), TrianglesCirclesDataset(200, size, seed=args.seed + 1), size
+    return (
+        TrianglesCirclesDataset(2000, size, seed=args.seed),
+        TrianglesCirclesDataset(200, size, seed=args.seed + 1),
+        size,
+    )
 
 
 @torch.no_grad()
@@ -103,7 +107,11 @@ def main(argv=None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-        progress.set_postfix(loss=f"{out.loss.item():.4f}", ic=f"{out.inverse_consistency.item():.2e}", folds=f"{out.folds.mean().item():.1f}")
+        progress.set_postfix(
+            loss=f"{out.loss.item():.4f}",
+            ic=f"{out.inverse_consistency.item():.2e}",
+            folds=f"{out.folds.mean().item():.1f}",
+        )
 
     before, after, folds, (a, b, warped, grid) = evaluate(model, test_loader, device)
     out_dir = Path(args.output_dir)

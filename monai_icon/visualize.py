@@ -28,7 +28,12 @@ def _mid_slice(t: torch.Tensor) -> np.ndarray:
 
 
 def registration_figure(
-    moving: torch.Tensor, fixed: torch.Tensor, warped: torch.Tensor, phi_grid: torch.Tensor, max_rows: int = 4, grid_lines: int = 16
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    phi_grid: torch.Tensor,
+    max_rows: int = 4,
+    grid_lines: int = 16,
 ):
     """Build a matplotlib figure, one row per pair: moving, fixed, warped moving, deformed grid.
 
@@ -63,7 +68,9 @@ def registration_figure(
             axes[r, c].imshow(_mid_slice(img)[0], cmap="gray")
             axes[r, c].set_title(title)
         ax = axes[r, 3]
-        im = ax.imshow(det_np, cmap="RdBu", vmin=-2, vmax=4, extent=(-0.5, phi.shape[2] - 1.5, phi.shape[1] - 1.5, -0.5))
+        im = ax.imshow(
+            det_np, cmap="RdBu", vmin=-2, vmax=4, extent=(-0.5, phi.shape[2] - 1.5, phi.shape[1] - 1.5, -0.5)
+        )
         levels = np.linspace(0, 1, grid_lines)
         ax.contour(phi[0], levels=levels, colors="k", linewidths=0.6)
         ax.contour(phi[1], levels=levels, colors="k", linewidths=0.6)

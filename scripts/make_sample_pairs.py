@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Write the bundle's sample inference pairs: NIfTI files of embedded MNIST test fives and bundle/sample_data/pairs.json.
+"""Write the bundle's sample inference pairs: NIfTI files of embedded MNIST test fives and
+bundle/sample_data/pairs.json.
 
-    python scripts/make_sample_pairs.py [--out bundle/sample_data] [--pairs 4]
+python scripts/make_sample_pairs.py [--out bundle/sample_data] [--pairs 4]
 """
 
 import argparse

@@ -57,8 +57,11 @@ def bundle_copy(tmp_path_factory):
     config = json.loads((root / "configs" / "inference.json").read_text())
     config["architecture"] = TINY
     (root / "configs" / "inference.json").write_text(json.dumps(config, indent=1))
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_knee_atlas_bundle.py"), "--bundle", str(root), "--identity"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_knee_atlas_bundle.py"), "--bundle", str(root), "--identity"],
+        check=True,
+        capture_output=True,
+    )
     image, label = render_knee(replace(KneeAnatomy(side="LEFT"), noise=0.0), USER_SHAPE, USER_AFFINE)
     user = root.parent / "user"
     user.mkdir()
@@ -68,9 +71,25 @@ def bundle_copy(tmp_path_factory):
 
 def test_bundle_returns_labels_on_the_users_grid(bundle_copy):
     root, user, truth = bundle_copy
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),
-                           "--bundle_root", str(root), "--input_dir", str(user), "--output_dir", str(root / "eval")],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(root / "configs" / "inference.json"),
+            "--bundle_root",
+            str(root),
+            "--input_dir",
+            str(user),
+            "--output_dir",
+            str(root / "eval"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = nib.load(root / "eval" / "knee_image_seg.nii.gz")
     np.testing.assert_allclose(out.affine, USER_AFFINE, atol=1e-4)  # back on the user's grid, in its orientation
@@ -89,13 +108,20 @@ MONAILABEL_PYTHON = os.environ.get("MONAILABEL_PYTHON")
 
 
 @pytest.mark.monailabel
-@pytest.mark.skipif(not MONAILABEL_PYTHON, reason="set MONAILABEL_PYTHON to a Python with MONAI Label (scripts/monailabel_env.sh)")
+@pytest.mark.skipif(
+    not MONAILABEL_PYTHON, reason="set MONAILABEL_PYTHON to a Python with MONAI Label (scripts/monailabel_env.sh)"
+)
 def test_monailabel_server_segments_with_the_atlas_bundle(bundle_copy, tmp_path):
     root, user, truth = bundle_copy
     port = _free_port()
     env = dict(os.environ, PYTHON=MONAILABEL_PYTHON, PORT=str(port), BUNDLE=str(root), WORK=str(tmp_path / "ml"))
-    server = subprocess.Popen(["bash", str(ROOT / "scripts" / "monailabel_server.sh")], env=env,
-                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "monailabel_server.sh")],
+        env=env,
+        stdout=open(tmp_path / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
         while True:
@@ -108,9 +134,23 @@ def test_monailabel_server_segments_with_the_atlas_bundle(bundle_copy, tmp_path)
                 time.sleep(3)
         assert "knee_atlas_segmentation" in info["models"]
         assert info["models"]["knee_atlas_segmentation"]["labels"] == {"femoral_cartilage": 1, "tibial_cartilage": 2}
-        result = subprocess.run(["curl", "-s", "-f", "-X", "POST", f"http://127.0.0.1:{port}/infer/knee_atlas_segmentation?output=image",
-                                 "-F", f"file=@{user / 'knee_image.nii.gz'}", "-o", str(tmp_path / "seg.nii.gz")],
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "-f",
+                "-X",
+                "POST",
+                f"http://127.0.0.1:{port}/infer/knee_atlas_segmentation?output=image",
+                "-F",
+                f"file=@{user / 'knee_image.nii.gz'}",
+                "-o",
+                str(tmp_path / "seg.nii.gz"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr + (tmp_path / "server.log").read_text()[-4000:]
         seg = np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj).squeeze()
         assert seg.shape == USER_SHAPE

@@ -22,7 +22,12 @@ SMALL = ["--iterations_per_epoch", "3", "--val_pairs", "8", "--batch_size", "4"]
 def bundle(*args, check=True, timeout=300):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"bundle {args[:2]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -30,7 +35,13 @@ def bundle(*args, check=True, timeout=300):
 
 
 def trainer_epochs(log):
-    return sorted({int(line.split("Epoch[")[1].split("]")[0]) for line in log.splitlines() if "ICONTrainer" in line and "Complete" in line and "Epoch[" in line})
+    return sorted(
+        {
+            int(line.split("Epoch[")[1].split("]")[0])
+            for line in log.splitlines()
+            if "ICONTrainer" in line and "Complete" in line and "Epoch[" in line
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +59,9 @@ def test_train_writes_models_checkpoint_figures_and_summary(trained):
     assert (root / "eval" / "validation_epoch002.png").is_file()
     assert "Dice (pixels > 0.5)" in log and "folds per image" in log
     state = torch.load(root / "models" / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=False)
-    assert state["adaptive_lambda"]["lmbda"] == pytest.approx(128 + 6)  # threshold -1: +1 per iteration, 2 x 3 iterations
+    assert state["adaptive_lambda"]["lmbda"] == pytest.approx(
+        128 + 6
+    )  # threshold -1: +1 per iteration, 2 x 3 iterations
     assert trainer_epochs(log) == [1, 2]
 
 
@@ -74,7 +87,19 @@ def test_lowercase_false_on_the_command_line_restarts_with_channels_last(trained
 
 
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--epochs", "6", *SMALL]
+    args = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        TRAIN,
+        "--bundle_root",
+        str(tmp_path),
+        "--epochs",
+        "6",
+        *SMALL,
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt_dir = tmp_path / "models" / "checkpoints"
     deadline = time.time() + 240
@@ -93,7 +118,15 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
 
 def test_evaluate_and_inference(trained, tmp_path):
     root, _ = trained
-    proc = bundle("run", "--config_file", f"['{TRAIN}','{CONFIGS / 'evaluate.yaml'}']", "--bundle_root", str(root), "--test_pairs", "12")
+    proc = bundle(
+        "run",
+        "--config_file",
+        f"['{TRAIN}','{CONFIGS / 'evaluate.yaml'}']",
+        "--bundle_root",
+        str(root),
+        "--test_pairs",
+        "12",
+    )
     assert "ICON evaluation on 12 test pairs" in proc.stdout and "seconds per pair" in proc.stdout
     raw = (root / "eval" / "val_dice_raw.csv").read_text().strip().splitlines()
     assert raw[0].startswith("filename") and len(raw) == 13 and "_to_" in raw[1]
@@ -132,8 +165,23 @@ def test_verify_metadata_net_in_out_and_torchscript_export(trained, tmp_path):
 
 def test_two_process_distributed_training(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file",
-           f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.yaml'}']", "--bundle_root", str(tmp_path), "--epochs", "1", *SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        f"['{TRAIN}','{CONFIGS / 'multi_gpu_train.yaml'}']",
+        "--bundle_root",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        *SMALL,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:  # the whole tail, not pytest's shortened assertion message
         pytest.fail(f"torchrun exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n"
@@ -152,7 +200,9 @@ def test_two_process_distributed_training(tmp_path):
     ],
 )
 def test_bad_config_values_fail_clearly(tmp_path, override, message):
-    proc = bundle("run", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--epochs", "1", *SMALL, *override, check=False)
+    proc = bundle(
+        "run", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--epochs", "1", *SMALL, *override, check=False
+    )
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
 
 

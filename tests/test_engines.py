@@ -10,7 +10,14 @@ from torch.utils.data import DataLoader
 from conftest import smooth_random_field
 from monai_icon.data import RandomPairDataset, TrianglesCirclesDataset, load_pair_datalist
 from monai_icon.engines import ICONEvaluator, ICONTrainer, PrepareRegistrationBatch
-from monai_icon.handlers import AdaptiveLambdaHandler, Folds, OutputValue, ThresholdDice, latest_checkpoint, require_file
+from monai_icon.handlers import (
+    AdaptiveLambdaHandler,
+    Folds,
+    OutputValue,
+    ThresholdDice,
+    latest_checkpoint,
+    require_file,
+)
 from monai_icon.losses import ICONLoss
 from monai_icon.networks import DisplacementField, RegistrationNet
 from monai_icon.networks.maps import DisplacementMap, identity_grid, map_grid_to_ddf
@@ -52,7 +59,17 @@ def test_trainer_outputs_events_and_updates():
     assert len(seen) == 8  # postprocessing ran on every decollated pair (MODEL_COMPLETED fired)
     out = trainer.state.output
     assert isinstance(out, list) and len(out) == 4
-    for key in ("loss", "similarity", "inverse_consistency", "folds", "lmbda", "pred", "ddf", "moving_image", "fixed_image"):
+    for key in (
+        "loss",
+        "similarity",
+        "inverse_consistency",
+        "folds",
+        "lmbda",
+        "pred",
+        "ddf",
+        "moving_image",
+        "fixed_image",
+    ):
         assert key in out[0]
     assert out[0]["ddf"].shape == (2, 16, 16) and out[0]["lmbda"] == 16
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
@@ -83,15 +100,28 @@ def test_evaluator_metrics_on_constructed_inputs():
     mirrored[:, 1] = 1 - mirrored[:, 1]  # a map that folds every cell
     block = _ConstantDDF(mirrored - identity_grid(shape))
     batch = [
-        {"moving_image": moving[i], "fixed_image": fixed[i], "moving_label": moving_label[i], "fixed_label": fixed_label[i], "pair_id": f"p{i}"}
+        {
+            "moving_image": moving[i],
+            "fixed_image": fixed[i],
+            "moving_label": moving_label[i],
+            "fixed_label": fixed_label[i],
+            "pair_id": f"p{i}",
+        }
         for i in range(2)
     ]
     evaluator = ICONEvaluator(
-        "cpu", DataLoader(batch, batch_size=2), block, num_classes=3,
+        "cpu",
+        DataLoader(batch, batch_size=2),
+        block,
+        num_classes=3,
         key_val_metric={"dice": ThresholdDice()},
         additional_metrics={
-            "folds": Folds(), "folds_pct": Folds(percentage=True), "time": OutputValue("time"),
-            "label_dice": MeanDice(include_background=False, output_transform=from_engine(["pred_label", "fixed_label"])),
+            "folds": Folds(),
+            "folds_pct": Folds(percentage=True),
+            "time": OutputValue("time"),
+            "label_dice": MeanDice(
+                include_background=False, output_transform=from_engine(["pred_label", "fixed_label"])
+            ),
         },
     )
     evaluator.run()
@@ -165,7 +195,9 @@ def test_warpd_matches_map_warp_and_names_pairs():
     assert out["moving_image_warped"].meta["filename_or_obj"] == "a_to_b"
     assert torch.equal(torch.as_tensor(out["ddf"]), ddf)
     with pytest.raises(ValueError, match="same shape"):
-        EnsureSameShaped(["moving_image", "fixed_image"])({"moving_image": torch.zeros(1, 4, 4), "fixed_image": torch.zeros(1, 5, 4)})
+        EnsureSameShaped(["moving_image", "fixed_image"])(
+            {"moving_image": torch.zeros(1, 4, 4), "fixed_image": torch.zeros(1, 5, 4)}
+        )
 
 
 def test_pair_datalist_and_file_helpers(tmp_path):

@@ -25,8 +25,27 @@ def test_every_table1_setting_has_a_config_with_the_papers_optimiser():
 
 
 def test_table1_runner_tiny_setting_and_resume(tmp_path, capsys):
-    args = ["--datasets", "triangles", "--networks", "unet", "convonly", "--lambdas", "64", "--steps", "4",
-            "--batch-size", "4", "--test-pairs", "8", "--image-size", "32", "--epoch-steps", "2", "--out", str(tmp_path)]
+    args = [
+        "--datasets",
+        "triangles",
+        "--networks",
+        "unet",
+        "convonly",
+        "--lambdas",
+        "64",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--test-pairs",
+        "8",
+        "--image-size",
+        "32",
+        "--epoch-steps",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     results = table1.main(args)
     assert set(results) == {("triangles", "unet", 64), ("triangles", "convonly", 64)}
     for result in results.values():
@@ -44,9 +63,16 @@ def test_table1_runner_tiny_setting_and_resume(tmp_path, capsys):
     with pytest.raises(ValueError, match="another budget.*steps"):
         table1.main([a if a != "4" else "5" for a in args])
     # --report-only collects what has finished and trains nothing
-    report = table1.main(args[:2] + ["--networks", "unet", "encdec", "--lambdas", "64", "128"] + args[7:] + ["--report-only"])
-    assert set(report) == {("triangles", "unet", 64)} and report[("triangles", "unet", 64)]["dice"] == results[("triangles", "unet", 64)]["dice"]
-    assert not (tmp_path / "triangles_encdec_lambda64").exists() and not (tmp_path / "triangles_unet_lambda128").exists()
+    report = table1.main(
+        args[:2] + ["--networks", "unet", "encdec", "--lambdas", "64", "128"] + args[7:] + ["--report-only"]
+    )
+    assert (
+        set(report) == {("triangles", "unet", 64)}
+        and report[("triangles", "unet", 64)]["dice"] == results[("triangles", "unet", 64)]["dice"]
+    )
+    assert (
+        not (tmp_path / "triangles_encdec_lambda64").exists() and not (tmp_path / "triangles_unet_lambda128").exists()
+    )
     table = (tmp_path / "table1.md").read_text()
     assert "| 128 | – (0.98) | – (1.59) | – (0.90) | – (2.71) |" in table
 
@@ -64,8 +90,24 @@ def test_table1_runner_resumes_an_interrupted_setting(tmp_path):
 
 
 def test_fig5_script_tiny(tmp_path):
-    args = ["--image-size", "32", "--direct-steps", "5", "--direct-seeds", "2", "--unet-steps", "4", "--unet-batch-size", "2",
-            "--unet-test-pairs", "4", "--epoch-steps", "2", "--out", str(tmp_path)]
+    args = [
+        "--image-size",
+        "32",
+        "--direct-steps",
+        "5",
+        "--direct-seeds",
+        "2",
+        "--unet-steps",
+        "4",
+        "--unet-batch-size",
+        "2",
+        "--unet-test-pairs",
+        "4",
+        "--epoch-steps",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     summaries = fig5_no_network.main(args)
     assert [s["method"].split(",")[0] for s in summaries] == ["direct", "direct", "U-Net (population)"]
     assert (tmp_path / "fig5.png").stat().st_size > 1000

@@ -79,8 +79,14 @@ def test_label_dice_per_label_and_mean():
 
 def bundle_run(configs, *args, timeout=900):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str([str(CONFIGS / c) for c in configs]), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str([str(CONFIGS / c) for c in configs]), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"{configs} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc.stdout + proc.stderr
@@ -92,10 +98,30 @@ def knee_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("knee3d")
     write_synthetic_knees(root / "knees", num_subjects=6, shape=(32, 32, 16), spacing=(4.2, 4.2, 7.5))
     write_datalist(build_knee_datalist(root / "knees", 0.3, num_test_pairs=2, relative_to=root), root / "datalist.json")
-    common = ["--datalist", str(root / "datalist.json"), "--output_root", str(root / "runs"), "--full_size", "[16,16,8]",
-              "--iterations_per_epoch", "2", "--batch_size", "2", "--val_pairs", "2", "--epochs", "1",
-              "--architecture#encoder_channels", "[4,8]", "--architecture#decoder_channels", "[8,4]",
-              "--fold_threshold", "-1", "--similarity", "lncc"]  # MSE is the default; the option is exercised here
+    common = [
+        "--datalist",
+        str(root / "datalist.json"),
+        "--output_root",
+        str(root / "runs"),
+        "--full_size",
+        "[16,16,8]",
+        "--iterations_per_epoch",
+        "2",
+        "--batch_size",
+        "2",
+        "--val_pairs",
+        "2",
+        "--epochs",
+        "1",
+        "--architecture#encoder_channels",
+        "[4,8]",
+        "--architecture#decoder_channels",
+        "[8,4]",
+        "--fold_threshold",
+        "-1",
+        "--similarity",
+        "lncc",
+    ]  # MSE is the default; the option is exercised here
     logs = {"stage1": bundle_run(["common.yaml", "stage1.yaml"], *common)}
     logs["stage2"] = bundle_run(["common.yaml", "stage2.yaml"], *common)
     logs["evaluate"] = bundle_run(["common.yaml", "stage2.yaml", "evaluate.yaml"], *common)
@@ -123,7 +149,13 @@ def test_stages_train_export_and_chain(knee_runs):
 def test_evaluation_writes_per_pair_csv_and_summary(knee_runs):
     root, logs = knee_runs
     out = root / "runs" / "stage2" / "eval"
-    for name in ("val_dice_femoral_cartilage", "val_dice_tibial_cartilage", "val_folds", "val_folds_percent", "val_time"):
+    for name in (
+        "val_dice_femoral_cartilage",
+        "val_dice_tibial_cartilage",
+        "val_folds",
+        "val_folds_percent",
+        "val_time",
+    ):
         rows = list(csv.reader(open(out / f"{name}_raw.csv"), delimiter="\t"))
         assert len(rows) == 1 + 2, name  # header + one row per test pair
     summary = (out / "metrics.csv").read_text()

@@ -145,7 +145,11 @@ def test_oai_preprocessing_normalises_percentiles_and_pools_exactly(tmp_path):
     image = rng.gamma(2.0, 100.0, size=(16, 12, 8)).astype(np.float32)
     label = rng.integers(0, 3, size=(16, 12, 8)).astype(np.uint8)
     affine = knee_affine((16, 12, 8), (1.0, 1.5, 2.0), "PIR")
-    item = {"image": _write(tmp_path, "a_image.nii.gz", image, affine), "label": _write(tmp_path, "a_label.nii.gz", label, affine), "side": "LEFT"}
+    item = {
+        "image": _write(tmp_path, "a_image.nii.gz", image, affine),
+        "label": _write(tmp_path, "a_label.nii.gz", label, affine),
+        "side": "LEFT",
+    }
     # same grid: only the intensity normalisation acts
     out = Compose(oai_preprocessing(["image"], ["label"], spatial_size=(16, 12, 8)))(item)
     lo, hi = np.percentile(image, [1, 99])

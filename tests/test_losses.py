@@ -110,7 +110,9 @@ def test_icon_loss_normalisation_matches_paper():
     assert torch.allclose(out.loss, out.similarity + 100 * out.inverse_consistency)
 
 
-@pytest.mark.parametrize("similarity", ["mse", "lncc", "mi", LocalNormalizedCrossCorrelationLoss(3, 5, reduction="none")])
+@pytest.mark.parametrize(
+    "similarity", ["mse", "lncc", "mi", LocalNormalizedCrossCorrelationLoss(3, 5, reduction="none")]
+)
 def test_similarities_plug_in_3d(similarity):
     a, b = torch.rand(2, 1, 12, 10, 9), torch.rand(2, 1, 12, 10, 9)
     phi = DisplacementMap(smooth_random_field(2, (12, 10, 9)))

@@ -16,10 +16,38 @@ from monai_icon.networks.nets import UNet
 
 PINNED = {
     # (dims, similarity, regularizer): loss, similarity, inverse consistency, sum|phi_AB grid|, sum warped A, sum|grad|
-    (2, "mse", "icon"): [56.07643508911133, 0.2396763265132904, 0.10905617475509644, 3139.127685546875, 1438.0196533203125, 67938.4609375],
-    (2, "lncc", "gradicon"): [372138.09375, -0.21459311246871948, 726.8326416015625, 3139.127685546875, 1438.0196533203125, 869112512.0],
-    (3, "mse", "icon"): [95.00359344482422, 0.22791670262813568, 0.1851087510585785, 32015.435546875, 10211.8984375, 825624.4375],
-    (3, "lncc", "icon"): [94.39559173583984, -0.3800916075706482, 0.1851087510585785, 32015.435546875, 10211.8984375, 825344.1875],
+    (2, "mse", "icon"): [
+        56.07643508911133,
+        0.2396763265132904,
+        0.10905617475509644,
+        3139.127685546875,
+        1438.0196533203125,
+        67938.4609375,
+    ],
+    (2, "lncc", "gradicon"): [
+        372138.09375,
+        -0.21459311246871948,
+        726.8326416015625,
+        3139.127685546875,
+        1438.0196533203125,
+        869112512.0,
+    ],
+    (3, "mse", "icon"): [
+        95.00359344482422,
+        0.22791670262813568,
+        0.1851087510585785,
+        32015.435546875,
+        10211.8984375,
+        825624.4375,
+    ],
+    (3, "lncc", "icon"): [
+        94.39559173583984,
+        -0.3800916075706482,
+        0.1851087510585785,
+        32015.435546875,
+        10211.8984375,
+        825344.1875,
+    ],
 }
 
 
@@ -40,7 +68,14 @@ def _evaluate(dims, similarity, regularizer):
     out = ICONLoss(similarity, 512.0, regularizer, spatial_dims=dims)(a, b, model(a, b), model(b, a))
     out.loss.backward()
     grad = sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None)
-    return [out.loss.item(), out.similarity.item(), out.inverse_consistency.item(), out.phi_AB_grid.abs().sum().item(), out.warped_A.sum().item(), grad.item()]
+    return [
+        out.loss.item(),
+        out.similarity.item(),
+        out.inverse_consistency.item(),
+        out.phi_AB_grid.abs().sum().item(),
+        out.warped_A.sum().item(),
+        grad.item(),
+    ]
 
 
 @pytest.mark.parametrize("key", list(PINNED))
@@ -85,7 +120,9 @@ def test_chunked_grid_sample_equals_one_call(shape):
     field = torch.randn(2, 3, *shape, requires_grad=True)
     points = 1.2 * torch.rand(2, 1001, dims) - 0.1  # odd count: exercises the padding; some points outside
     grid = (points * 2 - 1).requires_grad_()
-    one = F.grid_sample(field, grid.reshape(2, 1001, *([1] * (dims - 1)), dims), align_corners=True, padding_mode="border")
+    one = F.grid_sample(
+        field, grid.reshape(2, 1001, *([1] * (dims - 1)), dims), align_corners=True, padding_mode="border"
+    )
     one = one.reshape(2, 3, 1001)
     chunked = _chunked_grid_sample(field, grid, 3, "bilinear", "border")
     assert torch.equal(chunked, one)
@@ -161,7 +198,9 @@ def test_stacked_lncc_equals_monai_lncc(dims, kernel_type, reduction):
     assert torch.allclose(g_ours, g_ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dims,kernel_type", [(2, "rectangular"), (2, "gaussian"), (3, "rectangular"), (3, "triangular")])
+@pytest.mark.parametrize(
+    "dims,kernel_type", [(2, "rectangular"), (2, "gaussian"), (3, "rectangular"), (3, "triangular")]
+)
 @pytest.mark.parametrize("needs", ["pred", "target", "both"])
 def test_stacked_lncc_closed_form_gradient(dims, kernel_type, needs):
     """The hand-written backward equals autograd through MONAI's loss in double precision, for the prediction,
@@ -216,7 +255,9 @@ def test_stacked_lncc_refuses_double_backward_and_asymmetric_kernels():
         Skewed(2, 3)
 
 
-@pytest.mark.parametrize("dims,similarity,regularizer", [(2, "mse", "icon"), (2, "lncc", "gradicon"), (3, "mse", "icon")])
+@pytest.mark.parametrize(
+    "dims,similarity,regularizer", [(2, "mse", "icon"), (2, "lncc", "gradicon"), (3, "mse", "icon")]
+)
 def test_loss_traces_without_graph_breaks(dims, similarity, regularizer):
     """``torch.compile`` sees the whole ICON loss (maps, warps, similarity, inverse consistency, folds) as one
     graph: no data-dependent checks or thread queries inside it."""
@@ -257,7 +298,9 @@ def test_compiled_trainer_equals_eager():
                 net.block.net.out.weight.normal_(0, 0.02)
             keys = list(net.state_dict())
             loss = ICONLoss("lncc", 64.0, spatial_dims=2)
-            trainer = ICONTrainer("cpu", 1, batches, net, torch.optim.SGD(net.parameters(), 1e-4), loss, compile=compile_, decollate=False)
+            trainer = ICONTrainer(
+                "cpu", 1, batches, net, torch.optim.SGD(net.parameters(), 1e-4), loss, compile=compile_, decollate=False
+            )
             losses = []
 
             @trainer.on(IterationEvents.MODEL_COMPLETED)
@@ -300,7 +343,13 @@ def test_channels_last_trainer_equals_default(spatial_dims):
             net.block.net.out.weight.normal_(0, 0.02)
         params, keys = list(net.parameters()), list(net.state_dict())
         trainer = ICONTrainer(
-            "cpu", 1, batches, net, torch.optim.SGD(params, 1e-3), ICONLoss("mse", 64.0, spatial_dims=spatial_dims), decollate=False,
+            "cpu",
+            1,
+            batches,
+            net,
+            torch.optim.SGD(params, 1e-3),
+            ICONLoss("mse", 64.0, spatial_dims=spatial_dims),
+            decollate=False,
             channels_last=channels_last,
         )
         assert list(net.parameters()) == params and list(net.state_dict()) == keys

@@ -140,13 +140,36 @@ def test_register_pairs_config_with_a_weights_file(tmp_path):
     for name in ("a", "b"):
         volume = (torch.rand(40, 36, 20) * 2000 - 1000).numpy()
         nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / f"{name}.nii.gz"))
-    (tmp_path / "pairs.json").write_text(json.dumps([{"moving_image": "a.nii.gz", "fixed_image": "b.nii.gz", "pair_id": "ab"}]))
+    (tmp_path / "pairs.json").write_text(
+        json.dumps([{"moving_image": "a.nii.gz", "fixed_image": "b.nii.gz", "pair_id": "ab"}])
+    )
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "pretrained" / "register_pairs.yaml"),
-         "--weights", str(tmp_path / "w.trch"), "--kind", "unigradicon", "--datalist", str(tmp_path / "pairs.json"),
-         "--output_dir", str(tmp_path / "out"), "--window", "[-1000, 1000]", "--spatial_size", "[128, 128, 128]"],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(root / "configs" / "pretrained" / "register_pairs.yaml"),
+            "--weights",
+            str(tmp_path / "w.trch"),
+            "--kind",
+            "unigradicon",
+            "--datalist",
+            str(tmp_path / "pairs.json"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--window",
+            "[-1000, 1000]",
+            "--spatial_size",
+            "[128, 128, 128]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for suffix in ("_warped.nii.gz", "_ddf.nii.gz", "_phi.h5"):
         assert (tmp_path / "out" / f"ab{suffix}").is_file()

@@ -75,7 +75,14 @@ def test_translation_is_recovered_in_millimetres(translation_run):
     lps = ddf.get_fdata()[..., 0, :]
     ras = lps * np.array([-1.0, -1.0, 1.0])
     # near the knee's centre (within 30 mm of the world origin) the displacement is the shift, to < 1.5 mm
-    centres = np.einsum("ij,...j->...i", FIXED_AFFINE[:3, :3], np.stack(np.meshgrid(*[np.arange(n) for n in FIXED_SHAPE], indexing="ij"), -1)) + FIXED_AFFINE[:3, 3]
+    centres = (
+        np.einsum(
+            "ij,...j->...i",
+            FIXED_AFFINE[:3, :3],
+            np.stack(np.meshgrid(*[np.arange(n) for n in FIXED_SHAPE], indexing="ij"), -1),
+        )
+        + FIXED_AFFINE[:3, 3]
+    )
     central = np.linalg.norm(centres, axis=-1) < 30.0
     recovered = np.median(ras[central], axis=0)
     assert np.abs(recovered - SHIFT).max() < 1.5, recovered
@@ -107,7 +114,9 @@ def test_itk_transform_and_nifti_ddf_reproduce_the_torch_warp(knee_files, transl
     np.testing.assert_allclose(itk.array_from_image(resampled), ours, atol=1e-4)
     # the registration brought the moving knee onto the fixed one
     fixed_array = itk.array_from_image(fixed)
-    unregistered = itk.array_from_image(itk.resample_image_filter(moving, use_reference_image=True, reference_image=fixed))
+    unregistered = itk.array_from_image(
+        itk.resample_image_filter(moving, use_reference_image=True, reference_image=fixed)
+    )
     assert np.mean((ours - fixed_array) ** 2) < 0.5 * np.mean((unregistered - fixed_array) ** 2)
     labels = nib.load(translation_run["warped_label"])
     assert labels.shape == FIXED_SHAPE and set(np.unique(labels.get_fdata())) <= {0.0, 1.0, 2.0}
@@ -133,8 +142,12 @@ def test_known_network_map_gives_the_expected_world_transform(knee_files, tmp_pa
     identity = register_files(knee_files["fixed"], knee_files["fixed"], _identity_model(), warped=tmp_path / "w.nii.gz",
                               moving_label=knee_files["fixed_label"], warped_label=tmp_path / "l0.nii.gz")
     np.testing.assert_allclose(identity["mean_displacement_mm"], 0.0, atol=1e-6)
-    np.testing.assert_allclose(nib.load(tmp_path / "w.nii.gz").get_fdata(), nib.load(knee_files["fixed"]).get_fdata(), atol=1e-5)
-    np.testing.assert_array_equal(nib.load(tmp_path / "l0.nii.gz").get_fdata(), nib.load(knee_files["fixed_label"]).get_fdata())
+    np.testing.assert_allclose(
+        nib.load(tmp_path / "w.nii.gz").get_fdata(), nib.load(knee_files["fixed"]).get_fdata(), atol=1e-5
+    )
+    np.testing.assert_array_equal(
+        nib.load(tmp_path / "l0.nii.gz").get_fdata(), nib.load(knee_files["fixed_label"]).get_fdata()
+    )
 
 
 def test_mirrored_sides_keep_the_physical_transform_consistent(knee_files, tmp_path):
@@ -156,8 +169,15 @@ def test_model_file_and_bundle_folder_round_trip(tmp_path):
     kwargs = {"coarse_steps": 1, "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
     network = multistep_registration(**kwargs)
     torch.nn.init.normal_(network.block.block.net.out.weight, std=0.01)
-    path = save_registration_model(tmp_path / "m.pt", network, {"_target_": "monai_icon.networks.multistep_registration", **kwargs},
-                                   spatial_size=(16, 16, 8), axcodes="PIR", target_side="LEFT", lmbda=2.0)
+    path = save_registration_model(
+        tmp_path / "m.pt",
+        network,
+        {"_target_": "monai_icon.networks.multistep_registration", **kwargs},
+        spatial_size=(16, 16, 8),
+        axcodes="PIR",
+        target_side="LEFT",
+        lmbda=2.0,
+    )
     model = load_registration_model(path)
     assert model.spatial_size == (16, 16, 8) and model.target_side == "LEFT" and model.lmbda == 2.0
     assert not model.network.training
@@ -166,8 +186,14 @@ def test_model_file_and_bundle_folder_round_trip(tmp_path):
     bundle = tmp_path / "bundle"
     (bundle / "configs").mkdir(parents=True)
     (bundle / "models").mkdir()
-    (bundle / "configs" / "inference.json").write_text(json.dumps({
-        "network_def": {"_target_": "monai_icon.networks.multistep_registration", **kwargs}, "spatial_size": [16, 16, 8]}))
+    (bundle / "configs" / "inference.json").write_text(
+        json.dumps(
+            {
+                "network_def": {"_target_": "monai_icon.networks.multistep_registration", **kwargs},
+                "spatial_size": [16, 16, 8],
+            }
+        )
+    )
     torch.save(network.state_dict(), bundle / "models" / "model.pt")
     assert load_registration_model(bundle).spatial_size == (16, 16, 8)
     with pytest.raises(FileNotFoundError, match="not a bundle"):
@@ -185,10 +211,29 @@ def test_cli_end_to_end_and_its_errors(knee_files, tmp_path, capsys):
     model = save_registration_model(tmp_path / "m.pt", multistep_registration(**kwargs),
                                     {"_target_": "monai_icon.networks.multistep_registration", **kwargs},
                                     spatial_size=(16, 16, 8), axcodes="PIR")
-    args = ["register", "--fixed", knee_files["fixed"], "--moving", knee_files["moving"], "--model", str(model),
-            "--warped", str(tmp_path / "w.nii.gz"), "--ddf", str(tmp_path / "d.nii.gz"), "--transform", str(tmp_path / "t.h5"),
-            "--moving-label", knee_files["moving_label"], "--warped-label", str(tmp_path / "l.nii.gz"), "--io-steps", "2",
-            "--device", "cpu"]
+    args = [
+        "register",
+        "--fixed",
+        knee_files["fixed"],
+        "--moving",
+        knee_files["moving"],
+        "--model",
+        str(model),
+        "--warped",
+        str(tmp_path / "w.nii.gz"),
+        "--ddf",
+        str(tmp_path / "d.nii.gz"),
+        "--transform",
+        str(tmp_path / "t.h5"),
+        "--moving-label",
+        knee_files["moving_label"],
+        "--warped-label",
+        str(tmp_path / "l.nii.gz"),
+        "--io-steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert len(summary["io_losses"]) == 2 and set(summary["written"]) == {"warped", "ddf", "transform", "warped_label"}
@@ -211,12 +256,20 @@ def test_cli_end_to_end_and_its_errors(knee_files, tmp_path, capsys):
     nan = _save(tmp_path / "nan.nii.gz", np.full((6, 6, 6), np.nan, np.float32), np.eye(4))
     assert "NaN" in error({"--moving": nan})
     with pytest.raises(MemoryError, match="GiB"):
-        register_files(knee_files["fixed"], knee_files["moving"], load_registration_model(model), warped=tmp_path / "x.nii.gz",
-                       memory_limit_bytes=1000)
+        register_files(
+            knee_files["fixed"],
+            knee_files["moving"],
+            load_registration_model(model),
+            warped=tmp_path / "x.nii.gz",
+            memory_limit_bytes=1000,
+        )
 
 
 def test_cli_builds_synthetic_knees_and_a_datalist(tmp_path, capsys):
-    assert main(["synthetic-knees", str(tmp_path / "k"), "--subjects", "4", "--shape", "16,16,8", "--spacing", "8,8,15"]) == 0
+    assert (
+        main(["synthetic-knees", str(tmp_path / "k"), "--subjects", "4", "--shape", "16,16,8", "--spacing", "8,8,15"])
+        == 0
+    )
     assert main(["datalist", str(tmp_path / "k"), "--output", str(tmp_path / "dl.json"), "--test-pairs", "2",
                  "--test-fraction", "0.5"]) == 0
     datalist = json.loads((tmp_path / "dl.json").read_text())

@@ -34,7 +34,9 @@ def test_unet_icon_training_improves_dice_without_folds():
     loss_fn = ICONLoss("mse", lmbda=1024)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
     train = DataLoader(RandomPairDataset(TrianglesCirclesDataset(500, size, seed=0), 250 * 16), batch_size=16)
-    test_batch = next(iter(DataLoader(RandomPairDataset(TrianglesCirclesDataset(64, size, seed=1), 64, seed=0), batch_size=64)))
+    test_batch = next(
+        iter(DataLoader(RandomPairDataset(TrianglesCirclesDataset(64, size, seed=1), 64, seed=0), batch_size=64))
+    )
     for batch in train:
         a, b = batch["moving_image"], batch["fixed_image"]
         out = loss_fn(a, b, model(a, b), model(b, a))

@@ -57,14 +57,22 @@ class AtlasSegmentation(nn.Module):
         self.network = network
         self.num_classes = int(num_classes if num_classes is not None else int(label.max()) + 1)
         self.register_buffer("atlas_image", image.as_subclass(torch.Tensor), persistent=False)
-        self.register_buffer("atlas_onehot", one_hot_labels(label.long().as_subclass(torch.Tensor), self.num_classes), persistent=False)
+        self.register_buffer(
+            "atlas_onehot", one_hot_labels(label.long().as_subclass(torch.Tensor), self.num_classes), persistent=False
+        )
         self.io_steps, self.io_lr = int(io_steps), float(io_lr)
-        self.loss = loss if loss is not None or io_steps == 0 else ICONLoss("lncc", 1.5, "gradicon", spatial_dims=image.ndim - 2)
+        self.loss = (
+            loss
+            if loss is not None or io_steps == 0
+            else ICONLoss("lncc", 1.5, "gradicon", spatial_dims=image.ndim - 2)
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if image.shape[2:] != self.atlas_image.shape[2:] or image.shape[1] != 1:
-            raise ValueError(f"expected images [B, 1, {', '.join(map(str, self.atlas_image.shape[2:]))}] on the atlas' network "
-                             f"grid, got {tuple(image.shape)}; resample them first (the bundle's preprocessing does).")
+            raise ValueError(
+                f"expected images [B, 1, {', '.join(map(str, self.atlas_image.shape[2:]))}] on the atlas' network "
+                f"grid, got {tuple(image.shape)}; resample them first (the bundle's preprocessing does)."
+            )
         atlas = self.atlas_image.expand(image.shape[0], *self.atlas_image.shape[1:])
         network = self.network
         with restored_weights(network):

@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("register", help="register a moving image file to a fixed one (outputs on the fixed grid)")
     reg.add_argument("--fixed", required=True, help="fixed image file (NIfTI, MHA, NRRD, ...)")
     reg.add_argument("--moving", required=True, help="moving image file")
-    reg.add_argument("--model", required=True, help="model file (save_registration_model), bundle folder, or published weights (with --model-kind)")
+    reg.add_argument(
+        "--model",
+        required=True,
+        help="model file (save_registration_model), bundle folder, or published weights (with --model-kind)",
+    )
     reg.add_argument("--model-kind", choices=["icon_oai", "gradicon_oai", "unigradicon", "multigradicon"],
                      help="the published model that --model holds weights of (you bring the file)")
     reg.add_argument("--window", type=_floats, help="map this intensity range to 0..1, e.g. -1000,1000 for CT")

@@ -118,7 +118,9 @@ def _with_affine(array: torch.Tensor, like: MetaTensor, affine: torch.Tensor) ->
     return MetaTensor(array.contiguous(), affine=affine, meta=meta)
 
 
-def _normalise(image: MetaTensor, window: tuple[float, float] | None, percentiles: tuple[float, float] | None) -> MetaTensor:
+def _normalise(
+    image: MetaTensor, window: tuple[float, float] | None, percentiles: tuple[float, float] | None
+) -> MetaTensor:
     if window is not None:
         return ScaleIntensityRange(window[0], window[1], 0.0, 1.0, clip=True)(image)
     if percentiles is not None:
@@ -152,7 +154,9 @@ def _slabs(shape: Sequence[int]) -> list[tuple[int, int]]:
 def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
     m = torch.as_tensor(matrix, dtype=torch.float64, device=points.device)
     dims = points.shape[0]
-    return torch.einsum("ij,j...->i...", m[:dims, :dims], points) + m[:dims, dims].reshape(dims, *([1] * (points.ndim - 1)))
+    return torch.einsum("ij,j...->i...", m[:dims, :dims], points) + m[:dims, dims].reshape(
+        dims, *([1] * (points.ndim - 1))
+    )
 
 
 @torch.no_grad()

@@ -227,7 +227,9 @@ class PhysicalRegistration:
 
     def fixed_to_moving(self, fixed_affine: np.ndarray, fixed_shape: Sequence[int]) -> torch.Tensor:
         """Moving world points (RAS mm) ``[3, *fixed_shape]`` of the voxel centres of a fixed grid."""
-        return fixed_to_moving_world(self.phi, fixed_affine, fixed_shape, self.fixed_unit_to_world, self.moving_unit_to_world)
+        return fixed_to_moving_world(
+            self.phi, fixed_affine, fixed_shape, self.fixed_unit_to_world, self.moving_unit_to_world
+        )
 
 
 def register_images(
@@ -315,7 +317,9 @@ def register_files(
     fixed_image, moving_image = load_image(fixed, "fixed image"), load_image(moving, "moving image")
     label = load_image(moving_label, "moving label") if moving_label is not None else None
     if fixed_image.ndim != moving_image.ndim:
-        raise ValueError(f"fixed and moving images differ in dimension: {fixed_image.ndim - 1}D vs {moving_image.ndim - 1}D.")
+        raise ValueError(
+            f"fixed and moving images differ in dimension: {fixed_image.ndim - 1}D vs {moving_image.ndim - 1}D."
+        )
     if label is not None and tuple(label.shape[1:]) != tuple(moving_image.shape[1:]):
         raise ValueError(f"the moving label's grid {tuple(label.shape[1:])} differs from the moving image's "
                          f"{tuple(moving_image.shape[1:])}.")
@@ -334,11 +338,16 @@ def register_files(
     written = {}
     if warped is not None:
         values = sample_world(moving_image.as_tensor(), moving_affine, points)
-        written["warped"] = str(write_image(values[0].numpy() if values.shape[0] == 1 else values.movedim(0, -1).numpy(),
-                                            fixed_affine, warped))
+        written["warped"] = str(
+            write_image(
+                values[0].numpy() if values.shape[0] == 1 else values.movedim(0, -1).numpy(), fixed_affine, warped
+            )
+        )
     if label is not None:
         onehot = one_hot_labels(label.as_tensor().long().unsqueeze(0), num_classes)[0]
-        warped_labels = sample_world(onehot, moving_affine, points).argmax(0).to(torch.int16 if num_classes > 255 else torch.uint8)
+        warped_labels = (
+            sample_world(onehot, moving_affine, points).argmax(0).to(torch.int16 if num_classes > 255 else torch.uint8)
+        )
         written["warped_label"] = str(write_image(warped_labels.numpy(), fixed_affine, warped_label))
     displacement = points - world_points(fixed_affine, fixed_shape)
     if ddf is not None or transform is not None:

@@ -56,7 +56,9 @@ def find_knee_files(
     for image in images:
         side = side_from_filename(image)
         if side is None and require_side:
-            raise ValueError(f"{image.name}: no LEFT/RIGHT in the file name; name the side or add it to the datalist by hand.")
+            raise ValueError(
+                f"{image.name}: no LEFT/RIGHT in the file name; name the side or add it to the datalist by hand."
+            )
         head, sep, tail = image.name.rpartition(old)
         label = image.with_name(head + new + tail) if sep else None
         subject = re.match(r"\d+", image.name)
@@ -108,8 +110,10 @@ def build_knee_datalist(
     pairs = []
     if num_test_pairs > 0:
         if len(labelled) < 2:
-            raise ValueError(f"test pairs need at least two labelled test images, found {len(labelled)} "
-                             f"(labels are found by replacing {label_token[0]!r} with {label_token[1]!r} in image names).")
+            raise ValueError(
+                f"test pairs need at least two labelled test images, found {len(labelled)} "
+                f"(labels are found by replacing {label_token[0]!r} with {label_token[1]!r} in image names)."
+            )
         candidates = [(i, j) for i in range(len(labelled)) for j in range(len(labelled))
                       if i != j and labelled[i]["subject"] != labelled[j]["subject"]]
         candidates = candidates or [(i, j) for i in range(len(labelled)) for j in range(len(labelled)) if i != j]

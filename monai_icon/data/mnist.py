@@ -100,7 +100,11 @@ class MNISTFivesDataset(Dataset):
     """
 
     def __init__(
-        self, split: str = "train", path: str | Path | None = None, transform: Callable | None = None, test_fraction: float = 0.2
+        self,
+        split: str = "train",
+        path: str | Path | None = None,
+        transform: Callable | None = None,
+        test_fraction: float = 0.2,
     ) -> None:
         images = load_mnist_fives(path)
         self.images = torch.from_numpy(images[split_indices(len(images), split, test_fraction)]).unsqueeze(1)

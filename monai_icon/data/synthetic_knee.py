@@ -62,7 +62,11 @@ class KneeAnatomy:
     extent: float = 60.0
     intensities: tuple[float, float, float, float] = (0.25, 0.55, 0.9, 0.4)  # soft tissue, bone, cartilage, fat
     noise: float = 0.02
-    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)  # position of the knee in the field of view (mm; x mirrored for RIGHT)
+    offset: tuple[float, float, float] = (
+        0.0,
+        0.0,
+        0.0,
+    )  # position of the knee in the field of view (mm; x mirrored for RIGHT)
     deformation: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -95,14 +99,19 @@ def random_knee_anatomy(
         cartilage=jitter(base.cartilage),
         fibula_radius=jitter(base.fibula_radius),
         patella_radii=tuple(jitter(r) for r in base.patella_radii),  # type: ignore[arg-type]
-        intensities=tuple(float(np.clip(v + rng.uniform(-0.05, 0.05), 0.0, 1.0)) for v in base.intensities),  # type: ignore[arg-type]
+        intensities=tuple(  # type: ignore[arg-type]
+            float(np.clip(v + rng.uniform(-0.05, 0.05), 0.0, 1.0)) for v in base.intensities
+        ),
         offset=tuple(float(v) for v in rng.uniform(-offset_mm, offset_mm, size=3)),  # type: ignore[arg-type]
         deformation=deformation,
     )
 
 
 def knee_affine(
-    shape: Sequence[int], spacing: Sequence[float], axcodes: str = "PIR", rotation_deg: Sequence[float] = (0.0, 0.0, 0.0)
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    axcodes: str = "PIR",
+    rotation_deg: Sequence[float] = (0.0, 0.0, 0.0),
 ) -> np.ndarray:
     """A voxel-to-world (RAS+, mm) affine of a grid centred on the knee.
 

@@ -13,9 +13,9 @@ class RegKeys:
     Batches: ``MOVING``, ``FIXED`` images ``[B, C, *N]``, optional ``MOVING_LABEL``, ``FIXED_LABEL`` ``[B, 1, *N]``
     (integer labels) and ``PAIR_ID`` (a name per pair).
     Engine outputs (per pair after decollation): ``PRED`` = warped moving image on the fixed grid, ``DDF`` =
-    MONAI voxel DDF of ``phi_AB``, ``PRED_LABEL`` / ``FIXED_LABEL`` / ``MOVING_LABEL`` = one-hot warped moving / fixed / unwarped moving labels,
-    ``LOSS``, ``SIMILARITY``, ``INVERSE_CONSISTENCY``, ``FOLDS`` (count of ``phi_AB``), ``LMBDA``, ``TIME``
-    (seconds per pair, evaluator).
+    MONAI voxel DDF of ``phi_AB``, ``PRED_LABEL`` / ``FIXED_LABEL`` / ``MOVING_LABEL`` = one-hot warped moving /
+    fixed / unwarped moving labels, ``LOSS``, ``SIMILARITY``, ``INVERSE_CONSISTENCY``, ``FOLDS`` (count of
+    ``phi_AB``), ``LMBDA``, ``TIME`` (seconds per pair, evaluator).
     """
 
     MOVING = "moving_image"

@@ -40,7 +40,11 @@ class PrepareRegistrationBatch(PrepareBatch):
         self.keys = (moving_key, fixed_key, moving_label_key, fixed_label_key)
 
     def __call__(
-        self, batchdata: dict[str, Any], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self,
+        batchdata: dict[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         moving_key, fixed_key, moving_label_key, fixed_label_key = self.keys
         for key in (moving_key, fixed_key):

@@ -136,7 +136,9 @@ class ICONTrainer(SupervisedTrainer):
     def _iteration(self, engine: ICONTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        moving, fixed, _, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        moving, fixed, _, _ = engine.prepare_batch(
+            batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs
+        )
         if engine.compile:  # MetaTensor subclasses trip torch.compile (pytorch/pytorch#117026)
             moving, fixed = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (moving, fixed))
         if engine.channels_last:

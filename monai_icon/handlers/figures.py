@@ -34,7 +34,9 @@ class RegistrationFigureHandler:
         summary_writer: optional TensorBoard writer.
     """
 
-    def __init__(self, output_dir: str | Path, max_pairs: int = 4, prefix: str = "registration", summary_writer: Any = None) -> None:
+    def __init__(
+        self, output_dir: str | Path, max_pairs: int = 4, prefix: str = "registration", summary_writer: Any = None
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.max_pairs = max_pairs
         self.prefix = prefix
@@ -58,7 +60,9 @@ class RegistrationFigureHandler:
             for i in range(output[RegKeys.MOVING].shape[0])
         ]
         for item in items[: self.max_pairs - len(self._items)]:
-            self._items.append({k: item[k].detach().cpu() for k in (RegKeys.MOVING, RegKeys.FIXED, RegKeys.PRED, RegKeys.DDF)})
+            self._items.append(
+                {k: item[k].detach().cpu() for k in (RegKeys.MOVING, RegKeys.FIXED, RegKeys.PRED, RegKeys.DDF)}
+            )
 
     def _draw(self, engine: Engine) -> None:
         if not self._items:
@@ -71,8 +75,12 @@ class RegistrationFigureHandler:
             ddf_to_map_grid(stacked[RegKeys.DDF].float()),
         )
         epoch = int(engine.state.epoch)
-        path = save_registration_figure(self.output_dir / f"{self.prefix}_epoch{epoch:03d}.png", *args, max_rows=self.max_pairs)
+        path = save_registration_figure(
+            self.output_dir / f"{self.prefix}_epoch{epoch:03d}.png", *args, max_rows=self.max_pairs
+        )
         save_registration_figure(self.output_dir / f"{self.prefix}_latest.png", *args, max_rows=self.max_pairs)
         if self.summary_writer is not None:
-            self.summary_writer.add_figure(self.prefix, registration_figure(*args, max_rows=self.max_pairs), global_step=epoch)
+            self.summary_writer.add_figure(
+                self.prefix, registration_figure(*args, max_rows=self.max_pairs), global_step=epoch
+            )
         engine.logger.info(f"saved registration figure {path}")

@@ -40,4 +40,6 @@ class GradientClipHandler:
         if getattr(engine, "amp", False) and scaler is not None:
             scaler.unscale_(engine.optimizer)
         params = [p for p in engine.network.parameters() if p.grad is not None]
-        engine.state.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)) if params else 0.0
+        engine.state.grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)) if params else 0.0
+        )

@@ -44,7 +44,11 @@ class ThresholdDice(IgniteMetricHandler):
         output_transform: Callable = from_engine([RegKeys.PRED, RegKeys.FIXED]),
         save_details: bool = True,
     ) -> None:
-        super().__init__(metric_fn=ThresholdDiceMetric(threshold, reduction), output_transform=output_transform, save_details=save_details)
+        super().__init__(
+            metric_fn=ThresholdDiceMetric(threshold, reduction),
+            output_transform=output_transform,
+            save_details=save_details,
+        )
 
 
 def _label_channel(pred_key: str, label_key: str, label: int) -> Callable[[Any], tuple[list, list]]:
@@ -81,7 +85,9 @@ class LabelDice(MeanDice):
             if int(label) < 0:
                 raise ValueError(f"label must be a non-negative label value, got {label}.")
             transform, background = _label_channel(pred_key, RegKeys.FIXED_LABEL, int(label)), True
-        super().__init__(include_background=background, reduction=reduction, output_transform=transform, save_details=save_details)
+        super().__init__(
+            include_background=background, reduction=reduction, output_transform=transform, save_details=save_details
+        )
 
 
 class Folds(IgniteMetricHandler):
@@ -94,7 +100,11 @@ class Folds(IgniteMetricHandler):
         output_transform: Callable = _values_only(RegKeys.DDF),
         save_details: bool = True,
     ) -> None:
-        super().__init__(metric_fn=FoldsMetric(percentage, "ddf", reduction), output_transform=output_transform, save_details=save_details)
+        super().__init__(
+            metric_fn=FoldsMetric(percentage, "ddf", reduction),
+            output_transform=output_transform,
+            save_details=save_details,
+        )
 
 
 class OutputValue(IgniteMetricHandler):
@@ -104,13 +114,17 @@ class OutputValue(IgniteMetricHandler):
     def __init__(
         self, key: str, reduction: MetricReduction | str = MetricReduction.MEAN, save_details: bool = True
     ) -> None:
-        super().__init__(metric_fn=ValueMetric(reduction), output_transform=_values_only(key), save_details=save_details)
+        super().__init__(
+            metric_fn=ValueMetric(reduction), output_transform=_values_only(key), save_details=save_details
+        )
 
 
 def pair_names(batch: Any) -> Sequence[dict[str, str]]:
     """``batch_transform`` for ``monai.handlers.MetricsSaver``: one ``{"filename_or_obj": pair_id}`` per pair,
     from a batch dictionary or a decollated list of pair dictionaries."""
-    items = batch if isinstance(batch, (list, tuple)) else [{RegKeys.PAIR_ID: n} for n in batch.get(RegKeys.PAIR_ID, [])]
+    items = (
+        batch if isinstance(batch, (list, tuple)) else [{RegKeys.PAIR_ID: n} for n in batch.get(RegKeys.PAIR_ID, [])]
+    )
     if not items or any(RegKeys.PAIR_ID not in item for item in items):
         raise ValueError(f"the batch has no {RegKeys.PAIR_ID!r} to name the pairs in the metric CSV files.")
     return [{"filename_or_obj": str(item[RegKeys.PAIR_ID])} for item in items]

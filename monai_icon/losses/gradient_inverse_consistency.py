@@ -61,7 +61,9 @@ class GradientInverseConsistencyLoss(_Loss):
     The published recipe pairs it with LNCC and ``lmbda = 1.5``.
     """
 
-    def __init__(self, sigma: float = 1.0, delta: float = 1e-3, reduction: LossReduction | str = LossReduction.MEAN) -> None:
+    def __init__(
+        self, sigma: float = 1.0, delta: float = 1e-3, reduction: LossReduction | str = LossReduction.MEAN
+    ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if sigma < 0 or delta <= 0:
             raise ValueError(f"sigma must be >= 0 and delta > 0, got {sigma} and {delta}.")

@@ -116,7 +116,9 @@ class InverseConsistencyLoss(_Loss):
     on which to evaluate. The module holds no state beyond its hyper-parameters.
     """
 
-    def __init__(self, sigma: float = 1.0, epsilon: float = 0.0, reduction: LossReduction | str = LossReduction.MEAN) -> None:
+    def __init__(
+        self, sigma: float = 1.0, epsilon: float = 0.0, reduction: LossReduction | str = LossReduction.MEAN
+    ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if sigma < 0 or epsilon < 0:
             raise ValueError(f"sigma and epsilon must be >= 0, got {sigma} and {epsilon}.")

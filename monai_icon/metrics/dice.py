@@ -46,7 +46,10 @@ class ThresholdDiceMetric(DiceMetric):
     """
 
     def __init__(
-        self, threshold: float = 0.5, reduction: MetricReduction | str = MetricReduction.MEAN, get_not_nans: bool = False
+        self,
+        threshold: float = 0.5,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
     ) -> None:
         super().__init__(include_background=True, reduction=reduction, get_not_nans=get_not_nans, ignore_empty=False)
         self.threshold = threshold

@@ -92,6 +92,8 @@ class FoldsMetric(PerPairMetric):
         self.percentage = percentage
         self.input_type = input_type
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def _compute_tensor(  # type: ignore[override]
+        self, y_pred: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         grid = ddf_to_map_grid(y_pred) if self.input_type == "ddf" else y_pred
         return count_folds(grid.float(), self.percentage).unsqueeze(1)

@@ -20,6 +20,8 @@ class ValueMetric(PerPairMetric):
     ``aggregate()`` reduces the buffer with ``reduction`` (default mean); ``get_not_nans`` as in MONAI metrics.
     """
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def _compute_tensor(  # type: ignore[override]
+        self, y_pred: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         values = torch.as_tensor(y_pred, dtype=torch.float32)
         return values.reshape(-1, 1)

@@ -60,7 +60,10 @@ def identity_grid(
         tensor ``[1, D, *shape]``, channel ``d`` equal to ``index_d / (N_d - 1)`` (0 on axes of size 1).
     """
     shape = _spatial_shape(shape)
-    axes = [torch.linspace(0.0, 1.0, n, device=device, dtype=dtype) if n > 1 else torch.zeros(1, device=device, dtype=dtype) for n in shape]
+    axes = [
+        torch.linspace(0.0, 1.0, n, device=device, dtype=dtype) if n > 1 else torch.zeros(1, device=device, dtype=dtype)
+        for n in shape
+    ]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
 
 
@@ -103,7 +106,9 @@ def interpolate(
     grid = points.reshape(batch, spatial_dims, -1).flip(1).movedim(1, -1) * 2.0 - 1.0
     chunks = _cpu_chunks(field, grid.shape[1])
     if chunks > 1:
-        return _chunked_grid_sample(field, grid, chunks, mode, padding_mode).reshape(batch, field.shape[1], *point_shape)
+        return _chunked_grid_sample(field, grid, chunks, mode, padding_mode).reshape(
+            batch, field.shape[1], *point_shape
+        )
     grid = grid.reshape(batch, -1, *([1] * (spatial_dims - 1)), spatial_dims)
     values = F.grid_sample(field, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return values.reshape(batch, field.shape[1], *point_shape)
@@ -127,7 +132,9 @@ def _cpu_chunks(field: torch.Tensor, num_points: int) -> int:
     return max(1, min(threads // batch, num_points // _MIN_POINTS_PER_CHUNK))
 
 
-def _chunked_grid_sample(field: torch.Tensor, grid: torch.Tensor, chunks: int, mode: str, padding_mode: str) -> torch.Tensor:
+def _chunked_grid_sample(
+    field: torch.Tensor, grid: torch.Tensor, chunks: int, mode: str, padding_mode: str
+) -> torch.Tensor:
     """``grid_sample`` of ``grid`` (``[B, P, D]``) split into ``chunks`` pseudo-batches; returns ``[B, C, P]``.
 
     Values are identical to one call; gradients with respect to ``field`` are summed over the chunks (equal up to
@@ -391,7 +398,9 @@ def warp_labels(label: torch.Tensor, coords: torch.Tensor, num_classes: int, mod
         ``[B, num_classes, *M]`` one-hot float tensor.
     """
     if label.ndim != coords.ndim:
-        raise ValueError(f"label must be [B, 1, *spatial] matching coords, got {tuple(label.shape)} and {tuple(coords.shape)}.")
+        raise ValueError(
+            f"label must be [B, 1, *spatial] matching coords, got {tuple(label.shape)} and {tuple(coords.shape)}."
+        )
     onehot = one_hot_labels(label, num_classes, coords.dtype)
     if mode == "nearest":
         warped = interpolate(label.to(coords.dtype), coords, mode="nearest").round().long()

@@ -76,10 +76,22 @@ class PretrainedSpec:
 _KNEE = {"spatial_size": (80, 192, 192), "reverse_axes": True, "resize_mode": "trilinear", "axcodes": None,
          "percentiles": (0.0, 99.0), "target_side": None}
 PRETRAINED: dict[str, PretrainedSpec] = {
-    "icon_oai": PretrainedSpec(_icon_oai, "icon_oai_keys.json", {**_KNEE, "similarity": "mse", "regularizer": "icon", "lmbda": 3600.0}),
-    "gradicon_oai": PretrainedSpec(_gradicon, "gradicon_keys.json", {**_KNEE, "similarity": "lncc", "regularizer": "gradicon", "lmbda": 1.5}),
-    "unigradicon": PretrainedSpec(_gradicon, "gradicon_keys.json", {**_KNEE, "spatial_size": (175, 175, 175), "similarity": "lncc", "regularizer": "gradicon", "lmbda": 1.5}),
-    "multigradicon": PretrainedSpec(_gradicon, "gradicon_keys.json", {**_KNEE, "spatial_size": (175, 175, 175), "similarity": "lncc", "regularizer": "gradicon", "lmbda": 1.5}),
+    "icon_oai": PretrainedSpec(
+        _icon_oai, "icon_oai_keys.json", {**_KNEE, "similarity": "mse", "regularizer": "icon", "lmbda": 3600.0}
+    ),
+    "gradicon_oai": PretrainedSpec(
+        _gradicon, "gradicon_keys.json", {**_KNEE, "similarity": "lncc", "regularizer": "gradicon", "lmbda": 1.5}
+    ),
+    "unigradicon": PretrainedSpec(
+        _gradicon,
+        "gradicon_keys.json",
+        {**_KNEE, "spatial_size": (175, 175, 175), "similarity": "lncc", "regularizer": "gradicon", "lmbda": 1.5},
+    ),
+    "multigradicon": PretrainedSpec(
+        _gradicon,
+        "gradicon_keys.json",
+        {**_KNEE, "spatial_size": (175, 175, 175), "similarity": "lncc", "regularizer": "gradicon", "lmbda": 1.5},
+    ),
 }
 
 
@@ -134,7 +146,9 @@ def to_reference_state_dict(network: RegistrationNet) -> dict[str, torch.Tensor]
     return {names[k]: v for k, v in network.state_dict().items()}
 
 
-def from_reference_state_dict(network: RegistrationNet, state: Mapping[str, torch.Tensor], kind: str) -> RegistrationNet:
+def from_reference_state_dict(
+    network: RegistrationNet, state: Mapping[str, torch.Tensor], kind: str
+) -> RegistrationNet:
     """Load a reference-named state dict into ``network`` strictly: every key of the committed list must be
     present with its shape, and nothing else (a ``regis_net.`` prefix is optional).
 

@@ -17,7 +17,14 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, MapTransform, Transform
 
-__all__ = ["SIDES", "normalise_side", "left_right_axis", "side_from_filename", "HarmoniseLaterality", "HarmoniseLateralityd"]
+__all__ = [
+    "SIDES",
+    "normalise_side",
+    "left_right_axis",
+    "side_from_filename",
+    "HarmoniseLaterality",
+    "HarmoniseLateralityd",
+]
 
 SIDES = ("LEFT", "RIGHT")
 _SIDE_IN_NAME = re.compile(r"(?:^|[^A-Za-z])(LEFT|RIGHT)(?:[^A-Za-z]|$)", re.IGNORECASE)

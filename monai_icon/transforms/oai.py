@@ -72,7 +72,9 @@ def oai_preprocessing(
     if percentiles is not None:
         lower, upper = percentiles
         xforms.append(
-            ScaleIntensityRangePercentilesd(list(image_keys), lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True, **opts)
+            ScaleIntensityRangePercentilesd(
+                list(image_keys), lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True, **opts
+            )
         )
     xforms.append(EnsureTyped(list(image_keys), dtype=torch.float32, **opts))
     if label_keys:
@@ -106,5 +108,7 @@ def oai_pair_transforms(
     xforms = []
     for role in ("moving", "fixed"):
         labels = (f"{role}_label",) if with_labels else ()
-        xforms += oai_preprocessing((f"{role}_image",), labels, f"{role}_side", spatial_size, axcodes, target_side, percentiles)
+        xforms += oai_preprocessing(
+            (f"{role}_image",), labels, f"{role}_side", spatial_size, axcodes, target_side, percentiles
+        )
     return Compose(xforms)

@@ -23,7 +23,9 @@ def check_unet_args(spatial_dims: int, encoder_channels, decoder_channels) -> No
         raise ValueError("encoder_channels and decoder_channels must be non-empty and of the same length.")
 
 
-def concat_pair(image_A: torch.Tensor, image_B: torch.Tensor | None, spatial_dims: int, in_channels: int) -> torch.Tensor:
+def concat_pair(
+    image_A: torch.Tensor, image_B: torch.Tensor | None, spatial_dims: int, in_channels: int
+) -> torch.Tensor:
     """Concatenate a moving/fixed pair along channels (or accept one pre-concatenated tensor).
 
     Args:
@@ -34,7 +36,8 @@ def concat_pair(image_A: torch.Tensor, image_B: torch.Tensor | None, spatial_dim
     x = image_A if image_B is None else torch.cat([image_A, image_B], dim=1)
     if x.ndim != spatial_dims + 2:
         raise ValueError(
-            f"a {spatial_dims}D network expects [B, C, *{spatial_dims} spatial dims] inputs, got shape {tuple(x.shape)}."
+            f"a {spatial_dims}D network expects [B, C, *{spatial_dims} spatial dims] inputs, "
+            f"got shape {tuple(x.shape)}."
         )
     if x.shape[1] != in_channels:
         raise ValueError(f"the network expects {in_channels} input channels in total, got {x.shape[1]}.")

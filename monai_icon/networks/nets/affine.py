@@ -30,7 +30,9 @@ class AffineNet(nn.Module):
         identity matrix ``[I | 0]`` in ``[0, 1]`` coordinates (zero at initialisation). Any ``N``.
     """
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 2, channels: Sequence[int] = (16, 32, 64, 128)) -> None:
+    def __init__(
+        self, spatial_dims: int = 2, in_channels: int = 2, channels: Sequence[int] = (16, 32, 64, 128)
+    ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")

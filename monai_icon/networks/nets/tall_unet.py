@@ -70,15 +70,27 @@ class TallUNet(nn.Module):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if len(down_channels) != len(up_channels) or not down_channels:
-            raise ValueError(f"down_channels and up_channels need the same non-zero length, got {down_channels} and {up_channels}.")
+            raise ValueError(
+                f"down_channels and up_channels need the same non-zero length, got {down_channels} and {up_channels}."
+            )
         if chunky_middle and (spatial_dims != 3 or down_channels[-1] != _CHUNKY_BOTTLENECK[0]):
-            raise ValueError("chunky_middle is the ICON OAI 3D bottleneck: needs spatial_dims 3 and 512 deepest channels.")
+            raise ValueError(
+                "chunky_middle is the ICON OAI 3D bottleneck: needs spatial_dims 3 and 512 deepest channels."
+            )
         self.spatial_dims, self.in_channels, self.chunky_middle = spatial_dims, in_channels, chunky_middle
         down = [2 * in_channels, *down_channels]
         up_in = [d + u for d, u in zip(down[1:], [*up_channels[1:], 0])]
-        conv, conv_t, norm = Conv[Conv.CONV, spatial_dims], Conv[Conv.CONVTRANS, spatial_dims], Norm[Norm.BATCH, spatial_dims]
-        self.downConvs = nn.ModuleList([conv(down[d], down[d + 1], kernel_size=3, padding=1, stride=2) for d in range(len(down_channels))])
-        self.upConvs = nn.ModuleList([conv_t(up_in[d], up_channels[d], kernel_size=4, padding=1, stride=2) for d in range(len(up_channels))])
+        conv, conv_t, norm = (
+            Conv[Conv.CONV, spatial_dims],
+            Conv[Conv.CONVTRANS, spatial_dims],
+            Norm[Norm.BATCH, spatial_dims],
+        )
+        self.downConvs = nn.ModuleList(
+            [conv(down[d], down[d + 1], kernel_size=3, padding=1, stride=2) for d in range(len(down_channels))]
+        )
+        self.upConvs = nn.ModuleList(
+            [conv_t(up_in[d], up_channels[d], kernel_size=4, padding=1, stride=2) for d in range(len(up_channels))]
+        )
         self.batchNorms = nn.ModuleList([norm(c) for c in up_channels])
         self.lastConv = conv(down[0] + up_channels[0], spatial_dims, kernel_size=3, padding=1)
         nn.init.zeros_(self.lastConv.weight)
@@ -99,8 +111,10 @@ class TallUNet(nn.Module):
             x = y + _fit_channels(pool(x, 2, ceil_mode=True), y.shape[1])
         if self.chunky_middle:
             if tuple(x.shape[1:]) != _CHUNKY_BOTTLENECK:
-                raise ValueError(f"the chunky-middle U-Net needs a {_CHUNKY_BOTTLENECK} bottleneck (inputs 40 x 96 x 96), "
-                                 f"got {tuple(x.shape[1:])} from inputs {tuple(skips[0].shape[2:])}.")
+                raise ValueError(
+                    f"the chunky-middle U-Net needs a {_CHUNKY_BOTTLENECK} bottleneck (inputs 40 x 96 x 96), "
+                    f"got {tuple(x.shape[1:])} from inputs {tuple(skips[0].shape[2:])}."
+                )
             flat = self.middle_dense[1](F.leaky_relu(self.middle_dense[0](x.reshape(x.shape[0], -1))))
             x = flat.reshape(x.shape)
         for depth in reversed(range(len(self.upConvs))):

@@ -13,7 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers import Conv, Norm
 
-from monai_icon.networks.nets._utils import check_unet_args, concat_pair, crop_to, match_channels, pad_to_multiple, zero_init
+from monai_icon.networks.nets._utils import (
+    check_unet_args,
+    concat_pair,
+    crop_to,
+    match_channels,
+    pad_to_multiple,
+    zero_init,
+)
 
 __all__ = ["UNet"]
 
