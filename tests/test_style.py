@@ -1,0 +1,12 @@
+"""The code follows the project's flake8 settings (setup.cfg: 120 columns, as MONAI)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flake8_reports_nothing():
+    result = subprocess.run([sys.executable, "-m", "flake8", "."], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, f"flake8 found problems:\n{result.stdout}{result.stderr}"
