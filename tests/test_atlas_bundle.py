@@ -18,6 +18,7 @@ import torch
 
 from monai_icon.apps import AtlasSegmentation
 from monai_icon.data import KneeAnatomy, knee_affine, render_knee
+from monai_icon.losses import ICONLoss
 from monai_icon.networks import multistep_registration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,28 @@ def test_atlas_segmentation_returns_warped_atlas_probabilities():
         module(torch.rand(1, 1, 8, 8, 8))
     with pytest.raises(ValueError, match="same 2D/3D shape"):
         AtlasSegmentation(module.network, torch.rand(1, 16, 16, 8), label[:, :8])
+
+
+def test_atlas_segmentation_instance_optimisation_restores_the_weights():
+    label = torch.zeros(1, 16, 16, 8, dtype=torch.long)
+    label[:, 4:8] = 1
+    network = multistep_registration(coarse_steps=1, encoder_channels=(4, 8), decoder_channels=(8, 4))
+    module = AtlasSegmentation(network, torch.rand(1, 16, 16, 8), label)  # io_steps = 0: no loss needed
+    assert module.loss is None
+    default = module._io_loss()  # the published recipe, also when io_steps is raised after construction
+    assert default.lmbda == 1.5 and type(default.regularizer).__name__ == "GradientInverseConsistencyLoss"
+    assert default.spatial_dims == 3
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    image = torch.rand(1, 1, 16, 16, 8)
+    identity = module(image)  # untrained: the atlas labels themselves
+    module.io_steps, module.io_lr = 2, 1e-2
+    out = module(image)
+    assert out.shape == (1, 2, 16, 16, 8) and torch.isfinite(out).all()
+    assert (out - identity).abs().max() > 1e-3  # the fine-tuned network moved the labels
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # fine-tuned on the pair, then restored
+    given = ICONLoss("mse", 10.0, spatial_dims=3)
+    assert AtlasSegmentation(network, torch.rand(1, 16, 16, 8), label, io_steps=1, loss=given)._io_loss() is given
 
 
 @pytest.fixture(scope="module")

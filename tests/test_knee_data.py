@@ -228,3 +228,15 @@ def test_deformed_copies_of_the_embedded_t1_volume(tmp_path):
     assert "side" not in datalist["training"][0] and "moving_side" not in datalist["test_pairs"][0]
     with pytest.raises(ValueError, match="no LEFT/RIGHT"):
         build_knee_datalist(tmp_path / "vols")
+
+
+def test_deformed_copies_name_a_missing_or_non_image_source(tmp_path):
+    from monai_icon.data import embedded_t1_head, write_deformed_copies
+
+    _, label_path = embedded_t1_head()
+    with pytest.raises(FileNotFoundError, match="volume not found"):
+        write_deformed_copies(tmp_path / "out", 1, image=tmp_path / "missing.nii.gz", label=label_path)
+    surface = tmp_path / "surface.gii"  # a file nibabel reads, but not an image volume
+    nib.save(nib.gifti.GiftiImage(), str(surface))
+    with pytest.raises(ValueError, match="surface.gii is not an image volume"):
+        write_deformed_copies(tmp_path / "out", 1, image=surface, label=label_path)

@@ -39,6 +39,9 @@ class AtlasSegmentation(nn.Module):
         ``[B, 1, *N]`` -> ``[B, num_classes, *N]``.
     """
 
+    atlas_image: torch.Tensor  # buffers (not in the state dict), declared for type checkers
+    atlas_onehot: torch.Tensor
+
     def __init__(
         self,
         network: nn.Module,
@@ -61,11 +64,13 @@ class AtlasSegmentation(nn.Module):
             "atlas_onehot", one_hot_labels(label.long().as_subclass(torch.Tensor), self.num_classes), persistent=False
         )
         self.io_steps, self.io_lr = int(io_steps), float(io_lr)
-        self.loss = (
-            loss
-            if loss is not None or io_steps == 0
-            else ICONLoss("lncc", 1.5, "gradicon", spatial_dims=image.ndim - 2)
-        )
+        self.loss = loss
+
+    def _io_loss(self) -> ICONLoss:
+        """The instance optimisation loss: ``loss``, or the published recipe's (GradICON + LNCC, lambda 1.5)."""
+        if self.loss is not None:
+            return self.loss
+        return ICONLoss("lncc", 1.5, "gradicon", spatial_dims=self.atlas_image.ndim - 2)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if image.shape[2:] != self.atlas_image.shape[2:] or image.shape[1] != 1:
@@ -78,7 +83,7 @@ class AtlasSegmentation(nn.Module):
         with restored_weights(network):
             if self.io_steps > 0:
                 with torch.enable_grad():
-                    instance_optimise(network, atlas, image, self.loss, self.io_steps, self.io_lr)
+                    instance_optimise(network, atlas, image, self._io_loss(), self.io_steps, self.io_lr)
             with torch.no_grad():
                 phi = register_one_way(network, atlas, image)
                 labels = self.atlas_onehot.expand(image.shape[0], *self.atlas_onehot.shape[1:])

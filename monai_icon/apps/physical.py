@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,22 +96,30 @@ def to_network_grid(
     if image.ndim - 1 != len(spatial_size):
         raise ValueError(f"the network grid {tuple(spatial_size)} is {len(spatial_size)}D but the image is "
                          f"{image.ndim - 1}D (shape {tuple(image.shape[1:])}).")
-    out = image.float()
+    out = _as_meta(image.float())
     if axcodes is not None:
-        out = Orientation(axcodes=axcodes, labels=None)(out)
+        out = _as_meta(Orientation(axcodes=axcodes, labels=None)(out))
     if reverse_axes:
         dims = out.ndim - 1
         order = list(range(dims))[::-1]
         out = _with_affine(out.as_tensor().permute(0, *[d + 1 for d in order]), out, out.affine[:, [*order, dims]])
     if normalise_first:
         out = _normalise(out, window, percentiles)
-    out = Resize(tuple(spatial_size), mode=resize_mode)(out)
+    out = _as_meta(Resize(tuple(spatial_size), mode=resize_mode)(out))
     if side is not None and target_side is not None and normalise_side(side) != normalise_side(target_side):
         axis = left_right_axis(out.affine)
         flip = torch.eye(out.affine.shape[0], dtype=out.affine.dtype)
         flip[axis, axis], flip[axis, -1] = -1.0, float(out.shape[axis + 1] - 1)
         out = _with_affine(torch.flip(out.as_tensor(), dims=[axis + 1]), out, out.affine @ flip)
     return out if normalise_first else _normalise(out, window, percentiles)
+
+
+def _as_meta(image: Any) -> MetaTensor:
+    """``image`` as a MetaTensor: MONAI's array transforms return one for a MetaTensor input (their annotations
+    say ``Tensor``), so anything else is an error in the pipeline."""
+    if not isinstance(image, MetaTensor):
+        raise TypeError(f"expected a MetaTensor carrying the affine, got {type(image).__name__}.")
+    return image
 
 
 def _with_affine(array: torch.Tensor, like: MetaTensor, affine: torch.Tensor) -> MetaTensor:
@@ -122,9 +131,9 @@ def _normalise(
     image: MetaTensor, window: tuple[float, float] | None, percentiles: tuple[float, float] | None
 ) -> MetaTensor:
     if window is not None:
-        return ScaleIntensityRange(window[0], window[1], 0.0, 1.0, clip=True)(image)
+        return _as_meta(ScaleIntensityRange(window[0], window[1], 0.0, 1.0, clip=True)(image))
     if percentiles is not None:
-        return ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 1.0, clip=True)(image)
+        return _as_meta(ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 1.0, clip=True)(image))
     return image
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 
 from monai_icon.apps.physical import (
     check_memory,
@@ -233,7 +234,7 @@ class PhysicalRegistration:
 
 
 def register_images(
-    model: RegistrationModel, fixed: torch.Tensor, moving: torch.Tensor, fixed_side: str | None = None,
+    model: RegistrationModel, fixed: MetaTensor, moving: MetaTensor, fixed_side: str | None = None,
     moving_side: str | None = None, io_steps: int = 0, io_lr: float = 2e-5, device: str | torch.device | None = None,
 ) -> PhysicalRegistration:
     """Register two channel-first MetaTensors (with affines) in physical space.
@@ -343,7 +344,7 @@ def register_files(
                 values[0].numpy() if values.shape[0] == 1 else values.movedim(0, -1).numpy(), fixed_affine, warped
             )
         )
-    if label is not None:
+    if label is not None and warped_label is not None:  # both or neither (checked above)
         onehot = one_hot_labels(label.as_tensor().long().unsqueeze(0), num_classes)[0]
         warped_labels = (
             sample_world(onehot, moving_affine, points).argmax(0).to(torch.int16 if num_classes > 255 else torch.uint8)

@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Warp
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 __all__ = ["embedded_t1_head", "random_smooth_ddf", "write_deformed_copies"]
 
@@ -61,10 +65,7 @@ def write_deformed_copies(
         raise ValueError(f"num_copies must be >= 1, got {num_copies}.")
     default_image, default_label = embedded_t1_head()
     image_path, label_path = Path(image or default_image), Path(label or default_label)
-    for path in (image_path, label_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"volume not found: {path}")
-    src, seg = nib.load(str(image_path)), nib.load(str(label_path))
+    src, seg = _load_volume(image_path), _load_volume(label_path)
     if src.shape[:3] != seg.shape[:3] or len(src.shape) != 3:
         raise ValueError(f"need a 3D image and a label map of the same shape, got {src.shape} and {seg.shape}.")
     data = torch.as_tensor(np.asarray(src.dataobj, dtype=np.float32))
@@ -91,3 +92,15 @@ def write_deformed_copies(
         records.append({**paths, "subject": subject})
     (folder / "subjects.json").write_text(json.dumps(records, indent=1))
     return records
+
+
+def _load_volume(path: Path) -> SpatialImage:
+    """The image volume in ``path`` (read lazily by nibabel), with clear errors for a missing or non-image file."""
+    import nibabel as nib
+
+    if not path.is_file():
+        raise FileNotFoundError(f"volume not found: {path}")
+    volume = nib.load(str(path))
+    if not isinstance(volume, nib.spatialimages.SpatialImage):
+        raise ValueError(f"{path} is not an image volume (nibabel read it as {type(volume).__name__}).")
+    return volume

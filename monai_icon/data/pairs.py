@@ -39,16 +39,17 @@ class RandomPairDataset(Dataset):
         keys: Sequence[str] = ("image", "label"),
         transform: Callable | None = None,
     ) -> None:
-        if len(data) < 2:  # type: ignore[arg-type]
-            raise ValueError(f"need at least two images to draw pairs, got {len(data)}.")  # type: ignore[arg-type]
+        size = len(data)  # type: ignore[arg-type]  # a map-style Dataset has __len__, its type does not say so
+        if size < 2:
+            raise ValueError(f"need at least two images to draw pairs, got {size}.")
         if num_pairs < 1:
             raise ValueError(f"num_pairs must be >= 1, got {num_pairs}.")
         self.data, self.num_pairs, self.keys, self.transform = data, num_pairs, tuple(keys), transform
         self.pairs: np.ndarray | None = None
         if seed is not None:
             rng = np.random.default_rng(seed)
-            first = rng.integers(0, len(data), num_pairs)  # type: ignore[arg-type]
-            second = (first + rng.integers(1, len(data), num_pairs)) % len(data)  # type: ignore[arg-type]
+            first = rng.integers(0, size, num_pairs)
+            second = (first + rng.integers(1, size, num_pairs)) % size
             self.pairs = np.stack([first, second], axis=1)
 
     def __len__(self) -> int:

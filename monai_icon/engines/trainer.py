@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from monai.data import MetaTensor
@@ -144,11 +144,11 @@ class ICONTrainer(SupervisedTrainer):
         if engine.channels_last:
             moving, fixed = (channels_last_copy(x) for x in (moving, fixed))
         engine.state.output = {RegKeys.MOVING: moving, RegKeys.FIXED: fixed}
-        loss_function: ICONLoss = engine.loss_function
+        loss_function = cast(ICONLoss, engine.loss_function)  # an ICONLoss, or torch.compile's wrapper of one
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        use_amp = engine.amp and engine.scaler is not None
-        with torch.autocast("cuda", enabled=use_amp, **engine.amp_kwargs):
+        scaler = engine.scaler if engine.amp else None
+        with torch.autocast("cuda", enabled=scaler is not None, **engine.amp_kwargs):
             phi_AB, phi_BA = register_pair(engine.network, moving, fixed)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             result = loss_function(moving, fixed, phi_AB, phi_BA)
@@ -164,11 +164,11 @@ class ICONTrainer(SupervisedTrainer):
             }
         )
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if use_amp:
-            engine.scaler.scale(result.loss).backward()
+        if scaler is not None:
+            scaler.scale(result.loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
+            scaler.step(engine.optimizer)
+            scaler.update()
         else:
             result.loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)

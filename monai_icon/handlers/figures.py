@@ -54,7 +54,7 @@ class RegistrationFigureHandler:
     def _collect(self, engine: Engine) -> None:
         if len(self._items) >= self.max_pairs:
             return
-        output = engine.state.output
+        output: Any = engine.state.output
         items = output if isinstance(output, list) else [
             {k: output[k][i] for k in (RegKeys.MOVING, RegKeys.FIXED, RegKeys.PRED, RegKeys.DDF)}
             for i in range(output[RegKeys.MOVING].shape[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from ignite.engine import Engine
+from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
 __all__ = ["GradientClipHandler"]
@@ -35,11 +36,10 @@ class GradientClipHandler:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
 
-    def __call__(self, engine: Engine) -> None:
+    def __call__(self, engine: SupervisedTrainer) -> None:
         scaler = getattr(engine, "scaler", None)
         if getattr(engine, "amp", False) and scaler is not None:
             scaler.unscale_(engine.optimizer)
         params = [p for p in engine.network.parameters() if p.grad is not None]
-        engine.state.grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)) if params else 0.0
-        )
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)) if params else 0.0
+        setattr(engine.state, "grad_norm", grad_norm)  # ignite's State takes new attributes; its type lists none

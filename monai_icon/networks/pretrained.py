@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from monai_icon.networks.blocks import DisplacementField, Downsample, TwoStep
+from monai_icon.networks.blocks import DisplacementField, Downsample, RegistrationModule, TwoStep
 from monai_icon.networks.nets.tall_unet import TallUNet
 from monai_icon.networks.registration_net import RegistrationNet
 from monai_icon.networks.weights import read_checkpoint
@@ -53,7 +53,7 @@ def _icon_oai() -> RegistrationNet:
 
 
 def _gradicon() -> RegistrationNet:
-    inner: nn.Module = _step()
+    inner: RegistrationModule = _step()
     for _ in range(2):
         inner = TwoStep(Downsample(inner, 2), _step())
     return RegistrationNet(TwoStep(inner, _step()))

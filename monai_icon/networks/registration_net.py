@@ -62,8 +62,8 @@ def register_pair(network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor)
 def register_one_way(network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> Map:
     """``phi_AB`` alone: ``RegistrationNet.register`` (unwrapping DDP/DataParallel), else the network's own call
     (a block returning a map, or a module returning ``(phi_AB, phi_BA)``)."""
-    module = getattr(network, "module", network)
-    if hasattr(module, "register"):
-        return module.register(moving, fixed)
+    register = getattr(getattr(network, "module", network), "register", None)
+    if callable(register):
+        return register(moving, fixed)
     out = network(moving, fixed)
     return out[0] if isinstance(out, tuple) else out

@@ -16,6 +16,7 @@ pooled to 96x96x40 by its :class:`~monai_icon.networks.Downsample` block.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.transforms import (
@@ -58,7 +59,7 @@ def oai_preprocessing(
         load: start with ``LoadImaged`` (+ channel first).
     """
     keys = [*image_keys, *label_keys]
-    opts = {"allow_missing_keys": allow_missing_keys}
+    opts: dict[str, Any] = {"allow_missing_keys": allow_missing_keys}
     xforms: list = []
     if load:
         xforms.append(LoadImaged(keys, image_only=True, ensure_channel_first=True, **opts))

@@ -60,9 +60,9 @@ def crop_to(x: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tenso
 
 def zero_init(layer: nn.Module) -> nn.Module:
     """Set a layer's weight and bias to zero, so that a network ending in it starts at the identity map."""
-    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.get_parameter("weight"))
     if getattr(layer, "bias", None) is not None:
-        nn.init.zeros_(layer.bias)
+        nn.init.zeros_(layer.get_parameter("bias"))
     return layer
 
 
