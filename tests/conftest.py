@@ -1,5 +1,12 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -34,3 +41,19 @@ def smooth_random_field(batch, shape, amplitude=0.05, generator=None):
     coarse = torch.randn(batch, dims, *([4] * dims), generator=generator) * amplitude
     mode = "bilinear" if dims == 2 else "trilinear"
     return torch.nn.functional.interpolate(coarse, size=tuple(shape), mode=mode, align_corners=True)
+
+
+def run_bundle(*args: str, check: bool = True, timeout: float = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle <args>`` in a subprocess (unbuffered output, captured as text); with ``check``, a
+    failure raises an AssertionError carrying the tails of stdout and stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=cwd,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"monai.bundle {' '.join(args[:2])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

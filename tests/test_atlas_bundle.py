@@ -9,19 +9,18 @@ import sys
 import time
 import urllib.request
 from dataclasses import replace
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT, run_bundle
 from monai_icon.apps import AtlasSegmentation
 from monai_icon.data import KneeAnatomy, knee_affine, render_knee
 from monai_icon.losses import ICONLoss
 from monai_icon.networks import multistep_registration
 
-ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "knee_atlas_segmentation"
 TINY = {"spatial_dims": 3, "coarse_steps": 1, "coarse_factor": 2, "fine_steps": 1, "freeze_coarse": False,
         "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
@@ -94,26 +93,17 @@ def bundle_copy(tmp_path_factory):
 
 def test_bundle_returns_labels_on_the_users_grid(bundle_copy):
     root, user, truth = bundle_copy
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            str(root / "configs" / "inference.json"),
-            "--bundle_root",
-            str(root),
-            "--input_dir",
-            str(user),
-            "--output_dir",
-            str(root / "eval"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_bundle(
+        "run",
+        "--config_file",
+        str(root / "configs" / "inference.json"),
+        "--bundle_root",
+        str(root),
+        "--input_dir",
+        str(user),
+        "--output_dir",
+        str(root / "eval"),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     out = nib.load(root / "eval" / "knee_image_seg.nii.gz")
     np.testing.assert_allclose(out.affine, USER_AFFINE, atol=1e-4)  # back on the user's grid, in its orientation
     seg = np.asarray(out.dataobj).squeeze()

@@ -6,32 +6,21 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run_bundle
+
 CONFIGS = ROOT / "bundle" / "configs"
 TRAIN = str(CONFIGS / "train.yaml")
 SMALL = ["--iterations_per_epoch", "3", "--val_pairs", "8", "--batch_size", "4"]
 
 
 def bundle(*args, check=True, timeout=300):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"bundle {args[:2]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_bundle(*args, check=check, timeout=timeout)
 
 
 def trainer_epochs(log):

@@ -1,15 +1,12 @@
 """The multi-step 3D model, per-label Dice, and the 3D knee configs run as a user runs them."""
 
 import csv
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT, run_bundle
 from monai_icon.apps import load_registration_model
 from monai_icon.data import build_knee_datalist, write_datalist, write_synthetic_knees
 from monai_icon.engines import RegKeys
@@ -17,7 +14,6 @@ from monai_icon.handlers import LabelDice
 from monai_icon.networks import Frozen, load_weights, multistep_registration, unet_step
 from monai_icon.networks.maps import one_hot_labels
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "knee3d"
 TINY = {"encoder_channels": [4, 8], "decoder_channels": [8, 4]}
 
@@ -78,17 +74,7 @@ def test_label_dice_per_label_and_mean():
 
 
 def bundle_run(configs, *args, timeout=900):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str([str(CONFIGS / c) for c in configs]), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"{configs} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    proc = run_bundle("run", "--config_file", str([str(CONFIGS / c) for c in configs]), *args, timeout=timeout)
     return proc.stdout + proc.stderr
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT, run_bundle
 from monai_icon.apps import load_registration_model
 from monai_icon.networks import pretrained
 from monai_icon.networks.nets import TallUNet
@@ -124,9 +125,6 @@ def test_unigradicon_maps_agree_with_the_reference_for_the_same_weights(monkeypa
 def test_register_pairs_config_with_a_weights_file(tmp_path):
     """configs/pretrained/register_pairs.yaml, run as a user runs it, on a small CT-like pair."""
     import json
-    import os
-    import subprocess
-    from pathlib import Path
 
     import nibabel as nib
 
@@ -143,34 +141,23 @@ def test_register_pairs_config_with_a_weights_file(tmp_path):
     (tmp_path / "pairs.json").write_text(
         json.dumps([{"moving_image": "a.nii.gz", "fixed_image": "b.nii.gz", "pair_id": "ab"}])
     )
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            str(root / "configs" / "pretrained" / "register_pairs.yaml"),
-            "--weights",
-            str(tmp_path / "w.trch"),
-            "--kind",
-            "unigradicon",
-            "--datalist",
-            str(tmp_path / "pairs.json"),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--window",
-            "[-1000, 1000]",
-            "--spatial_size",
-            "[128, 128, 128]",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    run_bundle(
+        "run",
+        "--config_file",
+        str(ROOT / "configs" / "pretrained" / "register_pairs.yaml"),
+        "--weights",
+        str(tmp_path / "w.trch"),
+        "--kind",
+        "unigradicon",
+        "--datalist",
+        str(tmp_path / "pairs.json"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--window",
+        "[-1000, 1000]",
+        "--spatial_size",
+        "[128, 128, 128]",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     for suffix in ("_warped.nii.gz", "_ddf.nii.gz", "_phi.h5"):
         assert (tmp_path / "out" / f"ab{suffix}").is_file()
     warped = nib.load(tmp_path / "out" / "ab_warped.nii.gz")
