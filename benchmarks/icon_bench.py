@@ -21,7 +21,8 @@ For each case it reports, as medians over ``--repeats`` runs after ``--warmup`` 
     python benchmarks/icon_bench.py                      # everything, writes docs/benchmarks.md
     python benchmarks/icon_bench.py --quick              # fewer repeats, small scaling ladder
     python benchmarks/icon_bench.py --variants           # torch.compile / channels_last against eager
-    python benchmarks/icon_bench.py --paper-sizes        # 192x192x80 (the paper's OAI size), batch as large as fits
+    python benchmarks/icon_bench.py --paper-sizes        # 192x192x80 (the paper's OAI size), both training stages,
+                                                         # batch as large as fits
     python benchmarks/icon_bench.py --similarity-loop    # MSE and LNCC overheads from one alternating loop
 """
 
@@ -46,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from monai_icon.losses import ICONLoss
-from monai_icon.networks import DisplacementField, Downsample, TwoStep
+from monai_icon.networks import DisplacementField, Downsample, Frozen, TwoStep
 from monai_icon.networks.nets import UNet
 
 
@@ -57,6 +58,11 @@ class Case:
     shape: tuple[int, ...]
     batch: int
     similarity: str = "mse"
+    stage: int = 1  # 3D: 1 = the two-step model at half resolution; 2 = that model frozen + a full-resolution U-Net
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2) or (self.stage == 2 and self.spatial_dims != 3):
+            raise ValueError(f"stage must be 1, or 2 for a 3D case; got stage {self.stage} in {self.spatial_dims}D.")
 
     @property
     def two_step_half(self) -> bool:  # the paper's 3D recipe: two U-Nets composed at half resolution
@@ -73,25 +79,34 @@ CASES = [
 
 
 def build(case: Case, device: torch.device):
+    """The case's model, its U-Nets (frozen ones included), loss, optimiser (of the trained parameters) and a pair.
+
+    Models: 2D one U-Net step; 3D stage 1 two U-Net steps composed at half resolution (the paper's first training
+    stage); 3D stage 2 that model frozen (:class:`~monai_icon.networks.Frozen`) and a full-resolution U-Net step
+    composed after it (the paper's second stage)."""
     torch.manual_seed(0)
-    nets = [UNet(case.spatial_dims) for _ in range(2 if case.two_step_half else 1)]
+    nets = [UNet(case.spatial_dims) for _ in range(1 if case.spatial_dims == 2 else 1 + case.stage)]
     with torch.no_grad():  # a non-trivial map, as after some training
         for net in nets:
             net.out.weight.normal_(0, 1e-3)
     if case.two_step_half:
         model = Downsample(TwoStep(DisplacementField(nets[0]), DisplacementField(nets[1])))
+        if case.stage == 2:
+            model = TwoStep(Frozen(model), DisplacementField(nets[2]))
     else:
         model = DisplacementField(nets[0])
     model = model.to(device)
     loss = ICONLoss(case.similarity, 512.0, spatial_dims=case.spatial_dims).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     a = torch.rand(case.batch, 1, *case.shape, device=device)
     b = torch.rand(case.batch, 1, *case.shape, device=device)
     return model, nets, loss, optimizer, a, b
 
 
-def make_step(case: Case, device: torch.device):
-    model, nets, loss, optimizer, a, b = build(case, device)
+def make_step(case: Case, device: torch.device, built: tuple | None = None):
+    """``step``, ``bare`` and ``infer`` closures for ``case`` (see the module docstring), on ``built`` (the result
+    of :func:`build`) or on a fresh build."""
+    model, nets, loss, optimizer, a, b = built if built is not None else build(case, device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -100,13 +115,20 @@ def make_step(case: Case, device: torch.device):
         optimizer.step()
 
     pool = F.avg_pool3d if case.spatial_dims == 3 else F.avg_pool2d
+    # stage 2: the frozen half-resolution U-Nets run forward only, the full-resolution one (the last) trains
+    trains = [any(p.requires_grad for p in net.parameters()) for net in nets]
+    full_resolution = [case.stage == 2 and i == 2 for i in range(len(nets))]
 
     def bare():
         optimizer.zero_grad(set_to_none=True)
-        x, y = (pool(a, 2, ceil_mode=True), pool(b, 2, ceil_mode=True)) if case.two_step_half else (a, b)
+        half = (pool(a, 2, ceil_mode=True), pool(b, 2, ceil_mode=True)) if case.two_step_half else (a, b)
         total = 0.0
-        for net in nets:
-            total = total + net(x, y).square().mean() + net(y, x).square().mean()
+        for net, train, full in zip(nets, trains, full_resolution):
+            x, y = (a, b) if full else half
+            with torch.set_grad_enabled(train):
+                both = net(x, y).square().mean() + net(y, x).square().mean()
+            if train:
+                total = total + both
         total.backward()
         optimizer.step()
 
@@ -180,9 +202,25 @@ def largest_batch(case: Case, device: torch.device, max_batch: int) -> int:
     return batch
 
 
+def paper_size_row(case: Case, args, warmup: int, repeats: int) -> str:
+    """One row of :func:`run_paper_sizes`: ``case`` at the largest batch that fits."""
+    device = torch.device(args.device)
+    batch = largest_batch(case, device, args.max_batch)
+    if batch == 0:
+        return f"| {case.name} | {case.similarity} | batch 1 does not fit | | | | | | |"
+    t_step, t_bare, ratio, t_infer, mem = measure_case(
+        replace(case, batch=batch), device, warmup, repeats, not args.no_memory
+    )
+    return (
+        f"| {case.name} | {case.similarity} | {batch} | {t_step:.3f} | {t_bare:.3f} | {ratio:.2f} | "
+        f"{t_step / batch:.4f} | {t_infer:.4f} | {mem} |"
+    )
+
+
 def run_paper_sizes(args) -> str:
-    """The main report's columns at the paper's full 3D size (the two-step model at half resolution, as in its
-    first training stage), with the largest power-of-two batch that fits (``--max-batch``)."""
+    """The main report's columns at the paper's full 3D size for its two training stages (``--stages``: 1, the
+    two-step model at half resolution; 2, that model frozen and a full-resolution U-Net step composed after it),
+    with the largest power-of-two batch that fits (``--max-batch``)."""
     device = torch.device(args.device)
     warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
     shape = tuple(args.shape) if args.shape else PAPER_SHAPE
@@ -191,21 +229,12 @@ def run_paper_sizes(args) -> str:
         "| peak memory step / bare: tensors (RSS) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for similarity in ("mse", "lncc"):
-        name = f"3D two-step 1/2 res. {'x'.join(map(str, shape))}"
-        case = Case(name, 3, shape, 1, similarity)
-        batch = largest_batch(case, device, args.max_batch)
-        if batch == 0:
-            lines.append(f"| {name} | {similarity} | batch 1 does not fit | | | | | | |")
+    size = "x".join(map(str, shape))
+    names = {1: f"3D two-step 1/2 res. {size}", 2: f"3D stage 2: frozen two-step 1/2 res. + full-res. U-Net {size}"}
+    for stage in args.stages:
+        for similarity in ("mse", "lncc"):
+            lines.append(paper_size_row(Case(names[stage], 3, shape, 1, similarity, stage), args, warmup, repeats))
             print(lines[-1], flush=True)
-            continue
-        case = replace(case, batch=batch)
-        t_step, t_bare, ratio, t_infer, mem = measure_case(case, device, warmup, repeats, not args.no_memory)
-        lines.append(
-            f"| {name} | {similarity} | {batch} | {t_step:.3f} | {t_bare:.3f} | {ratio:.2f} | {t_step / batch:.4f} | "
-            f"{t_infer:.4f} | {mem} |"
-        )
-        print(lines[-1], flush=True)
     return "\n".join(
         [f"Machine: {machine()}; device {device}. Medians of {repeats} runs after {warmup} warm-up run(s); "
          f"batch: the largest power of two up to {args.max_batch} that fits.", "", *lines]
@@ -520,6 +549,8 @@ def main() -> None:
                    help="--paper-sizes: largest batch tried (default 64 on CUDA, which reports running out of memory; "
                    "1 on CPU, where running out of memory kills the process)")
     p.add_argument("--shape", type=int, nargs=3, default=None, help="--paper-sizes: another 3D shape (testing)")
+    p.add_argument("--stages", type=int, nargs="+", choices=(1, 2), default=[1, 2],
+                   help="--paper-sizes: the paper's training stages to measure (default both)")
     args = p.parse_args()
     if args.variants is not None and not args.variants:
         args.variants = list(VARIANTS)

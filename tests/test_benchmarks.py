@@ -79,3 +79,36 @@ def test_measure_case_times_step_bare_and_inference():
         icon_bench.Case("tiny", 2, (32, 32), 2), torch.device("cpu"), 1, 2, memory=False
     )
     assert min(t_step, t_bare, ratio, t_infer) > 0 and mem == ""
+
+
+def test_stage_two_case_trains_only_the_full_resolution_step():
+    import icon_bench
+
+    case = icon_bench.Case("stage 2", 3, (64, 64, 32), 1, "mse", stage=2)
+    built = icon_bench.build(case, torch.device("cpu"))
+    nets, optimizer = built[1], built[3]
+    assert len(nets) == 3 and [any(p.requires_grad for p in n.parameters()) for n in nets] == [False, False, True]
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in nets[2].parameters()}
+    step, bare, infer = icon_bench.make_step(case, torch.device("cpu"), built)
+    for run in (step, bare):
+        before = [{k: v.clone() for k, v in net.state_dict().items()} for net in nets]
+        run()
+        changed = [any(not torch.equal(v, net.state_dict()[k]) for k, v in b.items()) for net, b in zip(nets, before)]
+        assert changed == [False, False, True]  # the frozen half-resolution U-Nets keep weights and statistics
+    infer()
+    with pytest.raises(ValueError, match="stage"):
+        icon_bench.Case("2D stage 2", 2, (32, 32), 1, stage=2)
+
+
+def test_paper_sizes_report_rows_for_the_chosen_stages():
+    import argparse
+
+    import icon_bench
+
+    args = argparse.Namespace(device="cpu", quick=False, warmup=0, repeats=1, shape=[64, 64, 32], stages=[2],
+                              max_batch=1, no_memory=True)
+    report = icon_bench.run_paper_sizes(args)
+    rows = [line for line in report.splitlines() if line.startswith("| 3D")]
+    assert len(rows) == 2 and all("stage 2" in row and "64x64x32" in row for row in rows)
+    assert [row.split("|")[2].strip() for row in rows] == ["mse", "lncc"]
+    assert all(row.split("|")[3].strip() == "1" for row in rows)  # batch 1 fits
