@@ -161,3 +161,49 @@ def test_nested_blocks_validate_once_at_the_outermost_block(monkeypatch):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         model(bad, a)
+
+
+def test_maps_keep_float32_coordinates_under_mixed_precision():
+    """A network's output under autocast is float16 / bfloat16; maps must still compute coordinates in float32
+    (a bfloat16 identity grid is off by up to 0.4 voxels at 128, which blurs every warp)."""
+    from monai_icon.losses import ICONLoss
+    from monai_icon.networks.nets import UNet
+
+    a, b = torch.rand(2, 1, 128, 128), torch.rand(2, 1, 128, 128)
+    block = DisplacementField(UNet(2))  # zero-initialised output: the identity map
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        phi_AB, phi_BA = block(a, b), block(b, a)
+        assert phi_AB.dtype == torch.float32 and phi_AB.displacement.dtype == torch.float32
+        assert torch.equal(phi_AB.grid((128, 128)), identity_grid((128, 128)).expand(2, -1, -1, -1))
+        out = ICONLoss("mse", 2048.0)(a, b, phi_AB, phi_BA)
+    torch.testing.assert_close(out.warped_A, a, atol=1e-4, rtol=0)  # identity up to float32 grid rounding
+    expected = ((a - b) ** 2).mean(dim=(1, 2, 3)).mul(2).mean()
+    torch.testing.assert_close(out.similarity, expected, atol=1e-5, rtol=0)
+    half = DisplacementMap(torch.zeros(1, 3, 4, 5, 6, dtype=torch.float16))
+    assert half.dtype == torch.float32
+    assert DisplacementMap(torch.zeros(1, 2, 4, 5, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("setting", ["autocast", "matmul-precision"])
+def test_affine_map_ignores_reduced_precision_settings(setting):
+    from contextlib import ExitStack
+
+    matrix = torch.tensor([[[0.9, 0.2, 0.05], [-0.15, 1.1, -0.02]]]).repeat(2, 1, 1)
+    points = torch.rand(2, 2, 5000)
+    expected = AffineMap(matrix)(points)
+    torch.testing.assert_close(expected, torch.einsum("bij,bjp->bip", matrix.double()[:, :, :2], points.double())
+                               .add(matrix.double()[:, :, 2:]).float())
+    previous = torch.get_float32_matmul_precision()
+    try:
+        with ExitStack() as stack:
+            if setting == "autocast":
+                stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+                got = AffineMap(matrix.bfloat16())(points)  # an affine network's output under autocast
+            else:
+                torch.set_float32_matmul_precision("medium")
+                got = AffineMap(matrix)(points)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert got.dtype == torch.float32
+    # under autocast only the matrix has the network's precision; the points are mapped in float32 as without it
+    assert torch.equal(got, AffineMap(matrix.bfloat16())(points) if setting == "autocast" else expected)

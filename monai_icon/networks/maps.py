@@ -67,6 +67,17 @@ def identity_grid(
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
 
 
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 if it is in a lower floating-point precision (float16 / bfloat16, e.g. a network's
+    output under ``torch.autocast``), else unchanged.
+
+    Coordinates must keep float32: in float16 a ``[0, 1]`` coordinate is resolved to about 5e-4 (0.1 voxel at 192
+    voxels), in bfloat16 to 4e-3 (half a voxel at 128), so identity grids, sample points and composed maps built
+    in the network's precision would move every sampled point.
+    """
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def _voxel_scale(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """``N_d - 1`` per axis, shaped ``[1, D, 1, ..., 1]`` to broadcast against ``[B, D, *shape]``."""
     scale = torch.tensor([max(n - 1, 0) for n in shape], device=like.device, dtype=like.dtype)
@@ -255,7 +266,9 @@ class DisplacementMap(Map):
     border values, so the map is continuous and defined everywhere.
 
     Args:
-        displacement: ``[B, D, *N]`` displacement in ``[0, 1]`` units on the identity grid of ``N``.
+        displacement: ``[B, D, *N]`` displacement in ``[0, 1]`` units on the identity grid of ``N``; a float16 /
+            bfloat16 one (a network's output under mixed precision) is converted to float32, in which the map
+            computes its coordinates.
     """
 
     def __init__(self, displacement: torch.Tensor) -> None:
@@ -264,6 +277,7 @@ class DisplacementMap(Map):
                 "displacement must be [B, 2, H, W] or [B, 3, H, W, D] (one channel per spatial axis), "
                 f"got shape {tuple(displacement.shape)}."
             )
+        displacement = _at_least_float32(displacement)
         self.displacement = displacement
         self.batch_size = displacement.shape[0]
         self.spatial_dims = displacement.ndim - 2
@@ -299,12 +313,16 @@ class AffineMap(Map):
 
     Args:
         matrix: ``[B, D, D + 1]`` homogeneous matrices ``[M | t]`` acting on ``[0, 1]`` coordinates in array
-            index order.
+            index order (float16 / bfloat16 is converted to float32).
+
+    Points are mapped with elementwise products and sums, not a matrix product, whose precision
+    ``torch.autocast``, TF32 and ``torch.set_float32_matmul_precision`` lower.
     """
 
     def __init__(self, matrix: torch.Tensor) -> None:
         if matrix.ndim != 3 or matrix.shape[1] not in (2, 3) or matrix.shape[2] != matrix.shape[1] + 1:
             raise ValueError(f"matrix must be [B, D, D + 1] with D in (2, 3), got shape {tuple(matrix.shape)}.")
+        matrix = _at_least_float32(matrix)
         self.matrix = matrix
         self.batch_size = matrix.shape[0]
         self.spatial_dims = matrix.shape[1]
@@ -313,9 +331,10 @@ class AffineMap(Map):
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         self._check_points(points)
-        linear, translation = self.matrix[:, :, :-1], self.matrix[:, :, -1]
-        flat = points.reshape(points.shape[0], self.spatial_dims, -1)
-        out = torch.matmul(linear, flat) + translation.unsqueeze(-1)
+        flat = points.reshape(points.shape[0], self.spatial_dims, 1, -1)  # [B or 1, D_in, 1, P]
+        out = self.matrix[:, :, -1:]  # translation, [B, D_out, 1]
+        for j in range(self.spatial_dims):
+            out = out + self.matrix[:, :, j : j + 1] * flat[:, j]
         return out.reshape(self.batch_size, self.spatial_dims, *points.shape[2:])
 
 
