@@ -207,3 +207,18 @@ def test_affine_map_ignores_reduced_precision_settings(setting):
     assert got.dtype == torch.float32
     # under autocast only the matrix has the network's precision; the points are mapped in float32 as without it
     assert torch.equal(got, AffineMap(matrix.bfloat16())(points) if setting == "autocast" else expected)
+
+
+def test_precision_helpers():
+    from monai_icon.precision import at_least_float32, autocast_disabled
+
+    assert at_least_float32(torch.ones(2, dtype=torch.float16)).dtype == torch.float32
+    same = torch.ones(2, dtype=torch.float64)
+    assert at_least_float32(same) is same
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast_disabled(torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+            assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")
+        with autocast_disabled("meta"):  # a device type autocast does not know: nothing to turn off
+            pass

@@ -20,6 +20,7 @@ from monai_icon.losses.similarity import get_similarity, per_pair
 from monai_icon.metrics.folds import count_folds
 from monai_icon.networks.blocks import check_image_pair
 from monai_icon.networks.maps import Map, interpolate
+from monai_icon.precision import at_least_float32, autocast_disabled
 
 __all__ = ["REGULARIZERS", "ICONLossOutput", "ICONLoss", "icon_loss"]
 
@@ -84,6 +85,10 @@ class ICONLoss(_Loss):
 
     ``forward(image_A, image_B, phi_AB, phi_BA)`` takes ``[B, C, *N]`` images and the two maps (``A`` moving,
     ``B`` fixed) and returns an :class:`ICONLossOutput`.
+
+    The loss is computed in float32 (float16 / bfloat16 images are converted) with ``torch.autocast`` turned off
+    inside it, so that mixed-precision training (``amp=True``) speeds up the networks without lowering the
+    precision of the warps, the similarity (LNCC's local variances, MI's joint histogram) or the regulariser.
     """
 
     def __init__(
@@ -115,6 +120,10 @@ class ICONLoss(_Loss):
                 f"this ICONLoss is for {self.spatial_dims}D images, got a {image_A.ndim - 2}D pair of shape "
                 f"{tuple(image_A.shape)}."
             )
+        with autocast_disabled(image_A.device):
+            return self._evaluate(at_least_float32(image_A), at_least_float32(image_B), phi_AB, phi_BA)
+
+    def _evaluate(self, image_A: torch.Tensor, image_B: torch.Tensor, phi_AB: Map, phi_BA: Map) -> ICONLossOutput:
         batch, shape = image_A.shape[0], image_A.shape[2:]
         grid_AB, grid_BA = phi_AB.grid(shape), phi_BA.grid(shape)
         warped_A, warped_B = interpolate(image_A, grid_AB), interpolate(image_B, grid_BA)

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from monai_icon.precision import at_least_float32
+
 __all__ = [
     "identity_grid",
     "interpolate",
@@ -65,17 +67,6 @@ def identity_grid(
         for n in shape
     ]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
-
-
-def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` in float32 if it is in a lower floating-point precision (float16 / bfloat16, e.g. a network's
-    output under ``torch.autocast``), else unchanged.
-
-    Coordinates must keep float32: in float16 a ``[0, 1]`` coordinate is resolved to about 5e-4 (0.1 voxel at 192
-    voxels), in bfloat16 to 4e-3 (half a voxel at 128), so identity grids, sample points and composed maps built
-    in the network's precision would move every sampled point.
-    """
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def _voxel_scale(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
@@ -277,7 +268,7 @@ class DisplacementMap(Map):
                 "displacement must be [B, 2, H, W] or [B, 3, H, W, D] (one channel per spatial axis), "
                 f"got shape {tuple(displacement.shape)}."
             )
-        displacement = _at_least_float32(displacement)
+        displacement = at_least_float32(displacement)
         self.displacement = displacement
         self.batch_size = displacement.shape[0]
         self.spatial_dims = displacement.ndim - 2
@@ -322,7 +313,7 @@ class AffineMap(Map):
     def __init__(self, matrix: torch.Tensor) -> None:
         if matrix.ndim != 3 or matrix.shape[1] not in (2, 3) or matrix.shape[2] != matrix.shape[1] + 1:
             raise ValueError(f"matrix must be [B, D, D + 1] with D in (2, 3), got shape {tuple(matrix.shape)}.")
-        matrix = _at_least_float32(matrix)
+        matrix = at_least_float32(matrix)
         self.matrix = matrix
         self.batch_size = matrix.shape[0]
         self.spatial_dims = matrix.shape[1]
