@@ -140,7 +140,7 @@ def make_step(case: Case, device: torch.device, built: tuple | None = None):
     return step, bare, infer
 
 
-VARIANTS = ("eager", "compile-loss", "compile-all", "channels-last")
+VARIANTS = ("eager", "compile-loss", "compile-all", "channels-last", "amp")
 
 
 def make_variant_step(case: Case, device: torch.device, variant: str):
@@ -148,7 +148,9 @@ def make_variant_step(case: Case, device: torch.device, variant: str):
 
     * ``eager``: as is; ``compile-loss``: ``torch.compile`` of the ICON loss (maps, warps, similarity, inverse
       consistency, folds); ``compile-all``: the U-Nets compiled too; ``channels-last``: U-Net weights and images
-      in ``torch.channels_last`` (2D) / ``channels_last_3d`` (3D) memory format.
+      in ``torch.channels_last`` (2D) / ``channels_last_3d`` (3D) memory format; ``amp``: mixed precision as
+      ``ICONTrainer(amp=True)`` runs it (``torch.autocast``: float16 and a ``GradScaler`` on CUDA, bfloat16 on
+      CPU, where the trainer does not offer it; the ICON loss itself stays float32).
 
     Returns ``step(seed) -> loss value``; the seed fixes the inverse consistency jitter.
     """
@@ -166,12 +168,22 @@ def make_variant_step(case: Case, device: torch.device, variant: str):
             for net in nets:
                 net.compile()
 
+    amp = variant == "amp"
+    scaler = torch.amp.GradScaler(device.type) if amp and device.type == "cuda" else None
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+
     def step(seed: int) -> float:
         torch.manual_seed(seed)
         optimizer.zero_grad(set_to_none=True)
-        out = loss(a, b, model(a, b), model(b, a))
-        out.loss.backward()
-        optimizer.step()
+        with torch.autocast(device.type, dtype=half, enabled=amp):
+            out = loss(a, b, model(a, b), model(b, a))
+        if scaler is not None:
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            out.loss.backward()
+            optimizer.step()
         return float(out.loss)
 
     return step

@@ -112,3 +112,14 @@ def test_paper_sizes_report_rows_for_the_chosen_stages():
     assert len(rows) == 2 and all("stage 2" in row and "64x64x32" in row for row in rows)
     assert [row.split("|")[2].strip() for row in rows] == ["mse", "lncc"]
     assert all(row.split("|")[3].strip() == "1" for row in rows)  # batch 1 fits
+
+
+def test_amp_variant_runs_with_the_loss_in_float32():
+    import icon_bench
+
+    case = icon_bench.Case("tiny", 2, (32, 32), 2, "lncc")
+    amp, eager = (icon_bench.make_variant_step(case, torch.device("cpu"), v) for v in ("amp", "eager"))
+    loss_amp, loss_eager = amp(0), eager(0)
+    assert loss_amp == pytest.approx(loss_eager, rel=1e-2)  # same weights and jitter; bfloat16 networks only
+    with pytest.raises(ValueError, match="unknown variant"):
+        icon_bench.make_variant_step(case, torch.device("cpu"), "fp8")
