@@ -48,9 +48,8 @@ def test_train_writes_models_checkpoint_figures_and_summary(trained):
     assert (root / "eval" / "validation_epoch002.png").is_file()
     assert "Dice (pixels > 0.5)" in log and "folds per image" in log
     state = torch.load(root / "models" / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=False)
-    assert state["adaptive_lambda"]["lmbda"] == pytest.approx(
-        128 + 6
-    )  # threshold -1: +1 per iteration, 2 x 3 iterations
+    # threshold -1: +1 per iteration, 2 x 3 iterations
+    assert state["adaptive_lambda"]["lmbda"] == pytest.approx(128 + 6)
     assert trainer_epochs(log) == [1, 2]
 
 

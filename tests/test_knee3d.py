@@ -84,30 +84,20 @@ def knee_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("knee3d")
     write_synthetic_knees(root / "knees", num_subjects=6, shape=(32, 32, 16), spacing=(4.2, 4.2, 7.5))
     write_datalist(build_knee_datalist(root / "knees", 0.3, num_test_pairs=2, relative_to=root), root / "datalist.json")
-    common = [
-        "--datalist",
-        str(root / "datalist.json"),
-        "--output_root",
-        str(root / "runs"),
-        "--full_size",
-        "[16,16,8]",
-        "--iterations_per_epoch",
-        "2",
-        "--batch_size",
-        "2",
-        "--val_pairs",
-        "2",
-        "--epochs",
-        "1",
-        "--architecture#encoder_channels",
-        "[4,8]",
-        "--architecture#decoder_channels",
-        "[8,4]",
-        "--fold_threshold",
-        "-1",
-        "--similarity",
-        "lncc",
-    ]  # MSE is the default; the option is exercised here
+    options = {
+        "--datalist": str(root / "datalist.json"),
+        "--output_root": str(root / "runs"),
+        "--full_size": "[16,16,8]",
+        "--iterations_per_epoch": "2",
+        "--batch_size": "2",
+        "--val_pairs": "2",
+        "--epochs": "1",
+        "--architecture#encoder_channels": "[4,8]",
+        "--architecture#decoder_channels": "[8,4]",
+        "--fold_threshold": "-1",
+        "--similarity": "lncc",  # MSE is the default; the option is exercised here
+    }
+    common = [item for pair in options.items() for item in pair]
     logs = {"stage1": bundle_run(["common.yaml", "stage1.yaml"], *common)}
     logs["stage2"] = bundle_run(["common.yaml", "stage2.yaml"], *common)
     logs["evaluate"] = bundle_run(["common.yaml", "stage2.yaml", "evaluate.yaml"], *common)

@@ -62,11 +62,8 @@ class KneeAnatomy:
     extent: float = 60.0
     intensities: tuple[float, float, float, float] = (0.25, 0.55, 0.9, 0.4)  # soft tissue, bone, cartilage, fat
     noise: float = 0.02
-    offset: tuple[float, float, float] = (
-        0.0,
-        0.0,
-        0.0,
-    )  # position of the knee in the field of view (mm; x mirrored for RIGHT)
+    # position of the knee in the field of view (mm; x mirrored for RIGHT)
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
     deformation: np.ndarray | None = None
 
     def __post_init__(self) -> None:

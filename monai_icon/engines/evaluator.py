@@ -128,8 +128,7 @@ class ICONEvaluator(SupervisedEvaluator):
                     raise ValueError("the batches carry labels: set num_classes of the ICONEvaluator.")
                 output[RegKeys.PRED_LABEL] = warp_labels(moving_label, grid, engine.num_classes, engine.label_mode)
                 output[RegKeys.FIXED_LABEL] = one_hot_labels(fixed_label, engine.num_classes, grid.dtype)
-                output[RegKeys.MOVING_LABEL] = one_hot_labels(
-                    moving_label, engine.num_classes, grid.dtype
-                )  # unregistered
+                # unregistered
+                output[RegKeys.MOVING_LABEL] = one_hot_labels(moving_label, engine.num_classes, grid.dtype)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
