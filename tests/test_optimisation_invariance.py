@@ -169,15 +169,25 @@ def test_shifted_filtering_equals_monai_separable_filtering(kernel_type, shape):
         shifted_filtering(x, (1.0, 1.0, 1.0), len(shape) - 1)
 
 
-def test_stacked_lncc_off_cpu_uses_monai_filtering():
-    """Off the CPU the LNCC filters with MONAI's convolution (checked for shapes on the meta device)."""
+def test_stacked_lncc_uses_no_convolution_on_any_device(monkeypatch):
+    """The LNCC's filtering is elementwise on every device: cuDNN runs float32 convolutions in TF32 by default,
+    which would round the local sums whose differences the LNCC takes (no convolution may be called; shapes are
+    also checked on the meta device, which stands for any non-CPU device)."""
     from monai_icon.losses import StackedLNCCLoss
 
-    pred = torch.empty(2, 1, 12, 10, device="meta", requires_grad=True)
-    value = StackedLNCCLoss(2, 7, reduction="none")(pred, torch.empty(2, 1, 12, 10, device="meta"))
-    assert value.shape == (2, 1, 12, 10) and value.device.type == "meta"
-    (grad,) = torch.autograd.grad(value.sum(), pred)
-    assert grad.shape == pred.shape
+    def no_convolution(*args, **kwargs):
+        raise AssertionError("the LNCC called a convolution")
+
+    for name in ("conv1d", "conv2d", "conv3d"):
+        monkeypatch.setattr(F, name, no_convolution)
+        monkeypatch.setattr(torch, name, no_convolution)
+    for device in ("cpu", "meta"):
+        for shape in ((2, 1, 12, 10), (1, 1, 9, 8, 7)):
+            pred = torch.rand(shape).to(device).requires_grad_()
+            value = StackedLNCCLoss(len(shape) - 2, 7, reduction="none")(pred, torch.rand(shape).to(device))
+            assert value.shape == shape and value.device.type == device
+            (grad,) = torch.autograd.grad(value.sum(), pred)
+            assert grad.shape == pred.shape
 
 
 @pytest.mark.parametrize("dims,kernel_type", [(2, "rectangular"), (2, "gaussian"), (3, "triangular")])

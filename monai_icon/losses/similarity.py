@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
-from monai.networks.layers import separable_filtering
 from monai.utils import LossReduction
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.loss import _Loss
@@ -22,10 +21,13 @@ def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: in
     """``monai.networks.layers.separable_filtering(x, [kernel] * spatial_dims)`` (zero padding) for an odd-length
     kernel with values ``taps``, as weighted sums of shifted views of the input.
 
-    Same values as the convolution up to the order of the floating-point additions. On CPU it is several times
-    faster for the few-channel, many-voxel tensors of the LNCC (64 x 5 x 128 x 128 by a 7-tap box, 2 threads:
-    about 100 ms by MONAI's depthwise convolution, about 15 ms here), because each shift is one vectorised pass
-    over contiguous memory, and no padded copy is made (a shift adds into the part of the output it overlaps).
+    Same values as the convolution up to the order of the floating-point additions, on every device: only
+    elementwise operations are used, which keep float32 where cuDNN runs float32 convolutions in TF32 by default
+    (``torch.backends.cudnn.allow_tf32``: inputs rounded to 10 mantissa bits, which the LNCC's differences of local
+    sums of squares magnify). On CPU it is also several times faster for the few-channel, many-voxel tensors of the
+    LNCC (64 x 5 x 128 x 128 by a 7-tap box, 2 threads: about 100 ms by MONAI's depthwise convolution, about 15 ms
+    here), because each shift is one vectorised pass over contiguous memory, and no padded copy is made (a shift
+    adds into the part of the output it overlaps).
 
     Args:
         x: ``[B, C, *N]`` with ``spatial_dims`` spatial axes.
@@ -46,12 +48,9 @@ def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: in
     return x
 
 
-def _filter(x: torch.Tensor, kernel: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
-    """The LNCC's separable filtering: :func:`shifted_filtering` on CPU, MONAI's depthwise convolution elsewhere
-    (GPU convolution kernels parallelise over voxels already)."""
-    if x.device.type == "cpu":
-        return shifted_filtering(x, taps, x.ndim - 2)
-    return separable_filtering(x, [kernel] * (x.ndim - 2))
+def _filter(x: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
+    """The LNCC's separable filtering of ``[B, C, *N]`` (:func:`shifted_filtering`, on every device)."""
+    return shifted_filtering(x, taps, x.ndim - 2)
 
 
 def _lncc_terms(sums: torch.Tensor, channels: int, kernel_vol: torch.Tensor, floor: torch.Tensor):
@@ -75,22 +74,22 @@ class _LocalNCC(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, pred, target, kernel, kernel_vol, taps, smooth_nr: float, smooth_dr: float
+        ctx, pred, target, kernel_vol, taps, smooth_nr: float, smooth_dr: float
     ):
         channels = pred.shape[1]
         stacked = torch.cat([target, pred, target * target, pred * pred, target * pred], dim=1)
-        sums = _filter(stacked, kernel, taps)
+        sums = _filter(stacked, taps)
         del stacked
         floor = torch.as_tensor(smooth_dr, dtype=sums.dtype, device=sums.device)
         cross, t_var, p_var, _, _ = _lncc_terms(sums, channels, kernel_vol, floor)
-        ctx.save_for_backward(pred, target, sums, kernel, kernel_vol)
+        ctx.save_for_backward(pred, target, sums, kernel_vol)
         ctx.taps, ctx.smooth_nr, ctx.smooth_dr = taps, smooth_nr, smooth_dr
         return (cross * cross + smooth_nr) / (t_var * p_var)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ncc):  # type: ignore[override]
-        pred, target, sums, kernel, kernel_vol = ctx.saved_tensors
+        pred, target, sums, kernel_vol = ctx.saved_tensors
         need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         channels = pred.shape[1]
         floor = torch.as_tensor(ctx.smooth_dr, dtype=sums.dtype, device=sums.device)
@@ -110,14 +109,14 @@ class _LocalNCC(torch.autograd.Function):
             parts += [-(g_cross * p_sum + 2.0 * g_t_var * t_sum) / kernel_vol, g_t_var]
             names += ["t", "t2"]
         if not parts:
-            return None, None, None, None, None, None, None
-        filtered_parts = _filter(torch.cat(parts + [g_cross], dim=1), kernel, ctx.taps).split(channels, dim=1)
+            return None, None, None, None, None, None
+        filtered_parts = _filter(torch.cat(parts + [g_cross], dim=1), ctx.taps).split(channels, dim=1)
         filtered = dict(zip(names + ["tp"], filtered_parts))
         if need_pred:
             grads_pred = filtered["p"] + 2.0 * pred * filtered["p2"] + target * filtered["tp"]
         if need_target:
             grads_target = filtered["t"] + 2.0 * target * filtered["t2"] + pred * filtered["tp"]
-        return grads_pred, grads_target, None, None, None, None, None
+        return grads_pred, grads_target, None, None, None, None
 
 
 class StackedLNCCLoss(LocalNormalizedCrossCorrelationLoss):
@@ -125,25 +124,25 @@ class StackedLNCCLoss(LocalNormalizedCrossCorrelationLoss):
 
     MONAI's loss filters ``t``, ``p``, ``t^2``, ``p^2`` and ``t p`` one after another and back-propagates through
     every intermediate; here they are stacked along the channel axis and filtered together, and the gradient is
-    computed in closed form from the five filtered sums (one 3-channel filtering in the backward pass). On CPU the
-    filtering is :func:`shifted_filtering` (shifted sums instead of MONAI's depthwise convolution). Same
-    arguments, values and gradients as the MONAI loss up to floating-point rounding (best value -1); no double
-    backward.
+    computed in closed form from the five filtered sums (one 3-channel filtering in the backward pass). The
+    filtering is :func:`shifted_filtering` (shifted sums instead of MONAI's depthwise convolution: faster on CPU,
+    and never in TF32 on GPUs). Same arguments, values and gradients as the MONAI loss up to floating-point
+    rounding (best value -1); no double backward.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not torch.equal(self.kernel, self.kernel.flip(0)):  # the closed-form backward needs K^T = K
             raise ValueError("StackedLNCCLoss needs a symmetric filter kernel.")
-        self.taps = tuple(float(w) for w in self.kernel)  # the fixed filter as Python numbers (CPU fast path)
+        self.taps = tuple(float(w) for w in self.kernel)  # the fixed filter as Python numbers
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.ndim - 2 != self.ndim:
             raise ValueError(f"expecting pred with {self.ndim} spatial dimensions, got pred of shape {pred.shape}")
         if target.shape != pred.shape:
             raise ValueError(f"ground truth has differing shape ({target.shape}) from pred ({pred.shape})")
-        kernel, kernel_vol = self.kernel.to(pred), self.kernel_vol.to(pred)
-        ncc = _LocalNCC.apply(pred, target, kernel, kernel_vol, self.taps, self.smooth_nr, self.smooth_dr)
+        kernel_vol = self.kernel_vol.to(pred)
+        ncc = _LocalNCC.apply(pred, target, kernel_vol, self.taps, self.smooth_nr, self.smooth_dr)
         if self.reduction == LossReduction.SUM.value:
             return torch.sum(ncc).neg()
         if self.reduction == LossReduction.NONE.value:
