@@ -48,11 +48,6 @@ def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: in
     return x
 
 
-def _filter(x: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
-    """The LNCC's separable filtering of ``[B, C, *N]`` (:func:`shifted_filtering`, on every device)."""
-    return shifted_filtering(x, taps, x.ndim - 2)
-
-
 def _lncc_terms(sums: torch.Tensor, channels: int, kernel_vol: torch.Tensor, floor: torch.Tensor):
     """``cross``, ``t_var``, ``p_var`` and their ``max`` masks from the filtered ``[t, p, t^2, p^2, t p]`` sums
     (MONAI's formulas)."""
@@ -78,7 +73,7 @@ class _LocalNCC(torch.autograd.Function):
     ):
         channels = pred.shape[1]
         stacked = torch.cat([target, pred, target * target, pred * pred, target * pred], dim=1)
-        sums = _filter(stacked, taps)
+        sums = shifted_filtering(stacked, taps, pred.ndim - 2)
         del stacked
         floor = torch.as_tensor(smooth_dr, dtype=sums.dtype, device=sums.device)
         cross, t_var, p_var, _, _ = _lncc_terms(sums, channels, kernel_vol, floor)
@@ -110,7 +105,8 @@ class _LocalNCC(torch.autograd.Function):
             names += ["t", "t2"]
         if not parts:
             return None, None, None, None, None, None
-        filtered_parts = _filter(torch.cat(parts + [g_cross], dim=1), ctx.taps).split(channels, dim=1)
+        parts.append(g_cross)
+        filtered_parts = shifted_filtering(torch.cat(parts, dim=1), ctx.taps, pred.ndim - 2).split(channels, dim=1)
         filtered = dict(zip(names + ["tp"], filtered_parts))
         if need_pred:
             grads_pred = filtered["p"] + 2.0 * pred * filtered["p2"] + target * filtered["tp"]
