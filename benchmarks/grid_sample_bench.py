@@ -36,12 +36,12 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from icon_bench import round_times
 from monai_icon.losses.inverse_consistency import sample_points
 from monai_icon.networks.maps import identity_grid, interpolate
 
@@ -107,16 +107,10 @@ def forward_backward(method, field: torch.Tensor, points: torch.Tensor, grad_out
 
 
 def alternated_times(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each of ``runs`` in ``repeats`` rounds, the runs alternated within a round, after one warm-up
-    round (so that the machine's drift hits them alike)."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_ in range(repeats + 1):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            if round_:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
-    return times
+    """Seconds of each of ``runs`` in ``repeats`` rounds after one warm-up round, the runs alternated within a
+    round (:func:`icon_bench.round_times`), by name."""
+    rounds = round_times(list(runs.values()), torch.device("cpu"), 1, repeats)
+    return {name: [times[i] for times in rounds] for i, name in enumerate(runs)}
 
 
 def _square_shape(count: int) -> tuple[int, int]:
