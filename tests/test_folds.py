@@ -42,11 +42,31 @@ def test_single_displaced_point_folds_exactly_one_cell():
 
 
 def test_3d_single_point_fold():
+    """Point (2, 3, 4) moved 1.5 voxels back along axis 2 passes its neighbour (2, 3, 3): with the reference's
+    far-corner stencil only the cell whose far corner is that point folds (c = -0.5 h2)."""
     shape = (5, 6, 7)
     grid = identity_grid(shape).clone()
     grid[0, 2, 2, 3, 4] -= 1.5 / (shape[2] - 1)
     assert count_folds(grid).item() == 1
-    assert jacobian_determinant(grid)[0, 2, 3, 3] < 0
+    assert jacobian_determinant(grid)[0, 1, 2, 3] < 0
+
+
+def test_3d_folds_use_the_reference_far_corner_stencil():
+    """Point (1, 1, 1) of a 4^3 grid moved by +1.5 voxels on every axis. The reference anchors the three
+    differences at each cell's far corner: the cells whose far corners are (2, 1, 1), (1, 2, 1) and (1, 1, 2)
+    get a = phi(2, 1, 1) - phi(1, 1, 1) = (-0.5, -1.5, -1.5) with b, c unchanged, det = -0.5 < 0 (3 folds),
+    while the cell whose far corner is the point itself is (2.5, 1.5, 1.5) / (1.5, 2.5, 1.5) / (1.5, 1.5, 2.5),
+    det > 0. A near-corner stencil counts 1 fold here (only the cell whose first corner is the point)."""
+    grid = identity_grid((4, 4, 4)).clone() * 3  # voxel units
+    grid[0, :, 1, 1, 1] += 1.5
+    det = jacobian_determinant(grid)[0]
+    assert count_folds(grid).item() == 3
+    assert det[1, 0, 0] == pytest.approx(-0.5) and det[0, 1, 0] == pytest.approx(-0.5)
+    assert det[0, 0, 1] == pytest.approx(-0.5) and det[0, 0, 0] > 0
+    corner = grid[:, :, :-1, :-1, :-1]
+    a, b, c = (grid[:, :, 1:, :-1, :-1] - corner, grid[:, :, :-1, 1:, :-1] - corner, grid[:, :, :-1, :-1, 1:] - corner)
+    near_corner = (torch.linalg.cross(a, b, dim=1) * c).sum(dim=1)
+    assert int((near_corner < 0).sum()) == 1  # the stencils disagree on this map
 
 
 def test_folds_metric_accumulates_ddfs():

@@ -7,9 +7,11 @@
 A *registration model* is a network plus how images reach it (grid size, orientation, intensity percentiles,
 knee side) and the loss used for optional instance optimisation. It is read from
 
-* a model file written by :func:`save_registration_model` (``.pt``: the network's config, weights and settings;
-  the 3D knee configs write one at the end of training), or
-* a MONAI bundle folder: ``configs/inference.json|yaml`` with ``network_def`` and ``spatial_size`` (optionally
+* a model file written by :func:`save_registration_model` (``.pt``: the network's declarative spec, weights and
+  settings; the 3D knee configs write one at the end of training). A model file is data: it is read with
+  ``weights_only=True`` and its network is built by :func:`monai_icon.networks.spec.build_network`, which accepts
+  only allowed ``_target_`` names and literal arguments and never evaluates config expressions, or
+* a MONAI bundle folder (trusted: its configs are code, run by MONAI's ``ConfigParser``): ``configs/inference.json|yaml`` with ``network_def`` and ``spatial_size`` (optionally
   ``axcodes``, ``percentiles``, ``target_side``, ``similarity``, ``lmbda``, ``regularizer``) and
   ``models/model.pt``, or
 * a published ICON / GradICON / uniGradICON weights file with its ``kind`` (:mod:`monai_icon.networks.pretrained`).
@@ -46,6 +48,7 @@ from monai_icon.losses.icon import ICONLoss
 from monai_icon.networks import pretrained
 from monai_icon.networks.maps import Map, one_hot_labels
 from monai_icon.networks.registration_net import register_one_way, register_pair
+from monai_icon.networks.spec import build_network, check_network_spec
 from monai_icon.networks.weights import load_weights, read_checkpoint
 from monai_icon.transforms.laterality import side_from_filename
 
@@ -102,9 +105,15 @@ class RegistrationModel:
 
 
 def save_registration_model(path: str | Path, network: nn.Module, network_def: dict[str, Any], **settings: Any) -> Path:
-    """Write a self-describing model file (atomically): ``network_def`` (a MONAI config dict that builds the
-    network, e.g. ``{"_target_": "monai_icon.networks.multistep_registration", "fine_steps": 1}``), the weights and
-    the :class:`RegistrationModel` settings (``spatial_size`` required)."""
+    """Write a self-describing model file (atomically): ``network_def`` (a declarative spec that builds the
+    network, e.g. ``{"_target_": "monai_icon.networks.multistep_registration", "fine_steps": 1}``: allowed names and
+    literal arguments only, see :mod:`monai_icon.networks.spec`), the weights and the :class:`RegistrationModel`
+    settings (``spatial_size`` required).
+
+    Raises:
+        ValueError: a ``network_def`` that :func:`load_registration_model` would refuse, or unknown settings.
+    """
+    check_network_spec(network_def)  # write only what load_registration_model will accept
     unknown = set(settings) - set(_SETTINGS)
     if unknown or "spatial_size" not in settings:
         raise ValueError(f"settings must include spatial_size and may include {_SETTINGS}; got {sorted(settings)}.")
@@ -143,7 +152,8 @@ def load_registration_model(
 
     Raises:
         FileNotFoundError: missing model file, bundle config or bundle weights.
-        ValueError: unreadable/foreign files, weights that do not match the network, or no grid size.
+        ValueError: unreadable/foreign files, a model file whose network_def is not plain data (names the entry),
+            weights that do not match the network, or no grid size.
     """
     path = Path(path)
     device = torch.device(device or "cpu")
@@ -172,7 +182,7 @@ def load_registration_model(
         if content.get("format") != MODEL_FORMAT:
             raise ValueError(f"{path} is not a monai-icon model file (save one with save_registration_model, or "
                              "pass a bundle folder); for plain weights build the network and use load_weights.")
-        network = ConfigParser({"network_def": content["network_def"]}).get_parsed_content("network_def")
+        network = build_network(content.get("network_def"), f"{path}: network_def")  # data only: nothing runs
         load_weights(network, path)
         settings, source = dict(content["settings"]), str(path)
     if spatial_size is not None:

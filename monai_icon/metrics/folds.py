@@ -4,9 +4,11 @@
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
 """Folds: grid cells where a map's Jacobian determinant is negative (paper Sec. 4.4, CONVENTIONS section 3).
 
-The determinant of each cell is taken from one-sided (forward) differences of the map at the cell's first
-corner: in 2D ``dA = du_0 dv_1 - du_1 dv_0`` with ``u``, ``v`` the differences along the two axes; in 3D
-``dV = (a x b) . c`` with ``a``, ``b``, ``c`` the differences along the three axes. The count is per image (the
+The determinant of each cell is taken from one-sided differences of the map along the cell's edges, with the
+reference implementation's stencils: in 2D forward differences at the cell's first corner,
+``du = phi[1:, :-1] - phi[:-1, :-1]``, ``dv = phi[:-1, 1:] - phi[:-1, :-1]``, ``dA = du_0 dv_1 - du_1 dv_0``; in
+3D backward differences at the cell's opposite (far) corner, ``a = phi[1:, 1:, 1:] - phi[:-1, 1:, 1:]``,
+``b = phi[1:, 1:, 1:] - phi[1:, :-1, 1:]``, ``c = phi[1:, 1:, 1:] - phi[1:, 1:, :-1]``, ``dV = (a x b) . c``. The count is per image (the
 ICON paper's number); the percentage divides by the number of cells. Counts from central differences or from
 physical-space Jacobian filters are not comparable with these.
 """
@@ -31,17 +33,22 @@ def jacobian_determinant(grid: torch.Tensor) -> torch.Tensor:
             of the identity grid, ``D`` = 2 or 3 = ``len(N)``.
 
     Returns:
-        ``[B, *(N - 1)]`` forward-difference determinants; positive for orientation-preserving cells.
+        ``[B, *(N - 1)]`` determinants (2D: forward differences at each cell's first corner; 3D: backward
+        differences at its far corner, the reference's stencils); positive for orientation-preserving cells.
     """
     dims = grid.ndim - 2
     if dims not in (2, 3) or grid.shape[1] != dims:
         raise ValueError(f"grid must be [B, 2, H, W] or [B, 3, H, W, D], got shape {tuple(grid.shape)}.")
-    corner = grid[(slice(None), slice(None), *([slice(0, -1)] * dims))]
+    # 2D: differences from each cell's first (near) corner; 3D: from its opposite (far) corner, as the
+    # reference implementation counts them (docs/conventions.md), so fold counts are comparable with the papers'
+    anchor = 0 if dims == 2 else 1
+    corner = grid[(slice(None), slice(None), *([slice(anchor, grid.shape[2 + d] - 1 + anchor) for d in range(dims)]))]
 
     def diff(axis: int) -> torch.Tensor:
-        index = [slice(0, -1)] * dims
-        index[axis] = slice(1, None)
-        return grid[(slice(None), slice(None), *index)] - corner
+        index = [slice(anchor, grid.shape[2 + d] - 1 + anchor) for d in range(dims)]
+        index[axis] = slice(1 - anchor, grid.shape[2 + axis] - anchor)  # the neighbour along `axis`
+        neighbour = grid[(slice(None), slice(None), *index)]
+        return neighbour - corner if anchor == 0 else corner - neighbour
 
     if dims == 2:
         du, dv = diff(0), diff(1)
