@@ -68,8 +68,9 @@ def test_refusal_names_the_offending_entry(tmp_path):
 
 def test_cli_refuses_a_malicious_model_file_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
-    path = _model_file(tmp_path / "evil.pt", {"_target_": "monai_icon.networks.multistep_registration",
-                                               "coarse_steps": f"$__import__('os').system('touch {marker}')"})
+    spec = {"_target_": "monai_icon.networks.multistep_registration",
+            "coarse_steps": f"$__import__('os').system('touch {marker}')"}
+    path = _model_file(tmp_path / "evil.pt", spec)
     image = tmp_path / "img.nii.gz"
     import nibabel as nib
     import numpy as np

@@ -11,7 +11,8 @@ knee side) and the loss used for optional instance optimisation. It is read from
   settings; the 3D knee configs write one at the end of training). A model file is data: it is read with
   ``weights_only=True`` and its network is built by :func:`monai_icon.networks.spec.build_network`, which accepts
   only allowed ``_target_`` names and literal arguments and never evaluates config expressions, or
-* a MONAI bundle folder (trusted: its configs are code, run by MONAI's ``ConfigParser``): ``configs/inference.json|yaml`` with ``network_def`` and ``spatial_size`` (optionally
+* a MONAI bundle folder (trusted: its configs are code, run by MONAI's ``ConfigParser``):
+  ``configs/inference.json|yaml`` with ``network_def`` and ``spatial_size`` (optionally
   ``axcodes``, ``percentiles``, ``target_side``, ``similarity``, ``lmbda``, ``regularizer``) and
   ``models/model.pt``, or
 * a published ICON / GradICON / uniGradICON weights file with its ``kind`` (:mod:`monai_icon.networks.pretrained`).
@@ -19,10 +20,8 @@ knee side) and the loss used for optional instance optimisation. It is read from
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,10 @@ from monai_icon.apps.physical import (
     write_image,
 )
 from monai_icon.losses.icon import ICONLoss
+from monai_icon.engines.instance_optimisation import instance_optimise, restored_weights
 from monai_icon.networks import pretrained
 from monai_icon.networks.maps import Map, one_hot_labels
-from monai_icon.networks.registration_net import register_one_way, register_pair
+from monai_icon.networks.registration_net import register_one_way
 from monai_icon.networks.spec import build_network, check_network_spec
 from monai_icon.networks.weights import load_weights, read_checkpoint
 from monai_icon.transforms.laterality import side_from_filename
@@ -189,40 +189,6 @@ def load_registration_model(
         settings["spatial_size"] = list(spatial_size)
     settings.update(overrides)
     return _model(network.to(device).eval(), settings, source)
-
-
-@contextmanager
-def restored_weights(network: nn.Module) -> Iterator[nn.Module]:
-    """Let instance optimisation change ``network``'s weights (and buffers) inside the block; restore them after."""
-    saved = copy.deepcopy(network.state_dict())
-    try:
-        yield network
-    finally:
-        network.load_state_dict(saved)
-
-
-def instance_optimise(
-    network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, loss: ICONLoss, steps: int = 50, lr: float = 2e-5
-) -> list[float]:
-    """A few Adam steps of ``loss`` on one pair (the published uniGradICON recipe uses 50 steps at 2e-5),
-    with the network in evaluation mode (batch norm keeps its statistics). Use inside :func:`restored_weights`.
-
-    Returns:
-        the loss before each step.
-    """
-    params = [p for p in network.parameters() if p.requires_grad]
-    if steps > 0 and not params:
-        raise ValueError("instance optimisation needs trainable parameters; this network has none.")
-    optimizer = torch.optim.Adam(params, lr=lr)
-    history = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        phi_AB, phi_BA = register_pair(network, moving, fixed)
-        value = loss(moving, fixed, phi_AB, phi_BA).loss
-        value.backward()
-        optimizer.step()
-        history.append(float(value.detach()))
-    return history
 
 
 @dataclass

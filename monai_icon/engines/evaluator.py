@@ -8,18 +8,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.transforms import Transform
+from ignite.engine import Events
 
+from monai_icon.engines.instance_optimisation import WeightSnapshot, instance_optimise
 from monai_icon.engines.keys import RegKeys
 from monai_icon.engines.prepare_batch import PrepareRegistrationBatch
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.losses.similarity import per_pair
-from monai_icon.networks.maps import interpolate, map_grid_to_ddf, one_hot_labels, warp_labels
+from monai_icon.networks.maps import (
+    DisplacementMap,
+    Map,
+    identity_grid,
+    interpolate,
+    map_grid_to_ddf,
+    one_hot_labels,
+    warp_labels,
+)
 from monai_icon.networks.registration_net import register_one_way, register_pair
 
 __all__ = ["ICONEvaluator"]
@@ -42,6 +52,12 @@ class ICONEvaluator(SupervisedEvaluator):
             values (build it with ``reduction="none"`` for per-pair values); it also registers ``phi_BA``.
         num_classes: number of label classes (with background), required when batches carry labels.
         label_mode: ``"linear"`` (one-hot + linear interpolation + arg-max) or ``"nearest"``.
+        io_steps: instance optimisation (0 = off): before registering each pair, this many Adam steps of
+            ``io_loss`` on that pair alone (both directions, the ICON loss), then the trainable weights are restored
+            from one snapshot taken when the evaluation starts (no per-pair copy of the state dict). ``time``
+            includes it.
+        io_lr: its learning rate.
+        io_loss: its loss (default: ``loss_function``, which is then required).
         Other arguments: as ``monai.engines.SupervisedEvaluator``.
     """
 
@@ -66,9 +82,18 @@ class ICONEvaluator(SupervisedEvaluator):
         decollate: bool = True,
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
+        io_steps: int = 0,
+        io_lr: float = 2e-5,
+        io_loss: ICONLoss | None = None,
     ) -> None:
         if label_mode not in ("linear", "nearest"):
             raise ValueError(f"label_mode must be 'linear' or 'nearest', got {label_mode!r}.")
+        if isinstance(io_steps, bool) or not isinstance(io_steps, int) or io_steps < 0:
+            raise ValueError(f"io_steps must be an integer >= 0, got {io_steps!r}.")
+        if not (isinstance(io_lr, (int, float)) and 0 < io_lr < float("inf")):
+            raise ValueError(f"io_lr must be a positive number, got {io_lr!r}.")
+        if io_steps and io_loss is None and loss_function is None:
+            raise ValueError("instance optimisation (io_steps > 0) needs io_loss or loss_function.")
         extra: dict[str, Any] = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
         super().__init__(
             device=torch.device(device),
@@ -91,6 +116,35 @@ class ICONEvaluator(SupervisedEvaluator):
         self.loss_function = loss_function
         self.num_classes = num_classes
         self.label_mode = label_mode
+        self.io_steps, self.io_lr = io_steps, float(io_lr)
+        self.io_loss = io_loss if io_loss is not None else loss_function
+        self._snapshot: WeightSnapshot | None = None
+        if io_steps:
+            self.add_event_handler(Events.STARTED, self._take_snapshot)
+
+    def _take_snapshot(self, engine: ICONEvaluator) -> None:
+        self._snapshot = WeightSnapshot(engine.network)
+
+    def _instance_optimised_map(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[Map, Map | None]:
+        """Per pair: optimise, register (without gradients), restore the weights; maps of the whole batch."""
+        if self._snapshot is None:
+            self._snapshot = WeightSnapshot(self.network)
+        grids_AB, grids_BA = [], []
+        shape = moving.shape[2:]
+        for i in range(moving.shape[0]):
+            m, f = moving[i : i + 1], fixed[i : i + 1]
+            instance_optimise(self.network, m, f, cast(ICONLoss, self.io_loss), self.io_steps, self.io_lr)
+            with torch.no_grad():
+                if self.loss_function is not None:
+                    phi_AB, phi_BA = register_pair(self.network, m, f)
+                    grids_BA.append(phi_BA.grid(shape))
+                else:
+                    phi_AB = register_one_way(self.network, m, f)
+                grids_AB.append(phi_AB.grid(shape))
+            self._snapshot.restore()
+        identity = identity_grid(shape, device=moving.device)
+        maps = [DisplacementMap(torch.cat(g) - identity) for g in (grids_AB, grids_BA) if g]
+        return maps[0], (maps[1] if len(maps) > 1 else None)
 
     def _iteration(self, engine: ICONEvaluator, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -107,7 +161,11 @@ class ICONEvaluator(SupervisedEvaluator):
             if moving.device.type == "cuda":
                 torch.cuda.synchronize(moving.device)
             start = time.perf_counter()
-            if engine.loss_function is not None:
+            if engine.io_steps:
+                phi_AB, phi_BA_io = engine._instance_optimised_map(moving, fixed)
+                if phi_BA_io is not None:
+                    phi_BA = phi_BA_io
+            elif engine.loss_function is not None:
                 phi_AB, phi_BA = register_pair(engine.network, moving, fixed)
             else:
                 phi_AB = register_one_way(engine.network, moving, fixed)

@@ -2,13 +2,16 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
-"""Ignite handlers: registration metrics, the adaptive lambda schedule, figures and checkpoint discovery."""
+"""Ignite handlers: registration metrics, the adaptive lambda schedule and lambda continuation, progress, figures
+and checkpoint discovery."""
 
 from monai_icon.handlers.adaptive_lambda import AdaptiveLambdaHandler, batch_mean_folds
 from monai_icon.handlers.checkpoint import AtomicCheckpointSaver, latest_checkpoint, require_file
 from monai_icon.handlers.figures import RegistrationFigureHandler
 from monai_icon.handlers.gradient_clipping import GradientClipHandler
+from monai_icon.handlers.lambda_schedule import LambdaScheduleHandler
 from monai_icon.handlers.metrics import Folds, LabelDice, OutputValue, ThresholdDice, pair_names
+from monai_icon.handlers.progress import ProgressHandler
 
 __all__ = [
     "AdaptiveLambdaHandler",
@@ -18,6 +21,8 @@ __all__ = [
     "require_file",
     "RegistrationFigureHandler",
     "GradientClipHandler",
+    "LambdaScheduleHandler",
+    "ProgressHandler",
     "ThresholdDice",
     "LabelDice",
     "Folds",

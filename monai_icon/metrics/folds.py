@@ -8,9 +8,9 @@ The determinant of each cell is taken from one-sided differences of the map alon
 reference implementation's stencils: in 2D forward differences at the cell's first corner,
 ``du = phi[1:, :-1] - phi[:-1, :-1]``, ``dv = phi[:-1, 1:] - phi[:-1, :-1]``, ``dA = du_0 dv_1 - du_1 dv_0``; in
 3D backward differences at the cell's opposite (far) corner, ``a = phi[1:, 1:, 1:] - phi[:-1, 1:, 1:]``,
-``b = phi[1:, 1:, 1:] - phi[1:, :-1, 1:]``, ``c = phi[1:, 1:, 1:] - phi[1:, 1:, :-1]``, ``dV = (a x b) . c``. The count is per image (the
-ICON paper's number); the percentage divides by the number of cells. Counts from central differences or from
-physical-space Jacobian filters are not comparable with these.
+``b = phi[1:, 1:, 1:] - phi[1:, :-1, 1:]``, ``c = phi[1:, 1:, 1:] - phi[1:, 1:, :-1]``, ``dV = (a x b) . c``.
+The count is per image (the ICON paper's number); the percentage divides by the number of cells. Counts from
+central differences or from physical-space Jacobian filters are not comparable with these.
 """
 
 from __future__ import annotations

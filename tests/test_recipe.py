@@ -1,0 +1,141 @@
+"""The training recipe's pieces: schedules, lambda continuation, progress output, instance optimisation."""
+
+import io
+import math
+
+import pytest
+import torch
+from ignite.engine import Events
+from torch.utils.data import DataLoader
+
+from monai_icon.data import RandomPairDataset, TrianglesCirclesDataset
+from monai_icon.engines import ICONEvaluator, ICONTrainer
+from monai_icon.engines.instance_optimisation import WeightSnapshot, instance_optimise
+from monai_icon.handlers import LambdaScheduleHandler, ProgressHandler, ThresholdDice
+from monai_icon.losses import ICONLoss
+from monai_icon.networks import DisplacementField, RegistrationNet
+from monai_icon.networks.nets import UNet
+from monai_icon.schedules import WarmupCosine, lambda_at, lr_factor_at
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    net = RegistrationNet(DisplacementField(UNet(2, encoder_channels=(8, 16), decoder_channels=(16, 8))))
+    with torch.no_grad():
+        net.block.net.out.weight.normal_(0, 0.01)
+    return net
+
+
+def _loader(n=8, seed=None, batch_size=4):
+    data = TrianglesCirclesDataset(20, (16, 16), seed=0)
+    return DataLoader(RandomPairDataset(data, n, seed=seed), batch_size=batch_size)
+
+
+def test_lr_factor_warmup_then_cosine_and_errors():
+    assert lr_factor_at(0, 100, warmup=9) == pytest.approx(0.1)
+    assert lr_factor_at(9, 100, warmup=9) == pytest.approx(1.0)  # first step after the warm-up
+    assert lr_factor_at(50, 100, warmup=0, schedule="constant") == 1.0
+    assert lr_factor_at(50, 100, warmup=0, schedule="cosine") == pytest.approx(0.5)
+    assert lr_factor_at(100, 100, schedule="cosine", final_fraction=0.1) == pytest.approx(0.1)
+    assert lr_factor_at(500, 100, schedule="cosine") == pytest.approx(0.0)  # after the planned end: stays there
+    factors = [WarmupCosine(100, 10)(s) for s in range(100)]
+    assert max(factors) == pytest.approx(1.0) and all(b <= a for a, b in zip(factors[10:], factors[11:]))
+    for kwargs, message in [({"schedule": "step"}, "unknown learning-rate schedule"), ({"warmup": -1}, "warmup"),
+                            ({"final_fraction": 2.0}, "final_fraction")]:
+        with pytest.raises(ValueError, match=message):
+            lr_factor_at(0, 10, **kwargs)
+    with pytest.raises(ValueError, match="total_steps"):
+        WarmupCosine(0)
+
+
+def test_lambda_continuation_is_geometric_then_constant():
+    assert lambda_at(0, 100, 16, 512, 0.5) == pytest.approx(16)
+    assert lambda_at(25, 100, 16, 512, 0.5) == pytest.approx(math.sqrt(16 * 512))
+    assert lambda_at(50, 100, 16, 512, 0.5) == 512 and lambda_at(99, 100, 16, 512, 0.5) == 512
+    assert lambda_at(0, 100, 16, 512, 0.0) == 512
+    with pytest.raises(ValueError, match="must be > 0"):
+        lambda_at(0, 100, 0, 512, 0.5)
+    with pytest.raises(ValueError, match="ramp_fraction"):
+        lambda_at(0, 100, 16, 512, 1.5)
+
+
+def test_lambda_schedule_handler_drives_the_trainers_loss_and_resumes():
+    net = _net()
+    loss = ICONLoss("mse", 1.0)
+    trainer = ICONTrainer("cpu", 2, _loader(8), net, torch.optim.Adam(net.parameters(), 1e-3), loss)
+    seen = []
+    handler = LambdaScheduleHandler(loss, start=4.0, target=64.0, ramp_fraction=0.5, total_steps=4)
+    handler.attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(float(e.state.output[0]["lmbda"])))
+    trainer.run()
+    assert seen == pytest.approx([4.0, 16.0, 64.0, 64.0])
+    # the value is a function of the iteration: a resumed engine continues on the schedule
+    loss.lmbda = 1.0
+    trainer.state.iteration = 1
+    handler(trainer)
+    assert loss.lmbda == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="lmbda"):
+        LambdaScheduleHandler(object(), 1, 2, 0.5, 10)
+
+
+def test_progress_handler_prints_one_line_per_epoch_off_a_terminal():
+    net = _net()
+    stream = io.StringIO()  # not a terminal: a line per epoch instead of per-step bar updates
+    trainer = ICONTrainer("cpu", 3, _loader(8), net, torch.optim.Adam(net.parameters(), 1e-3), ICONLoss("mse", 8))
+    ProgressHandler(output_transform=lambda out: {"loss": out[0]["loss"]}, stream=stream).attach(trainer)
+    trainer.run()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("epoch 1/3: iteration 2/6, loss ")
+    assert "s/it)" in lines[-1]
+    with pytest.raises(ValueError, match="force"):
+        ProgressHandler(force="sometimes")
+
+
+def test_weight_snapshot_restores_in_place_and_skips_frozen_parameters():
+    net = _net()
+    net.block.net.down[0].conv.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    snapshot = WeightSnapshot(net)
+    assert all(p.requires_grad for p, _ in snapshot.saved)
+    assert len(snapshot.saved) == sum(p.requires_grad for p in net.parameters())
+    moving, fixed = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    history = instance_optimise(net.eval(), moving, fixed, ICONLoss("mse", 8), steps=3, lr=1e-3)
+    assert len(history) == 3
+    assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
+    snapshot.restore()
+    for k, v in net.state_dict().items():
+        assert torch.equal(before[k], v), k
+    with pytest.raises(ValueError, match="steps"):
+        instance_optimise(net, moving, fixed, ICONLoss("mse", 8), steps=-1)
+    with pytest.raises(ValueError, match="learning rate"):
+        instance_optimise(net, moving, fixed, ICONLoss("mse", 8), steps=1, lr=float("nan"))
+
+
+def test_evaluator_instance_optimisation_per_pair_restores_weights():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    results = {}
+    for steps in (0, 10):
+        torch.manual_seed(1)  # the loss draws random off-grid points
+        evaluator = ICONEvaluator("cpu", _loader(4, seed=0, batch_size=2), net,
+                                  loss_function=ICONLoss("mse", 8, reduction="none"),
+                                  key_val_metric={"dice": ThresholdDice()}, io_steps=steps, io_lr=1e-2)
+        evaluator.run()
+        results[steps] = evaluator.state.metrics["dice"]
+        for k, v in net.state_dict().items():
+            assert torch.equal(before[k], v), k  # restored after every pair
+    assert results[10] > results[0]
+    # per pair: the same pairs in batches of one or of two give the same instance-optimised result (no
+    # loss_function, so only instance optimisation draws random off-grid points, in the same order)
+    dice = []
+    for batch_size in (1, 2):
+        torch.manual_seed(1)
+        evaluator = ICONEvaluator("cpu", _loader(4, seed=0, batch_size=batch_size), net, io_loss=ICONLoss("mse", 8),
+                                  key_val_metric={"dice": ThresholdDice()}, io_steps=10, io_lr=1e-2)
+        evaluator.run()
+        dice.append(evaluator.state.metrics["dice"])
+    assert dice[0] == pytest.approx(dice[1], abs=1e-5)
+    for kwargs, message in [({"io_steps": -1}, "io_steps"), ({"io_steps": 2, "io_lr": 0.0}, "io_lr"),
+                            ({"io_steps": 2}, "needs io_loss")]:
+        with pytest.raises(ValueError, match=message):
+            ICONEvaluator("cpu", _loader(), net, **kwargs)
