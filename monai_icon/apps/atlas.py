@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from monai_icon.apps.register import instance_optimise, restored_weights
+from monai_icon.apps.validation import check_count, check_label_values, check_positive_number
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.networks.maps import interpolate, one_hot_labels
 from monai_icon.networks.registration_net import register_one_way
@@ -57,13 +58,20 @@ class AtlasSegmentation(nn.Module):
         if image.shape != label.shape or image.shape[1] != 1 or image.ndim not in (4, 5):
             raise ValueError(f"the atlas image and label must be channel-first [1, *N] of the same 2D/3D shape, "
                              f"got {tuple(atlas_image.shape)} and {tuple(atlas_label.shape)}.")
+        if not torch.isfinite(image).all():
+            raise ValueError("the atlas image contains NaN or infinite values.")
+        check_label_values(label, "the atlas label")
+        if num_classes is not None:
+            check_count(num_classes, "num_classes", minimum=2)
+            if int(label.max()) >= num_classes:
+                raise ValueError(f"the atlas label holds label {int(label.max())} but num_classes is {num_classes}.")
         self.network = network
         self.num_classes = int(num_classes if num_classes is not None else int(label.max()) + 1)
         self.register_buffer("atlas_image", image.as_subclass(torch.Tensor), persistent=False)
         self.register_buffer(
             "atlas_onehot", one_hot_labels(label.long().as_subclass(torch.Tensor), self.num_classes), persistent=False
         )
-        self.io_steps, self.io_lr = int(io_steps), float(io_lr)
+        self.io_steps, self.io_lr = check_count(io_steps, "io_steps"), check_positive_number(io_lr, "io_lr")
         self.loss = loss
 
     def _io_loss(self) -> ICONLoss:

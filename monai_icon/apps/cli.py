@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _default_device(name: str | None):
     import torch
 
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from monai_icon.apps.validation import check_device
+
+    return check_device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,16 +103,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "datalist":
             from pathlib import Path
 
+            from monai_icon.apps.validation import check_count, check_fraction, check_output_path
             from monai_icon.data.knee_datalist import build_knee_datalist, write_datalist
 
+            if not check_fraction(args.test_fraction, "--test-fraction") > 0:
+                raise ValueError(f"--test-fraction must lie in (0, 1), got {args.test_fraction}.")
+            check_count(args.test_pairs, "--test-pairs")
+            check_output_path(args.output, "--output", (".json",))
             output = Path(args.output)
             datalist = build_knee_datalist(args.folder, args.test_fraction, args.test_pairs, args.seed,
                                            args.image_pattern, relative_to=output.parent)
             write_datalist(datalist, output)
             print(f"{datalist['description']}; written to {output}")
         elif args.command == "synthetic-knees":
+            from monai_icon.apps.validation import MIN_SPACING_MM, check_count, check_sizes
             from monai_icon.data.synthetic_knee import write_synthetic_knees
 
+            check_count(args.subjects, "--subjects", minimum=1)
+            check_sizes(args.shape, "--shape", length=3, minimum=2)
+            check_sizes(args.spacing, "--spacing", length=3, minimum=MIN_SPACING_MM, integer=False)
             records = write_synthetic_knees(args.folder, args.subjects, args.shape, args.spacing, seed=args.seed)
             print(f"wrote {len(records)} knees (image + label) to {args.folder}")
     except (FileNotFoundError, ValueError, MemoryError) as err:

@@ -43,6 +43,19 @@ from monai_icon.apps.physical import (
     write_displacement,
     write_image,
 )
+from monai_icon.apps.validation import (
+    IMAGE_SUFFIXES,
+    TRANSFORM_SUFFIXES,
+    check_count,
+    check_device,
+    check_image_geometry,
+    check_interval,
+    check_label_values,
+    check_output_path,
+    check_positive_number,
+    check_side,
+    check_sizes,
+)
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.engines.instance_optimisation import instance_optimise, restored_weights
 from monai_icon.networks import pretrained
@@ -156,7 +169,10 @@ def load_registration_model(
             weights that do not match the network, or no grid size.
     """
     path = Path(path)
-    device = torch.device(device or "cpu")
+    device = check_device(device) or torch.device("cpu")
+    check_sizes(spatial_size, "spatial_size", minimum=2)
+    check_interval(overrides.get("window"), "window")
+    check_interval(overrides.get("percentiles"), "percentiles", 0.0, 100.0)
     unknown = set(overrides) - set(_SETTINGS)
     if unknown:
         raise ValueError(f"unknown model settings {sorted(unknown)}; known: {_SETTINGS}.")
@@ -282,17 +298,34 @@ def register_files(
         a summary: the files written, seconds, instance-optimisation losses, and the mean displacement (mm, RAS).
 
     Raises:
-        FileNotFoundError, ValueError: unreadable inputs or model, 2D/3D or channel mismatches.
+        FileNotFoundError, ValueError: unreadable inputs or model, 2D/3D or channel mismatches, out-of-range
+            arguments, sides other than LEFT/RIGHT, an unavailable device, outputs that cannot be written
+            (checked before any computation), degenerate geometry, label maps that are not integer-valued.
         MemoryError: outputs on the fixed grid that would not fit in memory.
     """
     if (moving_label is None) != (warped_label is None):
         raise ValueError("give both moving_label and warped_label, or neither.")
     if not any((warped, ddf, transform, warped_label)):
         raise ValueError("nothing to write: give at least one of warped, ddf, transform, warped_label.")
+    # every argument and output checked before any computation, so a long registration cannot fail at the end
+    io_steps = check_count(io_steps, "io_steps")
+    io_lr = check_positive_number(io_lr, "io_lr")
+    fixed_side, moving_side = check_side(fixed_side, "fixed_side"), check_side(moving_side, "moving_side")
+    device = check_device(device)
+    for path, name, suffixes in ((warped, "warped", IMAGE_SUFFIXES), (warped_label, "warped_label", IMAGE_SUFFIXES),
+                                 (ddf, "ddf", IMAGE_SUFFIXES), (transform, "transform", TRANSFORM_SUFFIXES)):
+        check_output_path(path, name, suffixes)
+    outputs = [str(Path(p).absolute()) for p in (warped, warped_label, ddf, transform) if p is not None]
+    if len(set(outputs)) != len(outputs):
+        raise ValueError(f"two outputs would be written to the same file: {outputs}.")
     if not isinstance(model, RegistrationModel):
         model = load_registration_model(model, device)
     fixed_image, moving_image = load_image(fixed, "fixed image"), load_image(moving, "moving image")
     label = load_image(moving_label, "moving label") if moving_label is not None else None
+    for image, name in ((fixed_image, "the fixed image"), (moving_image, "the moving image")):
+        check_image_geometry(np.asarray(image.affine), tuple(image.shape[1:]), name, model.spatial_dims)
+    if label is not None:
+        check_label_values(label.as_tensor(), f"the moving label {moving_label}")
     if fixed_image.ndim != moving_image.ndim:
         raise ValueError(
             f"fixed and moving images differ in dimension: {fixed_image.ndim - 1}D vs {moving_image.ndim - 1}D."
