@@ -11,9 +11,11 @@ false`` would silently resume. Configs pass their yes/no settings through :func:
 
 from __future__ import annotations
 
+from typing import Any
+
 from monai.utils import str2bool
 
-__all__ = ["as_bool"]
+__all__ = ["as_bool", "choose"]
 
 
 def as_bool(value: bool | int | str, name: str = "setting") -> bool:
@@ -26,3 +28,11 @@ def as_bool(value: bool | int | str, name: str = "setting") -> bool:
         return str2bool(value)
     except ValueError:
         raise ValueError(f"{name} must be true or false, got {value!r}.") from None
+
+
+def choose(value: str, name: str, **options: Any) -> Any:
+    """``options[value]``: pick one of several config objects by a setting's name, e.g. the lambda handler by
+    ``lmbda_schedule``; anything else is a ``ValueError`` naming ``name`` and the choices."""
+    if value not in options:
+        raise ValueError(f"{name} must be one of {sorted(options)}, got {value!r}.")
+    return options[value]

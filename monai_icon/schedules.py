@@ -5,16 +5,17 @@
 """Training schedules as pure functions of the iteration: learning-rate warm-up + cosine decay, and a
 lambda continuation (start with a small inverse consistency weight, raise it geometrically to the target).
 
-Both are used by :class:`torch.optim.lr_scheduler.LambdaLR` / :class:`~monai_icon.handlers.LambdaScheduleHandler`
-in the bundle and by ``experiments/recipe2d.py``; ``docs/results.md`` shows why (the paper's fixed lambda and
-constant learning rate 1e-4 converge slowly on a CPU budget).
+Both are used by :class:`~monai_icon.handlers.LearningRateScheduleHandler` /
+:class:`~monai_icon.handlers.LambdaScheduleHandler` in the bundle and by ``experiments/recipe2d.py``;
+``docs/results.md`` shows why (the paper's fixed lambda and constant learning rate 1e-4 converge slowly on a
+CPU budget).
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["SCHEDULES", "lr_factor_at", "lambda_at", "WarmupCosine"]
+__all__ = ["SCHEDULES", "lr_factor_at", "lambda_at"]
 
 SCHEDULES = ("constant", "cosine")
 
@@ -69,18 +70,3 @@ def lambda_at(step: int, total_steps: int, start: float, target: float, ramp_fra
     if step >= ramp_steps:
         return float(target)
     return float(start * (target / start) ** (step / ramp_steps))
-
-
-class WarmupCosine:
-    """``LambdaLR`` multiplier: ``WarmupCosine(total_steps, warmup, schedule, final_fraction)(step)`` is
-    :func:`lr_factor_at` (a picklable callable, so the scheduler can be checkpointed and resumed)."""
-
-    def __init__(
-        self, total_steps: int, warmup: int = 0, schedule: str = "cosine", final_fraction: float = 0.0
-    ) -> None:
-        lr_factor_at(0, total_steps, warmup, schedule, final_fraction)  # validate now, not at the first step
-        self.total_steps, self.warmup = total_steps, warmup
-        self.schedule, self.final_fraction = schedule, final_fraction
-
-    def __call__(self, step: int) -> float:
-        return lr_factor_at(step, self.total_steps, self.warmup, self.schedule, self.final_fraction)

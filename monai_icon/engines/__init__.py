@@ -5,8 +5,9 @@
 """MONAI/Ignite engines for inverse-consistent registration."""
 
 from monai_icon.engines.evaluator import ICONEvaluator
+from monai_icon.engines.instance_optimisation import InstanceOptimisedNet
 from monai_icon.engines.keys import RegKeys
 from monai_icon.engines.prepare_batch import PrepareRegistrationBatch
 from monai_icon.engines.trainer import ICONTrainer
 
-__all__ = ["ICONTrainer", "ICONEvaluator", "PrepareRegistrationBatch", "RegKeys"]
+__all__ = ["ICONTrainer", "ICONEvaluator", "InstanceOptimisedNet", "PrepareRegistrationBatch", "RegKeys"]

@@ -15,25 +15,28 @@ import torch.nn as nn
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.networks.registration_net import register_pair
 
-__all__ = ["WeightSnapshot", "restored_weights", "instance_optimise"]
+__all__ = ["WeightSnapshot", "restored_weights", "instance_optimise", "InstanceOptimisedNet"]
 
 
 class WeightSnapshot:
-    """A copy of the tensors instance optimisation can change: the trainable parameters (the network stays in
-    evaluation mode, so batch-norm statistics and other buffers do not move). Take it once, then
-    :meth:`restore` in place after every pair: no per-pair copy of the whole state dict, and frozen parameters
-    (e.g. the coarse steps of a stage-2 model) are never copied.
+    """A copy of the tensors instance optimisation can change: the trainable parameters, and the buffers (batch-norm
+    statistics move if the network is left in training mode; they are small). Take it once, then :meth:`restore`
+    in place after every pair: no per-pair copy of the whole state dict, and frozen parameters (e.g. the coarse
+    steps of a stage-2 model, most of its weights) are never copied.
     """
 
     def __init__(self, network: nn.Module) -> None:
         self.network = network
         self.saved = [(p, p.detach().clone()) for p in network.parameters() if p.requires_grad]
+        self.buffers = [(b, b.detach().clone()) for b in network.buffers()]
 
     @torch.no_grad()
     def restore(self) -> None:
         for param, value in self.saved:
             param.copy_(value)
             param.grad = None
+        for buffer, value in self.buffers:
+            buffer.copy_(value)
 
 
 @contextmanager
@@ -77,3 +80,59 @@ def instance_optimise(
             optimizer.step()
             history.append(float(value.detach()))
     return history
+
+
+class InstanceOptimisedNet(nn.Module):
+    """A bundle ``network_def`` wrapper: ``forward(cat([moving, fixed], 1))`` returns the voxel DDF of ``phi_AB``
+    after ``steps`` Adam steps of ``loss`` on each pair alone (both directions), restoring the trainable weights
+    after every pair (in place, from one snapshot of them). ``steps = 0`` is the plain network.
+
+    The snapshot is taken once, at the first pair after construction or ``load_state_dict`` (so MONAI's
+    ``CheckpointLoader`` on this wrapper is seen); do not change the wrapped network's weights in between by
+    other means. The wrapped network's state-dict keys are kept (no ``network.`` prefix is added): a checkpoint
+    of the plain network loads into this wrapper unchanged.
+
+    Args:
+        network: a :class:`~monai_icon.networks.RegistrationNet`.
+        loss: the instance optimisation loss (e.g. ``ICONLoss("mse", 512)``).
+        steps, lr: Adam steps per pair and learning rate.
+    """
+
+    def __init__(self, network: nn.Module, loss: ICONLoss, steps: int = 0, lr: float = 2e-5) -> None:
+        super().__init__()
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"io_steps must be an integer >= 0, got {steps!r}.")
+        if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+            raise ValueError(f"io_lr must be a positive number, got {lr!r}.")
+        self.network, self.loss, self.steps, self.lr = network, loss, steps, float(lr)
+        self._snapshot: WeightSnapshot | None = None  # taken at the first pair after weights are (re)loaded
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        return self.network.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        self._snapshot = None
+        return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.steps == 0:
+            return self.network(x)
+        if x.ndim not in (4, 5) or x.shape[1] % 2:
+            raise ValueError(
+                f"expected x = cat([moving, fixed], dim=1) of shape [B, 2C, *spatial], got {tuple(x.shape)}."
+            )
+        half = x.shape[1] // 2
+        if self._snapshot is None:
+            self._snapshot = WeightSnapshot(self.network)
+        snapshot = self._snapshot
+        ddfs = []
+        try:
+            for i in range(x.shape[0]):
+                moving, fixed = x[i : i + 1, :half], x[i : i + 1, half:]
+                instance_optimise(self.network, moving, fixed, self.loss, self.steps, self.lr)
+                with torch.no_grad():
+                    ddfs.append(self.network(x[i : i + 1]))
+                snapshot.restore()
+        finally:
+            snapshot.restore()
+        return torch.cat(ddfs)

@@ -9,9 +9,9 @@ from monai_icon.handlers.adaptive_lambda import AdaptiveLambdaHandler, batch_mea
 from monai_icon.handlers.checkpoint import AtomicCheckpointSaver, latest_checkpoint, require_file
 from monai_icon.handlers.figures import RegistrationFigureHandler
 from monai_icon.handlers.gradient_clipping import GradientClipHandler
-from monai_icon.handlers.lambda_schedule import LambdaScheduleHandler
 from monai_icon.handlers.metrics import Folds, LabelDice, OutputValue, ThresholdDice, pair_names
 from monai_icon.handlers.progress import ProgressHandler
+from monai_icon.handlers.schedules import LambdaScheduleHandler, LearningRateScheduleHandler
 
 __all__ = [
     "AdaptiveLambdaHandler",
@@ -22,6 +22,7 @@ __all__ = [
     "RegistrationFigureHandler",
     "GradientClipHandler",
     "LambdaScheduleHandler",
+    "LearningRateScheduleHandler",
     "ProgressHandler",
     "ThresholdDice",
     "LabelDice",
