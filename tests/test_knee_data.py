@@ -230,6 +230,27 @@ def test_deformed_copies_of_the_embedded_t1_volume(tmp_path):
         build_knee_datalist(tmp_path / "vols")
 
 
+def test_validation_split_takes_other_subjects_and_keeps_the_test_pairs(tmp_path):
+    from monai_icon.data import validation_key, write_datalist, write_deformed_copies
+
+    write_deformed_copies(tmp_path / "vols", num_copies=8, deformation_mm=6.0, seed=1)
+    plain = build_knee_datalist(tmp_path / "vols", 0.34, num_test_pairs=2, require_side=False)
+    split = build_knee_datalist(tmp_path / "vols", 0.34, num_test_pairs=2, require_side=False, val_fraction=0.4,
+                                num_val_pairs=2)
+    assert split["test_pairs"] == plain["test_pairs"] and split["test"] == plain["test"]
+    subjects = {name: {r["subject"] for r in split[name]} for name in ("training", "validation", "test")}
+    assert len(subjects["validation"]) == 2 and len(subjects["training"]) == 3 and len(subjects["test"]) == 3
+    assert not (subjects["validation"] & subjects["training"]) and not (subjects["validation"] & subjects["test"])
+    val_files = {r["image"] for r in split["validation"]}
+    assert len(split["validation_pairs"]) == 2
+    assert all({p["moving_image"], p["fixed_image"]} <= val_files for p in split["validation_pairs"])
+    assert validation_key(write_datalist(split, tmp_path / "split.json")) == "validation_pairs"
+    with pytest.warns(UserWarning, match="validating on its test pairs"):
+        assert validation_key(write_datalist(plain, tmp_path / "plain.json")) == "test_pairs"
+    with pytest.raises(ValueError, match="val_fraction"):
+        build_knee_datalist(tmp_path / "vols", 0.34, require_side=False, val_fraction=1.0)
+
+
 def test_deformed_copies_name_a_missing_or_non_image_source(tmp_path):
     from monai_icon.data import embedded_t1_head, write_deformed_copies
 

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--output", required=True, help="datalist JSON to write (paths stored relative to it)")
     dl.add_argument("--test-fraction", type=float, default=0.2, help="fraction of subjects held out (default 0.2)")
     dl.add_argument("--test-pairs", type=int, default=20, help="number of fixed test pairs (default 20)")
+    dl.add_argument("--val-fraction", type=float, default=0.0,
+                    help="fraction of the other subjects held out for validation pairs (default 0: none)")
+    dl.add_argument("--val-pairs", type=int, default=None, help="number of validation pairs (default: --test-pairs)")
     dl.add_argument("--seed", type=int, default=0)
     dl.add_argument("--image-pattern", default="*image.nii*", help="glob of image files (default *image.nii*)")
 
@@ -109,10 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not check_fraction(args.test_fraction, "--test-fraction") > 0:
                 raise ValueError(f"--test-fraction must lie in (0, 1), got {args.test_fraction}.")
             check_count(args.test_pairs, "--test-pairs")
+            check_fraction(args.val_fraction, "--val-fraction")
+            if args.val_pairs is not None:
+                check_count(args.val_pairs, "--val-pairs")
             check_output_path(args.output, "--output", (".json",))
             output = Path(args.output)
             datalist = build_knee_datalist(args.folder, args.test_fraction, args.test_pairs, args.seed,
-                                           args.image_pattern, relative_to=output.parent)
+                                           args.image_pattern, relative_to=output.parent,
+                                           val_fraction=args.val_fraction, num_val_pairs=args.val_pairs)
             write_datalist(datalist, output)
             print(f"{datalist['description']}; written to {output}")
         elif args.command == "synthetic-knees":

@@ -4,7 +4,7 @@
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
 """The paper's 2D datasets (triangles & circles, MNIST fives), random pairs, synthetic knees and knee datalists."""
 
-from monai_icon.data.datalist import PAIR_FILE_KEYS, load_pair_datalist
+from monai_icon.data.datalist import PAIR_FILE_KEYS, load_pair_datalist, validation_key
 from monai_icon.data.deformed_volume import embedded_t1_head, random_smooth_ddf, write_deformed_copies
 from monai_icon.data.knee_datalist import build_knee_datalist, find_knee_files, write_datalist
 from monai_icon.data.mnist import EMBEDDED_MNIST_FIVES, MNISTFivesDataset, load_mnist_fives, split_indices
@@ -32,6 +32,7 @@ __all__ = [
     "POPULATIONS",
     "get_population",
     "load_pair_datalist",
+    "validation_key",
     "PAIR_FILE_KEYS",
     "KNEE_LABELS",
     "KneeAnatomy",

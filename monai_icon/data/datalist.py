@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PAIR_FILE_KEYS", "load_pair_datalist"]
+__all__ = ["PAIR_FILE_KEYS", "load_pair_datalist", "validation_key"]
 
 PAIR_FILE_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
 
@@ -49,3 +50,18 @@ def load_pair_datalist(path: str | Path, key: str = "pairs") -> list[dict[str, A
                 item[k] = str(file)
         out.append(item)
     return out
+
+
+def validation_key(path: str | Path) -> str:
+    """The key of the pairs to validate on during training: ``"validation_pairs"`` when the datalist has them,
+    else ``"test_pairs"`` with a warning (model selection on test pairs is not an honest test any more)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist not found: {path} (build it with: monai-icon datalist FOLDER --output FILE)")
+    content = json.loads(path.read_text())
+    if isinstance(content, dict) and content.get("validation_pairs"):
+        return "validation_pairs"
+    warnings.warn(f"{path} has no validation_pairs: validating on its test pairs (build the datalist with "
+                  "monai-icon datalist --val-fraction 0.2 to keep the test pairs for the final report only).",
+                  stacklevel=2)
+    return "test_pairs"

@@ -10,7 +10,10 @@ Format (paths relative to the JSON file's folder)::
      "training":   [{"image": ..., "label": ..., "side": "LEFT", "subject": "9000001"}, ...],
      "test":       [... same, other subjects ...],
      "test_pairs": [{"moving_image": ..., "moving_label": ..., "moving_side": ..., "fixed_image": ...,
-                     "fixed_label": ..., "fixed_side": ..., "pair_id": ...}, ...]}
+                     "fixed_label": ..., "fixed_side": ..., "pair_id": ...}, ...],
+     "validation": [...], "validation_pairs": [...]}      # with val_fraction > 0: subjects taken from training
+
+Validation pairs are for choosing settings and checkpoints during training; test pairs are for reporting once.
 
 ``training`` loads with ``monai.data.load_decathlon_datalist(path, True, "training")`` and ``test_pairs`` with
 :func:`~monai_icon.data.load_pair_datalist` (``key="test_pairs"``). Subjects never appear in both splits.
@@ -80,6 +83,8 @@ def build_knee_datalist(
     label_token: tuple[str, str] = ("image", "label"),
     relative_to: str | Path | None = None,
     require_side: bool = True,
+    val_fraction: float = 0.0,
+    num_val_pairs: int | None = None,
 ) -> dict[str, Any]:
     """A knee datalist (see the module docstring) from the files under ``folder``.
 
@@ -90,12 +95,17 @@ def build_knee_datalist(
             ``seed``; pairs need labelled test images.
         relative_to: write paths relative to this folder (normally the datalist file's folder); ``None``: absolute.
         require_side: every file name must carry LEFT/RIGHT (knees); ``False`` for other anatomy.
+        val_fraction: fraction of the non-test subjects held out as ``validation`` (0: none), with
+            ``num_val_pairs`` labelled ``validation_pairs`` (default ``num_test_pairs``) drawn among them.
 
     Raises:
-        ValueError: fewer than two subjects, or no labelled test images for the requested pairs.
+        ValueError: fewer than two subjects (three with a validation split), fractions out of range, or no
+            labelled images for the requested pairs.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
     records = find_knee_files(folder, image_pattern, label_token, require_side)
     subjects = sorted({r["subject"] for r in records})
     if len(subjects) < 2:
@@ -104,28 +114,19 @@ def build_knee_datalist(
     order = [subjects[i] for i in rng.permutation(len(subjects))]
     n_test = min(len(subjects) - 1, max(1, math.ceil(test_fraction * len(subjects))))
     test_subjects = set(order[:n_test])
-    training = [r for r in records if r["subject"] not in test_subjects]
+    rest = order[n_test:]
+    n_val = 0
+    if val_fraction > 0:
+        if len(rest) < 2:
+            raise ValueError(f"a validation split needs at least three subjects, found {len(subjects)}.")
+        n_val = min(len(rest) - 1, max(1, math.ceil(val_fraction * len(rest))))
+    val_subjects = set(rest[:n_val])
+    training = [r for r in records if r["subject"] not in test_subjects | val_subjects]
     test = [r for r in records if r["subject"] in test_subjects]
-    labelled = [r for r in test if r["label"] is not None]
-    pairs = []
-    if num_test_pairs > 0:
-        if len(labelled) < 2:
-            raise ValueError(
-                f"test pairs need at least two labelled test images, found {len(labelled)} "
-                f"(labels are found by replacing {label_token[0]!r} with {label_token[1]!r} in image names)."
-            )
-        candidates = [(i, j) for i in range(len(labelled)) for j in range(len(labelled))
-                      if i != j and labelled[i]["subject"] != labelled[j]["subject"]]
-        candidates = candidates or [(i, j) for i in range(len(labelled)) for j in range(len(labelled)) if i != j]
-        picks = rng.choice(len(candidates), size=num_test_pairs, replace=num_test_pairs > len(candidates))
-        for k in picks:
-            a, b = labelled[candidates[k][0]], labelled[candidates[k][1]]
-            pair = {
-                "moving_image": a["image"], "moving_label": a["label"], "moving_side": a["side"],
-                "fixed_image": b["image"], "fixed_label": b["label"], "fixed_side": b["side"],
-                "pair_id": f"{Path(a['image']).name.split('.')[0]}_to_{Path(b['image']).name.split('.')[0]}",
-            }
-            pairs.append({k: v for k, v in pair.items() if v is not None})
+    validation = [r for r in records if r["subject"] in val_subjects]
+    pairs = _draw_pairs(test, num_test_pairs, rng, "test", label_token)
+    val_pairs = _draw_pairs(validation, num_test_pairs if num_val_pairs is None else num_val_pairs, rng,
+                            "validation", label_token) if n_val else []
     if relative_to is not None:
         base = Path(relative_to).resolve()
 
@@ -134,14 +135,47 @@ def build_knee_datalist(
                     for k, v in item.items()}
 
         training, test, pairs = [rel(r) for r in training], [rel(r) for r in test], [rel(p) for p in pairs]
-    return {
+        validation, val_pairs = [rel(r) for r in validation], [rel(p) for p in val_pairs]
+    datalist = {
         "description": f"knee datalist built from {Path(folder).name}: {len(training)} training images, "
-                       f"{len(test)} test images, {len(pairs)} test pairs (seed {seed})",
+                       f"{len(validation)} validation images, {len(test)} test images, {len(pairs)} test pairs "
+                       f"(seed {seed})",
         "labels": {str(v): k for k, v in KNEE_LABELS.items()},
         "training": [{k: v for k, v in r.items() if v is not None} for r in training],
         "test": [{k: v for k, v in r.items() if v is not None} for r in test],
         "test_pairs": pairs,
     }
+    if n_val:
+        datalist["validation"] = [{k: v for k, v in r.items() if v is not None} for r in validation]
+        datalist["validation_pairs"] = val_pairs
+    return datalist
+
+
+def _draw_pairs(records: list[dict[str, Any]], num_pairs: int, rng: np.random.Generator, split: str,
+                label_token: tuple[str, str]) -> list[dict[str, Any]]:
+    """``num_pairs`` labelled (moving, fixed) pairs of different subjects when possible."""
+    labelled = [r for r in records if r["label"] is not None]
+    pairs: list[dict[str, Any]] = []
+    if num_pairs <= 0:
+        return pairs
+    if len(labelled) < 2:
+        raise ValueError(
+            f"{split} pairs need at least two labelled {split} images, found {len(labelled)} "
+            f"(labels are found by replacing {label_token[0]!r} with {label_token[1]!r} in image names)."
+        )
+    candidates = [(i, j) for i in range(len(labelled)) for j in range(len(labelled))
+                  if i != j and labelled[i]["subject"] != labelled[j]["subject"]]
+    candidates = candidates or [(i, j) for i in range(len(labelled)) for j in range(len(labelled)) if i != j]
+    picks = rng.choice(len(candidates), size=num_pairs, replace=num_pairs > len(candidates))
+    for k in picks:
+        a, b = labelled[candidates[k][0]], labelled[candidates[k][1]]
+        pair = {
+            "moving_image": a["image"], "moving_label": a["label"], "moving_side": a["side"],
+            "fixed_image": b["image"], "fixed_label": b["label"], "fixed_side": b["side"],
+            "pair_id": f"{Path(a['image']).name.split('.')[0]}_to_{Path(b['image']).name.split('.')[0]}",
+        }
+        pairs.append({k: v for k, v in pair.items() if v is not None})
+    return pairs
 
 
 def write_datalist(datalist: dict[str, Any], path: str | Path) -> Path:

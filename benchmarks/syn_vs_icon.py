@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""ICON against a classical registration (ANTs SyN) on the same labelled pairs, with the same Dice code.
+
+For each pair of a datalist's ``test_pairs`` (moving/fixed image and label files, as ``monai-icon datalist``
+writes them) both methods write the moving label warped onto the **fixed image's own grid**; Dice per label is
+then computed by one function (:func:`label_dice`) for the unregistered pair, ICON (``monai_icon.apps.register_files``,
+as ``monai-icon register`` runs it, optionally with instance optimisation) and SyN
+(``ants.registration(fixed, moving, "SyN")`` with its defaults, labels by ``genericLabel``). Time per pair is
+the registration call's wall-clock on this machine, measured the same way for both (files already loaded by the
+method's own reader; writing excluded). Folds of the ICON map are counted on the network grid (the metric of
+``monai_icon.metrics``).
+
+    pip install antspyx       # a benchmark dependency only
+    python benchmarks/syn_vs_icon.py --datalist runs/t1head_demo/datalist.json \\
+        --model runs/t1head_demo/stage2/models/registration_model.pt --out runs/syn_vs_icon [--io-steps 50] [--no-syn]
+
+Writes ``<out>/results.json`` (per pair and means) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def label_dice(warped_label: np.ndarray, fixed_label: np.ndarray, labels: list[int]) -> dict[int, float]:
+    """Dice per label between two integer label arrays on the same grid (NaN where a label is in neither)."""
+    if warped_label.shape != fixed_label.shape:
+        raise ValueError(f"label grids differ: {warped_label.shape} vs {fixed_label.shape}.")
+    out = {}
+    for k in labels:
+        a, b = warped_label == k, fixed_label == k
+        total = a.sum() + b.sum()
+        out[k] = float(2.0 * np.logical_and(a, b).sum() / total) if total else float("nan")
+    return out
+
+
+def _read_labels(path: str | Path) -> np.ndarray:
+    return np.rint(np.asarray(nib.load(str(path)).dataobj)).astype(np.int32)
+
+
+def run_icon(pair: dict, model, io_steps: int, io_lr: float, work: Path) -> dict:
+    from monai_icon.apps import register_files
+
+    out = work / "icon_label.nii.gz"
+    summary = register_files(pair["fixed_image"], pair["moving_image"], model, moving_label=pair["moving_label"],
+                             warped_label=out, io_steps=io_steps, io_lr=io_lr)
+    return {"warped_label": _read_labels(out), "seconds": summary["seconds"]}
+
+
+def run_syn(pair: dict, work: Path, threads: int) -> dict:
+    import ants
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    fixed, moving = ants.image_read(str(pair["fixed_image"])), ants.image_read(str(pair["moving_image"]))
+    label = ants.image_read(str(pair["moving_label"]))
+    start = time.perf_counter()
+    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="SyN", outprefix=str(work / "syn_"))
+    seconds = time.perf_counter() - start
+    warped = ants.apply_transforms(fixed=fixed, moving=label, transformlist=reg["fwdtransforms"],
+                                   interpolator="genericLabel")
+    out = work / "syn_label.nii.gz"
+    ants.image_write(warped, str(out))
+    return {"warped_label": _read_labels(out), "seconds": seconds}
+
+
+def icon_folds(pair: dict, model) -> float:
+    """Folds (%) of phi_AB on the network grid, for the pair as the model sees it."""
+    import torch
+
+    from monai_icon.apps.physical import load_image
+    from monai_icon.apps.register import register_images
+    from monai_icon.metrics import count_folds
+
+    fixed, moving = load_image(pair["fixed_image"]), load_image(pair["moving_image"])
+    result = register_images(model, fixed, moving)
+    with torch.no_grad():
+        grid = result.phi.grid(model.spatial_size)
+    return float(count_folds(grid, percentage=True).mean())
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datalist", required=True)
+    p.add_argument("--model", help="ICON model file or bundle folder (monai-icon register --model)")
+    p.add_argument("--key", default="test_pairs", help="datalist key of the pairs (default test_pairs)")
+    p.add_argument("--pairs", type=int, default=None, help="only the first N pairs")
+    p.add_argument("--io-steps", type=int, default=0)
+    p.add_argument("--io-lr", type=float, default=2e-5)
+    p.add_argument("--no-syn", action="store_true", help="skip SyN (e.g. to add ICON settings to earlier results)")
+    p.add_argument("--threads", type=int, default=2, help="threads for both methods")
+    p.add_argument("--out", default="runs/syn_vs_icon")
+    p.add_argument("--tag", default=None, help="name of the ICON row (default: icon or icon+io<steps>)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    datalist_path = Path(args.datalist)
+    pairs = json.loads(datalist_path.read_text())[args.key][: args.pairs]
+    base = datalist_path.parent
+    pairs = [{k: str(base / v) if k.endswith(("image", "label")) else v for k, v in p.items()} for p in pairs]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {"pairs": {}, "rows": {}}
+    model = None
+    tag = args.tag or ("icon" if not args.io_steps else f"icon+io{args.io_steps}")
+    if args.model:
+        from monai_icon.apps import load_registration_model
+
+        model = load_registration_model(args.model)
+    rows: dict[str, list[dict]] = {}
+    for i, pair in enumerate(pairs):
+        fixed_label = _read_labels(pair["fixed_label"])
+        labels = sorted(int(v) for v in np.unique(fixed_label) if v != 0)
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            methods = {"unregistered": {"warped_label": _read_labels(pair["moving_label"]), "seconds": 0.0}}
+            if model is not None:
+                methods[tag] = run_icon(pair, model, args.io_steps, args.io_lr, work)
+                methods[tag]["folds_percent"] = icon_folds(pair, model) if not args.io_steps else None
+            if not args.no_syn:
+                methods["syn"] = run_syn(pair, work, args.threads)
+        for name, m in methods.items():
+            dice = label_dice(m["warped_label"], fixed_label, labels)
+            row = {"pair": i, "mean_dice": float(np.nanmean(list(dice.values()))), "seconds": m["seconds"],
+                   "dice": dice, "folds_percent": m.get("folds_percent")}
+            rows.setdefault(name, []).append(row)
+            print(json.dumps({"method": name, **{k: v for k, v in row.items() if k != "dice"}}), flush=True)
+    for name, per_pair in rows.items():
+        folds = [r["folds_percent"] for r in per_pair if r["folds_percent"] is not None]
+        results["rows"][name] = {
+            "pairs": len(per_pair),
+            "mean_dice": float(np.mean([r["mean_dice"] for r in per_pair])),
+            "seconds_per_pair": float(np.mean([r["seconds"] for r in per_pair])),
+            "folds_percent": float(np.mean(folds)) if folds else None,
+            "per_pair": per_pair,
+        }
+    tmp = results_file.with_suffix(".partial")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(results_file)
+    print("| method | pairs | mean label Dice | seconds per pair | folds (% of cells) |")
+    print("|---|---|---|---|---|")
+    for name, row in results["rows"].items():
+        folds = "" if row["folds_percent"] is None else f"{row['folds_percent']:.3f}"
+        print(f"| {name} | {row['pairs']} | {row['mean_dice']:.3f} | {row['seconds_per_pair']:.2f} | {folds} |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
