@@ -16,12 +16,14 @@ if [ "$DATA" = real ]; then
   [ -f "$OUT/datalist.json" ] || "$PY" -c "
 from monai_icon.data import build_knee_datalist, write_datalist, write_deformed_copies
 write_deformed_copies('$OUT/volumes', num_copies=16, deformation_mm=6.0, seed=0)
-write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, relative_to='$OUT'), '$OUT/datalist.json')"
-  DATA_ARGS=(--target_side '$None' --axcodes '$None' --num_classes 7 --label_names "{1: 'class1', 2: 'class2', 3: 'class3', 4: 'class4', 5: 'class5', 6: 'class6'}")
+write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, relative_to='$OUT', val_fraction=0.2, num_val_pairs=6), '$OUT/datalist.json')"
+  # non-knee data: no side; every volume is brought to one canonical orientation (RAS), whatever its array order
+  DATA_ARGS=(--target_side '$None' --axcodes RAS --num_classes 7 --label_names "{1: 'class1', 2: 'class2', 3: 'class3', 4: 'class4', 5: 'class5', 6: 'class6'}")
 else
   [ -f "$OUT/datalist.json" ] || {
     "$PY" -m monai_icon synthetic-knees "$OUT/knees" --subjects 16 --shape 64,64,32 --spacing 2.1,2.1,3.75
-    "$PY" -m monai_icon datalist "$OUT/knees" --output "$OUT/datalist.json" --test-pairs 8 --test-fraction 0.25
+    "$PY" -m monai_icon datalist "$OUT/knees" --output "$OUT/datalist.json" --test-pairs 8 --test-fraction 0.25 \
+      --val-fraction 0.2 --val-pairs 6
   }
   DATA_ARGS=()
 fi

@@ -276,3 +276,38 @@ def test_cli_builds_synthetic_knees_and_a_datalist(tmp_path, capsys):
     assert len(datalist["training"]) == 2 and len(datalist["test_pairs"]) == 2
     assert main(["datalist", str(tmp_path / "missing"), "--output", str(tmp_path / "x.json")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_array_order_does_not_matter_with_a_canonical_orientation(tmp_path):
+    """The same head volume stored two ways (RAS array order, and LPS with permuted axes: the same world image)
+    registers to the same world transform when the model brings inputs to one canonical orientation
+    (axcodes="RAS", what the T1-head demo's models now store); with axcodes=None the network sees a different
+    array and the result changes."""
+    from monai_icon.data import write_deformed_copies
+
+    records = write_deformed_copies(tmp_path / "vols", num_copies=2, deformation_mm=6.0, seed=3)
+    torch.manual_seed(0)
+    tiny = {"coarse_steps": 1, "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
+    network = multistep_registration(**tiny)
+    torch.nn.init.normal_(network.block.block.net.out.weight, std=0.02)
+
+    def restore(path, perm):  # the stored-another-way array and affine
+        img = nib.load(path)
+        data, affine = np.asarray(img.dataobj, dtype=np.float32), img.affine.copy()
+        data = np.flip(np.flip(data, 0), 1)  # RAS -> LPS: reverse the first two axes...
+        affine = affine @ np.array([[-1, 0, 0, data.shape[0] - 1], [0, -1, 0, data.shape[1] - 1], [0, 0, 1, 0],
+                                    [0, 0, 0, 1]], dtype=np.float64)
+        data = np.ascontiguousarray(data.transpose(perm))  # ...and permute the axes
+        affine = affine[:, [*perm, 3]]
+        return _save(tmp_path / f"{perm}_{path.split('/')[-1]}", data, affine)
+
+    results = {}
+    for axcodes in ("RAS", None):
+        model = RegistrationModel(network, (32, 32, 16), axcodes=axcodes)
+        for perm in ((0, 1, 2), (2, 0, 1)):
+            fixed, moving = (records[0]["image"], records[1]["image"]) if perm == (0, 1, 2) else \
+                (restore(records[0]["image"], perm), restore(records[1]["image"], perm))
+            summary = register_files(fixed, moving, model, ddf=str(tmp_path / f"ddf_{axcodes}_{perm}.nii.gz"))
+            results[axcodes, perm] = np.array(summary["mean_displacement_mm"])
+    np.testing.assert_allclose(results["RAS", (0, 1, 2)], results["RAS", (2, 0, 1)], atol=1e-3)
+    assert np.abs(results[None, (0, 1, 2)] - results[None, (2, 0, 1)]).max() > 1e-2
