@@ -65,7 +65,7 @@ def _make_regularizer(regularizer: str | Callable, sigma: float, epsilon: float)
 class ICONLoss(_Loss):
     """Symmetric similarity plus ``lmbda`` times an inverse consistency regulariser.
 
-    Normalisation follows the paper (CONVENTIONS section 2), so ``lmbda = 2048`` here is ``lambda = 2048`` in
+    Normalisation follows the paper (docs/conventions.md section 3), so ``lmbda = 2048`` here is ``lambda = 2048`` in
     Table 1: the MSE similarity is ``mean((A o phi_AB - B)^2) + mean((B o phi_BA - A)^2)`` and the inverse
     consistency ``mean(e_AB^2) + mean(e_BA^2)`` in ``[0, 1]`` units at random off-grid points.
 

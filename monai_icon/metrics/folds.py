@@ -2,7 +2,7 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
-"""Folds: grid cells where a map's Jacobian determinant is negative (paper Sec. 4.4, CONVENTIONS section 3).
+"""Folds: grid cells where a map's Jacobian determinant is negative (paper Sec. 4.4, docs/conventions.md section 4).
 
 The determinant of each cell is taken from one-sided differences of the map along the cell's edges, with the
 reference implementation's stencils: in 2D forward differences at the cell's first corner,

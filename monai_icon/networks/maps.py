@@ -4,7 +4,7 @@
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
 """Coordinate maps kept as functions.
 
-Conventions (shared with the ICON reference, see ``CONVENTIONS.md`` section 1):
+Conventions (shared with the ICON reference, see ``docs/conventions.md`` sections 1-2):
 
 * Coordinates live in ``[0, 1]^D`` with ``0`` and ``1`` on the centres of the first and last voxel of each
   axis: ``identity[d] = index_d / (N_d - 1)`` (``align_corners=True`` semantics).
