@@ -311,3 +311,19 @@ def test_array_order_does_not_matter_with_a_canonical_orientation(tmp_path):
             results[axcodes, perm] = np.array(summary["mean_displacement_mm"])
     np.testing.assert_allclose(results["RAS", (0, 1, 2)], results["RAS", (2, 0, 1)], atol=1e-3)
     assert np.abs(results[None, (0, 1, 2)] - results[None, (2, 0, 1)]).max() > 1e-2
+
+
+def test_register_pairs_names_outputs_per_pair_and_refuses_path_ids(knee_files, tmp_path):
+    from monai_icon.apps import pair_outputs, register_pairs
+
+    model = RegistrationModel(RegistrationNet(ConstantAffine(torch.eye(3, 4))), (16, 16, 8), axcodes="PIR")
+    pairs = [{"moving_image": knee_files["moving"], "fixed_image": knee_files["fixed"], "pair_id": "a"},
+             {"moving_image": knee_files["moving"], "fixed_image": knee_files["fixed"],
+              "moving_label": knee_files["moving_label"]}]
+    summaries = register_pairs(pairs, model, tmp_path / "out")
+    assert [s["pair_id"] for s in summaries] == ["a", "pair001"]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == sorted(["a_warped.nii.gz", "a_ddf.nii.gz", "a_phi.h5", "pair001_warped.nii.gz",
+                            "pair001_ddf.nii.gz", "pair001_phi.h5", "pair001_warped_label.nii.gz"])
+    with pytest.raises(ValueError, match="plain file name"):
+        pair_outputs({"pair_id": "../escape"}, 0, tmp_path)

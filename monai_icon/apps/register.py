@@ -74,6 +74,8 @@ __all__ = [
     "instance_optimise",
     "register_images",
     "register_files",
+    "pair_outputs",
+    "register_pairs",
 ]
 
 MODEL_FORMAT = "monai-icon-model/1"
@@ -369,3 +371,47 @@ def register_files(
         "io_losses": result.io_losses,
         "mean_displacement_mm": displacement.reshape(3, -1).mean(1).tolist(),
     }
+
+
+def pair_outputs(pair: dict[str, Any], index: int, output_dir: str | Path) -> dict[str, Path | None]:
+    """The output files of one pair of a pair datalist: ``<pair_id>_warped.nii.gz``, ``_ddf.nii.gz`` (LPS mm),
+    ``_phi.h5`` (ITK transform) and, when the pair has a ``moving_label``, ``_warped_label.nii.gz``
+    (``pair_id`` defaults to ``pair<index>``)."""
+    name = str(pair.get("pair_id", f"pair{index:03d}"))
+    if not name or Path(name).name != name:
+        raise ValueError(f"pair {index}: pair_id {name!r} must be a plain file name stem (no folders).")
+    base = Path(output_dir)
+    return {
+        "warped": base / f"{name}_warped.nii.gz",
+        "ddf": base / f"{name}_ddf.nii.gz",
+        "transform": base / f"{name}_phi.h5",
+        "warped_label": base / f"{name}_warped_label.nii.gz" if pair.get("moving_label") else None,
+    }
+
+
+def register_pairs(
+    pairs: Sequence[dict[str, Any]],
+    model: RegistrationModel | str | Path,
+    output_dir: str | Path,
+    io_steps: int = 0,
+    io_lr: float = 2e-5,
+    device: str | torch.device | None = None,
+) -> list[dict[str, Any]]:
+    """Register every pair of a pair datalist (:func:`~monai_icon.data.load_pair_datalist`) in physical space with
+    :func:`register_files`, writing :func:`pair_outputs` into ``output_dir``. Prints one line per pair.
+
+    Returns:
+        the summaries of :func:`register_files`, one per pair (with ``pair_id``).
+    """
+    if not isinstance(model, RegistrationModel):
+        model = load_registration_model(model, device)
+    summaries = []
+    for i, pair in enumerate(pairs):
+        outputs = pair_outputs(pair, i, output_dir)
+        summary = register_files(pair["fixed_image"], pair["moving_image"], model,
+                                 moving_label=pair.get("moving_label"), io_steps=io_steps, io_lr=io_lr,
+                                 device=device, **outputs)
+        summary["pair_id"] = pair.get("pair_id", f"pair{i:03d}")
+        print(summary["pair_id"], summary["written"], flush=True)
+        summaries.append(summary)
+    return summaries
