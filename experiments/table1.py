@@ -5,7 +5,7 @@
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
 """Reproduce the paper's Table 1 (networks x lambda, Dice and folds) and Fig. 6 on a chosen subset.
 
-Each setting is read from configs/table1/<dataset>_<network>_lambda<lambda>.yaml, trained with
+Each setting comes from the grid in configs/table1.yaml (shared settings + the dataset's budget), trained with
 ``ICONTrainer`` (progress bar; an atomic checkpoint after every epoch of ``--epoch-steps`` steps, so an
 interrupted run resumes where it stopped) and evaluated with ``ICONEvaluator`` on fixed test pairs (Dice of
 pixels > 0.5, folds of phi_AB per image). A finished setting writes result.json and is skipped next time.
@@ -74,11 +74,25 @@ PAPER = {
 }
 
 
-def load_config(dataset: str, network: str, lmbda: int, overrides: dict[str, Any]) -> dict[str, Any]:
-    path = ROOT / "configs" / "table1" / f"{dataset}_{network}_lambda{lmbda}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config for this setting: {path} (run experiments/make_table1_configs.py)")
-    config = yaml.safe_load(path.read_text())
+GRID_FILE = ROOT / "configs" / "table1.yaml"
+
+
+def load_grid(path: Path = GRID_FILE) -> dict[str, Any]:
+    """The Table 1 grid: shared ``settings``, per-dataset budgets, ``networks`` and ``lambdas``."""
+    grid = yaml.safe_load(path.read_text())
+    missing = {"settings", "datasets", "networks", "lambdas"} - set(grid)
+    if missing:
+        raise ValueError(f"{path} lacks {sorted(missing)}.")
+    return grid
+
+
+def load_config(dataset: str, network: str, lmbda: int, overrides: dict[str, Any],
+                grid: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One setting of the grid: shared settings + the dataset's budget + network and lambda + overrides."""
+    grid = grid or load_grid()
+    if dataset not in grid["datasets"] or network not in grid["networks"] or lmbda not in grid["lambdas"]:
+        raise ValueError(f"({dataset}, {network}, {lmbda}) is not in the grid of {GRID_FILE}.")
+    config = {"dataset": dataset, "network": network, "lmbda": lmbda, **grid["settings"], **grid["datasets"][dataset]}
     config.update({k: v for k, v in overrides.items() if v is not None})
     return config
 

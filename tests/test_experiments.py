@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -14,14 +13,18 @@ import fig5_no_network  # noqa: E402
 import table1  # noqa: E402
 
 
-def test_every_table1_setting_has_a_config_with_the_papers_optimiser():
-    configs = sorted((ROOT / "configs" / "table1").glob("*.yaml"))
+def test_every_table1_setting_comes_from_one_grid_with_the_papers_optimiser():
+    grid = table1.load_grid()
+    assert tuple(grid["networks"]) == table1.NETWORKS and tuple(grid["lambdas"]) == table1.LAMBDAS
+    configs = [table1.load_config(d, n, lam, {}) for d in grid["datasets"] for n in grid["networks"]
+               for lam in grid["lambdas"]]
     assert len(configs) == 2 * 4 * 6
-    for path in configs:
-        config = yaml.safe_load(path.read_text())
+    for config in configs:
         assert config["lr"] == 1e-4 and config["batch_size"] == 128 and config["optimizer"] == "adam"
-        assert config["lmbda"] in table1.LAMBDAS and config["network"] in table1.NETWORKS
         assert config["steps"] < config["paper_steps"] == 18750
+    assert table1.load_config("mnist", "unet", 512, {"steps": 7})["steps"] == 7
+    with pytest.raises(ValueError, match="not in the grid"):
+        table1.load_config("mnist", "unet", 100, {})
 
 
 def test_table1_runner_tiny_setting_and_resume(tmp_path, capsys):
