@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--fixed-side", help="knee side of the fixed image (LEFT/RIGHT) for one-sided knee models")
     reg.add_argument("--moving-side", help="knee side of the moving image")
     reg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair (default 0)")
-    reg.add_argument("--io-lr", type=float, default=2e-5, help="instance optimisation learning rate (Adam)")
+    reg.add_argument("--io-lr", type=float, default=None,
+                     help="instance optimisation learning rate (Adam; default 2e-5 network, 2e-3 residual)")
+    reg.add_argument("--io-mode", choices=["network", "residual"], default="network",
+                     help="fine-tune the network's weights, or optimise residual displacement fields on top of its "
+                          "maps (much faster per step)")
     reg.add_argument("--spatial-size", type=_ints, help="override the model's network grid, e.g. 192,192,80")
     reg.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -100,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = register_files(
                 args.fixed, args.moving, model, warped=args.warped, ddf=args.ddf, transform=args.transform,
                 moving_label=args.moving_label, warped_label=args.warped_label, fixed_side=args.fixed_side,
-                moving_side=args.moving_side, io_steps=args.io_steps, io_lr=args.io_lr, device=device,
+                moving_side=args.moving_side, io_steps=args.io_steps, device=device, io_mode=args.io_mode,
+                io_lr=args.io_lr if args.io_lr is not None else (2e-3 if args.io_mode == "residual" else 2e-5),
             )
             print(json.dumps(summary, indent=1))
         elif args.command == "datalist":

@@ -57,7 +57,12 @@ from monai_icon.apps.validation import (
     check_sizes,
 )
 from monai_icon.losses.icon import ICONLoss
-from monai_icon.engines.instance_optimisation import instance_optimise, restored_weights
+from monai_icon.engines.instance_optimisation import (
+    IO_MODES,
+    instance_optimise,
+    residual_instance_optimise,
+    restored_weights,
+)
 from monai_icon.networks import pretrained
 from monai_icon.networks.maps import Map, one_hot_labels
 from monai_icon.networks.registration_net import register_one_way
@@ -230,12 +235,18 @@ class PhysicalRegistration:
 def register_images(
     model: RegistrationModel, fixed: MetaTensor, moving: MetaTensor, fixed_side: str | None = None,
     moving_side: str | None = None, io_steps: int = 0, io_lr: float = 2e-5, device: str | torch.device | None = None,
+    io_mode: str = "network",
 ) -> PhysicalRegistration:
     """Register two channel-first MetaTensors (with affines) in physical space.
 
     Each image is brought to the model's grid by :func:`~monai_icon.apps.physical.to_network_grid`; with
-    ``io_steps > 0`` the network is fine-tuned on this pair first and its weights are restored afterwards.
+    ``io_steps > 0`` instance optimisation refines the result on this pair: ``io_mode="network"`` fine-tunes the
+    network's weights (restored afterwards), ``"residual"`` keeps the network and optimises free residual
+    displacement fields on top of its maps
+    (:func:`~monai_icon.engines.instance_optimisation.residual_instance_optimise`).
     """
+    if io_mode not in IO_MODES:
+        raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
     for name, image in (("fixed", fixed), ("moving", moving)):
         if image.ndim - 1 != model.spatial_dims:
             raise ValueError(f"the model registers {model.spatial_dims}D images but the {name} image is "
@@ -250,12 +261,15 @@ def register_images(
         raise ValueError(f"fixed and moving images have {fixed_net.shape[1]} and {moving_net.shape[1]} channels.")
     losses: list[float] = []
     network = model.network.eval()
-    with restored_weights(network):
-        if io_steps > 0:
-            loss = ICONLoss(model.similarity, model.lmbda, model.regularizer, spatial_dims=model.spatial_dims)
-            losses = instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr)
-        with torch.no_grad():  # the map holds the network's outputs: unaffected by restoring the weights
-            phi = register_one_way(network, moving_net, fixed_net)
+    loss = ICONLoss(model.similarity, model.lmbda, model.regularizer, spatial_dims=model.spatial_dims)
+    if io_steps > 0 and io_mode == "residual":
+        phi, _, losses = residual_instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr)
+    else:
+        with restored_weights(network):
+            if io_steps > 0:
+                losses = instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr)
+            with torch.no_grad():  # the map holds the network's outputs: unaffected by restoring the weights
+                phi = register_one_way(network, moving_net, fixed_net)
     return PhysicalRegistration(
         phi=phi,
         fixed_unit_to_world=unit_to_world(grids[0].affine, model.spatial_size),
@@ -280,6 +294,7 @@ def register_files(
     io_lr: float = 2e-5,
     device: str | torch.device | None = None,
     memory_limit_bytes: int | None = None,
+    io_mode: str = "network",
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` (image files) and write the results on the fixed image's grid.
 
@@ -294,7 +309,7 @@ def register_files(
             (one-hot linear interpolation + arg-max, integer labels kept).
         fixed_side, moving_side: knee sides, for models trained on one side (see :class:`RegistrationModel`);
             by default taken from ``LEFT``/``RIGHT`` in the file names when the model has a ``target_side``.
-        io_steps, io_lr: instance optimisation (weights restored afterwards).
+        io_steps, io_lr, io_mode: instance optimisation (see :func:`register_images`).
 
     Returns:
         a summary: the files written, seconds, instance-optimisation losses, and the mean displacement (mm, RAS).
@@ -312,6 +327,8 @@ def register_files(
     # every argument and output checked before any computation, so a long registration cannot fail at the end
     io_steps = check_count(io_steps, "io_steps")
     io_lr = check_positive_number(io_lr, "io_lr")
+    if io_mode not in IO_MODES:
+        raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
     fixed_side, moving_side = check_side(fixed_side, "fixed_side"), check_side(moving_side, "moving_side")
     device = check_device(device)
     for path, name, suffixes in ((warped, "warped", IMAGE_SUFFIXES), (warped_label, "warped_label", IMAGE_SUFFIXES),
@@ -344,7 +361,8 @@ def register_files(
     if model.target_side is not None:  # one-sided knee model: sides default to LEFT/RIGHT in the file names
         fixed_side = fixed_side or side_from_filename(fixed)
         moving_side = moving_side or side_from_filename(moving)
-    result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, io_steps, io_lr, device)
+    result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, io_steps, io_lr, device,
+                             io_mode)
     points = result.fixed_to_moving(fixed_affine, fixed_shape)
     moving_affine = np.asarray(moving_image.affine, dtype=np.float64)
     written = {}

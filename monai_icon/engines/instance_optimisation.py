@@ -13,9 +13,19 @@ import torch
 import torch.nn as nn
 
 from monai_icon.losses.icon import ICONLoss
+from monai_icon.networks.maps import ComposedMap, DisplacementMap, Map
 from monai_icon.networks.registration_net import register_pair
 
-__all__ = ["WeightSnapshot", "restored_weights", "instance_optimise", "InstanceOptimisedNet"]
+__all__ = [
+    "IO_MODES",
+    "WeightSnapshot",
+    "restored_weights",
+    "instance_optimise",
+    "residual_instance_optimise",
+    "InstanceOptimisedNet",
+]
+
+IO_MODES = ("network", "residual")
 
 
 class WeightSnapshot:
@@ -80,6 +90,53 @@ def instance_optimise(
             optimizer.step()
             history.append(float(value.detach()))
     return history
+
+
+def residual_instance_optimise(
+    network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, loss: ICONLoss, steps: int = 50,
+    lr: float = 2e-3, shape: tuple[int, ...] | None = None,
+) -> tuple[Map, Map, list[float]]:
+    """Instance optimisation without touching the network: register the pair once (no gradients), then
+    optimise two free residual displacement fields ``u_AB``, ``u_BA`` (zero at the start) on top of the
+    network's maps, ``phi'_AB = phi_AB o (id + u_AB)`` and likewise ``phi'_BA``, with the ICON ``loss`` (both
+    directions, the inverse consistency of the refined maps). Each step costs a few interpolations instead of two
+    forward and backward passes of the network, and no weights need restoring.
+
+    Args:
+        network, moving, fixed, loss: as :func:`instance_optimise`.
+        steps, lr: Adam steps and learning rate on the residual fields (``[0, 1]`` units: 2e-3 moves a field by
+            about a tenth of a voxel per step on a 64-voxel axis).
+        shape: grid of the residual fields (default: the images' own grid).
+
+    Returns:
+        ``(phi_AB, phi_BA, losses)``: the refined maps (their residuals detached) and the loss before each step.
+
+    Raises:
+        ValueError: negative steps or a non-positive learning rate.
+    """
+    if steps < 0:
+        raise ValueError(f"instance optimisation steps must be >= 0, got {steps}.")
+    if not (lr > 0 and lr != float("inf")):
+        raise ValueError(f"instance optimisation learning rate must be a positive number, got {lr}.")
+    with torch.no_grad():
+        phi_AB, phi_BA = register_pair(network, moving, fixed)
+    shape = tuple(shape or moving.shape[2:])
+    dims = moving.ndim - 2
+    residuals = [torch.zeros(moving.shape[0], dims, *shape, device=moving.device, requires_grad=True)
+                 for _ in range(2)]
+    optimizer = torch.optim.Adam(residuals, lr=lr)
+    history = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            refined_AB = ComposedMap(phi_AB, DisplacementMap(residuals[0]))
+            refined_BA = ComposedMap(phi_BA, DisplacementMap(residuals[1]))
+            value = loss(moving, fixed, refined_AB, refined_BA).loss.mean()
+            value.backward()
+            optimizer.step()
+            history.append(float(value.detach()))
+    u_AB, u_BA = (r.detach() for r in residuals)
+    return ComposedMap(phi_AB, DisplacementMap(u_AB)), ComposedMap(phi_BA, DisplacementMap(u_BA)), history
 
 
 class InstanceOptimisedNet(nn.Module):
