@@ -182,3 +182,31 @@ def test_icon_loss_is_float32_inside_autocast(similarity):
         value = getattr(got, name)
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, getattr(expected, name), rtol=1e-5, atol=1e-6)
+
+
+def test_inverse_consistency_on_a_random_fraction_of_the_points_is_an_unbiased_estimate():
+    """point_fraction < 1 evaluates a random subset of the jittered grid points: zero for exact inverses, and its
+    average over draws matches the full evaluation; 1 keeps the full grid (the same random stream as before)."""
+    import math
+
+    from monai_icon.losses import InverseConsistencyLoss, sample_points
+    from monai_icon.networks.maps import DisplacementMap
+
+    torch.manual_seed(0)
+    shape = (10, 12, 8)
+    field = torch.nn.functional.interpolate(torch.randn(2, 3, 3, 3, 3) * 0.03, size=shape, mode="trilinear",
+                                            align_corners=True)
+    phi_AB, phi_BA = DisplacementMap(field), DisplacementMap(0.5 * field)  # not inverses of each other
+    full = InverseConsistencyLoss(reduction="none")
+    part = InverseConsistencyLoss(reduction="none", point_fraction=0.25)
+    reference = torch.stack([full(phi_AB, phi_BA, shape) for _ in range(200)]).mean(0)
+    estimate = torch.stack([part(phi_AB, phi_BA, shape) for _ in range(800)]).mean(0)
+    torch.testing.assert_close(estimate, reference, rtol=0.05, atol=0)
+    points = sample_points(shape, 2, 1.0, fraction=0.25)
+    assert points.shape == (2, 3, math.ceil(0.25 * 10 * 12 * 8))
+    ident = DisplacementMap(torch.zeros(2, 3, *shape))
+    assert float(part(ident, ident, shape).abs().max()) < 1e-12
+    with pytest.raises(ValueError, match="point_fraction"):
+        InverseConsistencyLoss(point_fraction=0.0)
+    with pytest.raises(ValueError, match="point_fraction applies to 'icon' only"):
+        ICONLoss("mse", 1.0, "gradicon", spatial_dims=3, point_fraction=0.5)

@@ -49,12 +49,16 @@ class ICONLossOutput(NamedTuple):
     phi_AB_grid: torch.Tensor
 
 
-def _make_regularizer(regularizer: str | Callable, sigma: float, epsilon: float) -> Callable:
+def _make_regularizer(
+    regularizer: str | Callable, sigma: float, epsilon: float, point_fraction: float = 1.0
+) -> Callable:
     if callable(regularizer):
         return regularizer
     key = str(regularizer).lower()
     if key in ("icon", "inverse_consistency"):
-        return InverseConsistencyLoss(sigma=sigma, epsilon=epsilon, reduction="none")
+        return InverseConsistencyLoss(sigma=sigma, epsilon=epsilon, reduction="none", point_fraction=point_fraction)
+    if point_fraction != 1.0:
+        raise ValueError("point_fraction applies to 'icon' only.")
     if key in ("gradicon", "gradient_inverse_consistency"):
         if epsilon:
             raise ValueError("epsilon (approximate inverse consistency noise) applies to 'icon' only, not 'gradicon'.")
@@ -81,6 +85,8 @@ class ICONLoss(_Loss):
         spatial_dims: 2 or 3; inputs of another dimension are rejected.
         sigma: off-grid jitter of the regulariser's sample points, in voxels per axis.
         epsilon: approximate inverse consistency noise in voxels per axis (``"icon"`` only; 0 = off).
+        point_fraction: ``"icon"`` only: evaluate the inverse consistency at a random fraction of the jittered grid
+            points (an unbiased estimate at that fraction of the cost; 1 = all, the paper).
         reduction: ``"mean"`` | ``"sum"`` over pairs, or ``"none"`` for ``[B]`` values.
 
     ``forward(image_A, image_B, phi_AB, phi_BA)`` takes ``[B, C, *N]`` images and the two maps (``A`` moving,
@@ -100,6 +106,7 @@ class ICONLoss(_Loss):
         sigma: float = 1.0,
         epsilon: float = 0.0,
         reduction: LossReduction | str = LossReduction.MEAN,
+        point_fraction: float = 1.0,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if spatial_dims not in (2, 3):
@@ -109,7 +116,7 @@ class ICONLoss(_Loss):
         self.spatial_dims = spatial_dims
         self.lmbda = float(lmbda)
         self.similarity = get_similarity(similarity, spatial_dims) if isinstance(similarity, str) else similarity
-        self.regularizer = _make_regularizer(regularizer, sigma, epsilon)
+        self.regularizer = _make_regularizer(regularizer, sigma, epsilon, point_fraction)
 
     def forward(  # type: ignore[override]
         self, image_A: torch.Tensor, image_B: torch.Tensor, phi_AB: Map, phi_BA: Map
