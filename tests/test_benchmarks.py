@@ -155,3 +155,33 @@ def test_syn_vs_icon_scores_both_methods_with_one_dice_function(tmp_path):
     assert rows["icon"]["mean_dice"] == pytest.approx(rows["unregistered"]["mean_dice"], abs=1e-6)
     assert rows["icon"]["folds_percent"] == 0.0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"].keys() == rows.keys()
+
+
+def test_make_mni_pairs_builds_labelled_deformed_pairs_from_a_wheel(tmp_path):
+    """The generalisation data from a (here: fake, tiny) nilearn wheel: template pooled, grey/white matter
+    probability maps thresholded at 0.5 into labels 1/2, deformed copies and their test pairs."""
+    import json
+    import zipfile
+
+    import nibabel as nib
+    import numpy as np
+
+    import make_mni_pairs
+
+    rng = np.random.default_rng(0)
+    wheel = tmp_path / "nilearn-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for key, member in make_mni_pairs.MEMBERS.items():
+            data = rng.random((20, 24, 16)).astype(np.float32)
+            path = tmp_path / f"{key}.nii.gz"
+            nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])), str(path))
+            archive.write(path, member)
+    datalist = make_mni_pairs.main(["--wheel", str(wheel), "--out", str(tmp_path / "mni"), "--copies", "3",
+                                    "--pairs", "2"])
+    content = json.loads(datalist.read_text())
+    assert len(content["test_pairs"]) == 2 and content["labels"]["1"] == "grey_matter"
+    label = nib.load(tmp_path / "mni" / "mni152_gm_wm.nii.gz")
+    assert label.shape == (10, 12, 8) and set(np.unique(np.asarray(label.dataobj))) <= {0, 1, 2}
+    np.testing.assert_allclose(np.diag(label.affine)[:3], [2.0, 2.0, 2.0])
+    with pytest.raises(FileNotFoundError, match="wheel not found"):
+        make_mni_pairs.main(["--wheel", str(tmp_path / "missing.whl")])
