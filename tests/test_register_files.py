@@ -327,3 +327,60 @@ def test_register_pairs_names_outputs_per_pair_and_refuses_path_ids(knee_files, 
                             "pair001_ddf.nii.gz", "pair001_phi.h5", "pair001_warped_label.nii.gz"])
     with pytest.raises(ValueError, match="plain file name"):
         pair_outputs({"pair_id": "../escape"}, 0, tmp_path)
+
+
+def test_warp_command_reproduces_the_registration_outputs(knee_files, translation_run, tmp_path, capsys):
+    """monai-icon warp applies the written .h5 (or the LPS-mm displacement image) to the moving image and labels:
+    the same warped image and labels as monai-icon register wrote, on the fixed grid."""
+    ours = nib.load(translation_run["warped"]).get_fdata()
+    for transform in (translation_run["transform"], translation_run["ddf"]):
+        out = tmp_path / f"w_{transform.split('/')[-1].split('.')[0]}.nii.gz"
+        assert main(["warp", "--moving", knee_files["moving"], "--transform", transform, "--output", str(out)]) == 0
+        np.testing.assert_allclose(nib.load(out).get_fdata(), ours, atol=1e-4)
+    out = tmp_path / "wl.nii.gz"
+    assert main(["warp", "--moving", knee_files["moving_label"], "--transform", translation_run["transform"],
+                 "--output", str(out), "--mode", "label"]) == 0
+    expected = nib.load(translation_run["warped_label"]).get_fdata()
+    assert (nib.load(out).get_fdata() == expected).mean() > 0.999
+    # another reference grid: the moving image's own (its grid, the transform interpolated there)
+    out = tmp_path / "w_ref.nii.gz"
+    assert main(["warp", "--moving", knee_files["moving"], "--transform", translation_run["transform"],
+                 "--output", str(out), "--reference", knee_files["moving"]]) == 0
+    assert nib.load(out).shape == MOVING_SHAPE
+    capsys.readouterr()
+    assert main(["warp", "--moving", knee_files["moving"], "--transform", knee_files["fixed"],
+                 "--output", str(tmp_path / "x.nii.gz")]) == 2
+    assert "is not a 3D displacement field" in capsys.readouterr().err
+
+
+def test_jacobian_command_matches_count_folds_on_the_same_map(tmp_path, capsys):
+    """A displacement field with a known fold: the physical-space determinant's sign agrees with count_folds on
+    the same map (the metric's stencil), an affine stretch gives its determinant everywhere."""
+    from monai_icon.apps.physical import write_displacement, world_points
+    from monai_icon.apps.transform_files import jacobian_file, read_displacement
+    from monai_icon.metrics import count_folds
+
+    shape, affine = (8, 9, 7), knee_affine((8, 9, 7), (2.0, 1.5, 3.0), "LPS")
+    y = world_points(affine, shape)
+    stretch = 0.2 * (y - y.mean(dim=(1, 2, 3), keepdim=True))  # y -> 1.2 y: det 1.728
+    write_displacement(stretch, affine, tmp_path / "s.nii.gz", tmp_path / "s.h5")
+    for name in ("s.nii.gz", "s.h5"):
+        summary = jacobian_file(tmp_path / name, tmp_path / f"j_{name.split('.')[1]}.nii.gz")
+        assert summary["folds"] == 0 and summary["min"] == pytest.approx(1.728, rel=1e-4)
+        assert summary["max"] == pytest.approx(1.728, rel=1e-4)
+    disp, _ = read_displacement(tmp_path / "s.h5")
+    torch.testing.assert_close(disp, stretch, atol=1e-6, rtol=0)
+    fold = torch.zeros(3, *shape, dtype=torch.float64)
+    fold[0, 4, 4, 3] = 3.5 * np.linalg.norm(affine[:3, 0])  # one point passes its neighbour along axis 0
+    write_displacement(fold, affine, tmp_path / "f.nii.gz")
+    summary = jacobian_file(tmp_path / "f.nii.gz")
+    index_grid = torch.linalg.solve(torch.as_tensor(affine[:3, :3]), (y + fold - torch.as_tensor(affine[:3, 3])
+                                                                      .reshape(3, 1, 1, 1)).reshape(3, -1))
+    expected = int(count_folds(index_grid.reshape(1, 3, *shape)).item())
+    assert summary["folds"] == expected > 0
+    assert main(["jacobian", "--transform", str(tmp_path / "f.nii.gz"), "--output", str(tmp_path / "lj.nii.gz"),
+                 "--log"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["folds"] == expected
+    logdet = nib.load(tmp_path / "lj.nii.gz").get_fdata()
+    assert logdet.shape == tuple(s - 1 for s in shape) and np.isnan(logdet).sum() == expected

@@ -8,6 +8,8 @@ Sub-commands:
 
 * ``register``: register a moving image file to a fixed one with a trained model; write the warped image, the
   displacement field and an ITK transform on the fixed image's grid in physical space.
+* ``warp``: apply a written transform to another image or label map, on a chosen reference grid.
+* ``jacobian``: the Jacobian determinant (or its log) of a written transform in physical space, and its folds.
 * ``datalist``: build a knee datalist (JSON) from an OAI-like folder.
 * ``synthetic-knees``: write synthetic knee volumes and cartilage labels (an OAI-like folder for testing).
 """
@@ -62,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--spatial-size", type=_ints, help="override the model's network grid, e.g. 192,192,80")
     reg.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
+    wp = sub.add_parser("warp", help="apply a written transform (.h5 or LPS-mm displacement image) to an image/labels")
+    wp.add_argument("--moving", required=True, help="image or label map to warp")
+    wp.add_argument("--transform", required=True, help="transform written by monai-icon register (.h5 or --ddf)")
+    wp.add_argument("--output", required=True, help="output file")
+    wp.add_argument("--reference", help="image whose grid the output takes (default: the transform's grid)")
+    wp.add_argument("--mode", choices=["linear", "nearest", "label"], default="linear",
+                    help="linear (images), nearest, or label (one-hot linear + arg-max for label maps)")
+
+    jac = sub.add_parser("jacobian", help="Jacobian determinant of a written transform in physical space")
+    jac.add_argument("--transform", required=True, help="transform written by monai-icon register (.h5 or --ddf)")
+    jac.add_argument("--output", help="NIfTI/MHA/NRRD of the determinant per cell (optional)")
+    jac.add_argument("--log", action="store_true", help="write the natural log of the determinant (NaN at folds)")
+
     dl = sub.add_parser("datalist", help="build a knee datalist JSON from an OAI-like folder")
     dl.add_argument("folder", help="folder with *image.nii.gz files (side in the name) and matching *label* files")
     dl.add_argument("--output", required=True, help="datalist JSON to write (paths stored relative to it)")
@@ -108,6 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 io_lr=args.io_lr if args.io_lr is not None else (2e-3 if args.io_mode == "residual" else 2e-5),
             )
             print(json.dumps(summary, indent=1))
+        elif args.command == "warp":
+            from monai_icon.apps.transform_files import warp_file
+
+            print(f"wrote {warp_file(args.moving, args.transform, args.output, args.reference, args.mode)}")
+        elif args.command == "jacobian":
+            from monai_icon.apps.transform_files import jacobian_file
+
+            print(json.dumps(jacobian_file(args.transform, args.output, args.log), indent=1))
         elif args.command == "datalist":
             from pathlib import Path
 
