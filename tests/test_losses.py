@@ -210,3 +210,40 @@ def test_inverse_consistency_on_a_random_fraction_of_the_points_is_an_unbiased_e
         InverseConsistencyLoss(point_fraction=0.0)
     with pytest.raises(ValueError, match="point_fraction applies to 'icon' only"):
         ICONLoss("mse", 1.0, "gradicon", spatial_dims=3, point_fraction=0.5)
+
+
+def test_mind_ssc_descriptor_ignores_intensity_mapping_and_registers_inverted_contrast():
+    """MIND-SSC sees structure, not intensities: an inverted and rescaled copy (a T2-like from a T1-like image)
+    has the same descriptor, and a translation between them is recovered with MIND where MSE fails."""
+    import nibabel as nib
+    import numpy as np
+
+    from monai_icon.data import embedded_t1_head
+    from monai_icon.losses import MINDSSCLoss, get_similarity, mind_ssc
+
+    volume = torch.as_tensor(np.asarray(nib.load(embedded_t1_head()[0]).dataobj, dtype=np.float32))
+    img = torch.nn.functional.interpolate(volume[:, :, 31][None, None], size=(64, 64), mode="area")
+    img = (img - img.min()) / (img.max() - img.min())
+    torch.testing.assert_close(mind_ssc(2.0 - 3.0 * img), mind_ssc(img), atol=1e-5, rtol=0)
+    assert mind_ssc(img).shape == (1, 4, 64, 64)
+    assert mind_ssc(volume[None, None, :32, :32, :16]).shape == (1, 12, 32, 32, 16)
+    true = torch.tensor([3.0, -2.0]) / 63
+    moving = 1.0 - DisplacementMap((-true).view(1, 2, 1, 1).expand(1, 2, 64, 64).contiguous()).warp(img)
+    found = {}
+    for name in ("mind", "mse"):
+        sim = get_similarity(name, 2)
+        t = torch.zeros(2, requires_grad=True)
+        optimizer = torch.optim.Adam([t], lr=0.005)
+        for _ in range(200):
+            optimizer.zero_grad()
+            warped = DisplacementMap(t.view(1, 2, 1, 1).expand(1, 2, 64, 64)).warp(moving)
+            sim(warped, img).mean().backward()
+            optimizer.step()
+        found[name] = float(((t.detach() - true) * 63).norm())  # error in pixels
+    assert found["mind"] < 0.5 and found["mse"] > 1.5, found
+    with pytest.raises(ValueError, match="single-channel"):
+        mind_ssc(torch.rand(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="2D"):
+        MINDSSCLoss(spatial_dims=2)(torch.rand(1, 1, 4, 4, 4), torch.rand(1, 1, 4, 4, 4))
+    loss = ICONLoss("mind", 1.0, spatial_dims=2)
+    assert type(loss.similarity).__name__ == "MINDSSCLoss"

@@ -14,6 +14,8 @@ from monai.utils import LossReduction
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.loss import _Loss
 
+from monai_icon.losses.mind import MINDSSCLoss
+
 __all__ = ["SIMILARITIES", "StackedLNCCLoss", "get_similarity", "per_pair", "shifted_filtering"]
 
 
@@ -148,7 +150,7 @@ class StackedLNCCLoss(LocalNormalizedCrossCorrelationLoss):
         raise ValueError(f'Unsupported reduction: {self.reduction}, available options are ["mean", "sum", "none"].')
 
 
-SIMILARITIES = ("mse", "lncc", "mi")
+SIMILARITIES = ("mse", "lncc", "mi", "mind")
 
 
 def get_similarity(name: str, spatial_dims: int = 2, **kwargs: Any) -> _Loss:
@@ -157,7 +159,8 @@ def get_similarity(name: str, spatial_dims: int = 2, **kwargs: Any) -> _Loss:
     Args:
         name: ``"mse"`` (``torch.nn.MSELoss``, the paper's choice), ``"lncc"`` (MONAI's local normalised
             cross-correlation, computed by :class:`StackedLNCCLoss`; best value -1; default here ``kernel_size=7``)
-            or ``"mi"`` (``monai.losses.GlobalMutualInformationLoss``, negative MI).
+            ``"mi"`` (``monai.losses.GlobalMutualInformationLoss``, negative MI) or ``"mind"``
+            (:class:`~monai_icon.losses.mind.MINDSSCLoss`, MIND-SSC descriptors, multimodal; best value 0).
         spatial_dims: 2 or 3 (used by LNCC).
         kwargs: passed to the loss constructor.
 
@@ -172,6 +175,8 @@ def get_similarity(name: str, spatial_dims: int = 2, **kwargs: Any) -> _Loss:
         return StackedLNCCLoss(spatial_dims=spatial_dims, reduction="none", **kwargs)
     if key == "mi":
         return GlobalMutualInformationLoss(reduction="none", **kwargs)
+    if key == "mind":
+        return MINDSSCLoss(spatial_dims=spatial_dims, reduction="none", **kwargs)
     raise ValueError(f"unknown similarity {name!r}; choose one of {SIMILARITIES} or pass a loss module.")
 
 
