@@ -247,3 +247,31 @@ def test_mind_ssc_descriptor_ignores_intensity_mapping_and_registers_inverted_co
         MINDSSCLoss(spatial_dims=2)(torch.rand(1, 1, 4, 4, 4), torch.rand(1, 1, 4, 4, 4))
     loss = ICONLoss("mind", 1.0, spatial_dims=2)
     assert type(loss.similarity).__name__ == "MINDSSCLoss"
+
+
+def test_label_supervised_term_is_a_dice_loss_of_warped_labels_both_ways():
+    """label_weight adds MONAI's Dice loss of the warped one-hot labels (both directions): 0 for identical labels
+    under the identity, larger for disjoint ones; its gradient reaches the maps; the trainer requires labels."""
+    from monai_icon.networks.maps import IdentityMap
+
+    shape = (12, 12)
+    label = torch.zeros(2, 1, *shape, dtype=torch.long)
+    label[:, :, 2:6, 2:6] = 1
+    other = torch.zeros_like(label)
+    other[:, :, 7:11, 7:11] = 1
+    images = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
+    ident = IdentityMap(2, 2)
+    loss = ICONLoss("mse", 1.0, spatial_dims=2, label_weight=2.0, num_classes=2)
+    same = loss(*images, ident, ident, label, label)
+    apart = loss(*images, ident, ident, label, other)
+    assert float(same.label_dice_loss) == pytest.approx(0.0, abs=1e-5)
+    assert float(apart.label_dice_loss) == pytest.approx(2.0, abs=1e-3)  # Dice 0 each way
+    plain = ICONLoss("mse", 1.0, spatial_dims=2)(*images, ident, ident)
+    assert float(apart.loss) == pytest.approx(float(plain.loss) + 2.0 * 2.0, abs=1e-3)
+    field = torch.zeros(2, 2, *shape, requires_grad=True)
+    loss(*images, DisplacementMap(field), DisplacementMap(field), label, other).loss.backward()
+    assert field.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="num_classes"):
+        ICONLoss("mse", 1.0, spatial_dims=2, label_weight=1.0)
+    with pytest.raises(ValueError, match="both label maps"):
+        loss(*images, ident, ident, label, None)

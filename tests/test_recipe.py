@@ -179,3 +179,19 @@ def test_residual_instance_optimisation_registers_without_touching_the_network()
         assert torch.equal(before[k], v), k
     with pytest.raises(ValueError, match="steps"):
         residual_instance_optimise(net, moving, fixed, ICONLoss("mse", 8.0), steps=-1)
+
+
+def test_trainer_label_supervision_uses_batch_labels_and_requires_them():
+    data = TrianglesCirclesDataset(12, (16, 16), seed=0)
+    labelled = [{"image": data[i]["image"], "label": (data[i]["image"] > 0.5).long()} for i in range(len(data))]
+    net = _net()
+    loss = ICONLoss("mse", 8.0, label_weight=1.0, num_classes=2)
+    seen = []
+    trainer = ICONTrainer("cpu", 1, DataLoader(RandomPairDataset(labelled, 8), batch_size=4), net,
+                          torch.optim.Adam(net.parameters(), 1e-3), loss)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(float(e.state.output[0]["loss"])))
+    trainer.run()
+    assert len(seen) == 2
+    unlabelled = ICONTrainer("cpu", 1, _loader(8), net, torch.optim.Adam(net.parameters(), 1e-3), loss)
+    with pytest.raises(ValueError, match="carries no moving/fixed labels"):
+        unlabelled.run()

@@ -55,7 +55,9 @@ class ICONTrainer(SupervisedTrainer):
     Args:
         network: a :class:`~monai_icon.networks.RegistrationNet` (or a registration block), possibly wrapped in
             ``DistributedDataParallel``.
-        loss_function: an :class:`~monai_icon.losses.ICONLoss` (its ``lmbda`` may be changed by handlers).
+        loss_function: an :class:`~monai_icon.losses.ICONLoss` (its ``lmbda`` may be changed by handlers). With its
+            ``label_weight > 0`` the batches must carry ``moving_label`` / ``fixed_label`` (label-supervised
+            training: the labels enter the loss only, never the network).
         prepare_batch: defaults to :class:`~monai_icon.engines.PrepareRegistrationBatch`.
         amp: mixed precision on CUDA devices (ignored with a warning-free fallback on CPU).
         compile: ``torch.compile`` the network and the loss function in place (``nn.Module.compile``, so
@@ -136,22 +138,26 @@ class ICONTrainer(SupervisedTrainer):
     def _iteration(self, engine: ICONTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        moving, fixed, _, _ = engine.prepare_batch(
+        moving, fixed, moving_label, fixed_label = engine.prepare_batch(
             batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs
         )
+        loss_function = cast(ICONLoss, engine.loss_function)  # an ICONLoss, or torch.compile's wrapper of one
+        supervised = getattr(loss_function, "label_weight", 0.0) > 0
+        if supervised and (moving_label is None or fixed_label is None):
+            raise ValueError("the loss has label_weight > 0 but the batch carries no moving/fixed labels.")
+        labels = (moving_label, fixed_label) if supervised else (None, None)
         if engine.compile:  # MetaTensor subclasses trip torch.compile (pytorch/pytorch#117026)
             moving, fixed = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (moving, fixed))
         if engine.channels_last:
             moving, fixed = (channels_last_copy(x) for x in (moving, fixed))
         engine.state.output = {RegKeys.MOVING: moving, RegKeys.FIXED: fixed}
-        loss_function = cast(ICONLoss, engine.loss_function)  # an ICONLoss, or torch.compile's wrapper of one
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         scaler = engine.scaler if engine.amp else None
         with torch.autocast("cuda", enabled=scaler is not None, **engine.amp_kwargs):
             phi_AB, phi_BA = register_pair(engine.network, moving, fixed)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            result = loss_function(moving, fixed, phi_AB, phi_BA)
+            result = loss_function(moving, fixed, phi_AB, phi_BA, *labels)
         engine.state.output.update(
             {
                 RegKeys.LOSS: result.loss,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from monai.losses import DiceLoss
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
@@ -19,7 +20,7 @@ from monai_icon.losses.inverse_consistency import InverseConsistencyLoss
 from monai_icon.losses.similarity import get_similarity, per_pair
 from monai_icon.metrics.folds import count_folds
 from monai_icon.networks.blocks import check_image_pair
-from monai_icon.networks.maps import Map, interpolate
+from monai_icon.networks.maps import Map, interpolate, one_hot_labels
 from monai_icon.precision import at_least_float32, autocast_disabled
 
 __all__ = ["REGULARIZERS", "ICONLossOutput", "ICONLoss", "icon_loss"]
@@ -38,6 +39,8 @@ class ICONLossOutput(NamedTuple):
         warped_A: ``A o phi_AB`` on B's grid, ``[B, C, *N]``.
         warped_B: ``B o phi_BA`` on A's grid, ``[B, C, *N]``.
         phi_AB_grid: ``phi_AB`` on the image grid in ``[0, 1]`` units, ``[B, D, *N]``.
+        label_dice_loss: the label term (Dice loss of the warped one-hot labels, both directions; reduced), zero
+            without labels or with ``label_weight = 0``.
     """
 
     loss: torch.Tensor
@@ -47,6 +50,7 @@ class ICONLossOutput(NamedTuple):
     warped_A: torch.Tensor
     warped_B: torch.Tensor
     phi_AB_grid: torch.Tensor
+    label_dice_loss: torch.Tensor | None = None
 
 
 def _make_regularizer(
@@ -85,6 +89,10 @@ class ICONLoss(_Loss):
         spatial_dims: 2 or 3; inputs of another dimension are rejected.
         sigma: off-grid jitter of the regulariser's sample points, in voxels per axis.
         epsilon: approximate inverse consistency noise in voxels per axis (``"icon"`` only; 0 = off).
+        label_weight: weight of an optional label-supervised ("weakly supervised") term: when ``forward`` gets
+            label maps, MONAI's ``DiceLoss`` between the linearly warped one-hot moving labels and the fixed labels,
+            both directions (``A``'s labels by ``phi_AB`` against ``B``'s, and vice versa). 0 (default): off.
+        num_classes: label classes including background (required with ``label_weight > 0``).
         point_fraction: ``"icon"`` only: evaluate the inverse consistency at a random fraction of the jittered grid
             points (an unbiased estimate at that fraction of the cost; 1 = all, the paper).
         reduction: ``"mean"`` | ``"sum"`` over pairs, or ``"none"`` for ``[B]`` values.
@@ -107,6 +115,8 @@ class ICONLoss(_Loss):
         epsilon: float = 0.0,
         reduction: LossReduction | str = LossReduction.MEAN,
         point_fraction: float = 1.0,
+        label_weight: float = 0.0,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if spatial_dims not in (2, 3):
@@ -117,20 +127,47 @@ class ICONLoss(_Loss):
         self.lmbda = float(lmbda)
         self.similarity = get_similarity(similarity, spatial_dims) if isinstance(similarity, str) else similarity
         self.regularizer = _make_regularizer(regularizer, sigma, epsilon, point_fraction)
+        if label_weight < 0:
+            raise ValueError(f"label_weight must be >= 0, got {label_weight}.")
+        if label_weight > 0 and (num_classes is None or num_classes < 2):
+            raise ValueError(f"label_weight > 0 needs num_classes >= 2 (with background), got {num_classes}.")
+        self.label_weight = float(label_weight)
+        self.num_classes = num_classes
+        self.dice = DiceLoss(include_background=False, reduction="none")
 
     def forward(  # type: ignore[override]
-        self, image_A: torch.Tensor, image_B: torch.Tensor, phi_AB: Map, phi_BA: Map
+        self, image_A: torch.Tensor, image_B: torch.Tensor, phi_AB: Map, phi_BA: Map,
+        label_A: torch.Tensor | None = None, label_B: torch.Tensor | None = None,
     ) -> ICONLossOutput:
         check_image_pair(image_A, image_B)
+        if (label_A is None) != (label_B is None):
+            raise ValueError("give both label maps (label_A and label_B) or neither.")
+        if label_A is not None and label_B is not None:
+            for name, label in (("label_A", label_A), ("label_B", label_B)):
+                if label.shape[0] != image_A.shape[0] or label.shape[2:] != image_A.shape[2:] or label.shape[1] != 1:
+                    raise ValueError(f"{name} must be [B, 1, *N] on the images' grid {tuple(image_A.shape[2:])}, "
+                                     f"got {tuple(label.shape)}.")
         if image_A.ndim - 2 != self.spatial_dims:
             raise ValueError(
                 f"this ICONLoss is for {self.spatial_dims}D images, got a {image_A.ndim - 2}D pair of shape "
                 f"{tuple(image_A.shape)}."
             )
         with autocast_disabled(image_A.device):
-            return self._evaluate(at_least_float32(image_A), at_least_float32(image_B), phi_AB, phi_BA)
+            return self._evaluate(at_least_float32(image_A), at_least_float32(image_B), phi_AB, phi_BA, label_A,
+                                  label_B)
 
-    def _evaluate(self, image_A: torch.Tensor, image_B: torch.Tensor, phi_AB: Map, phi_BA: Map) -> ICONLossOutput:
+    def _label_term(self, label_A: torch.Tensor, label_B: torch.Tensor, grid_AB: torch.Tensor,
+                    phi_BA: Map) -> torch.Tensor:
+        """Per-pair Dice loss of the warped one-hot labels, both directions: ``[B]``."""
+        num_classes = int(self.num_classes)  # type: ignore[arg-type]  # checked in __init__
+        onehot_A, onehot_B = one_hot_labels(label_A, num_classes), one_hot_labels(label_B, num_classes)
+        warped_A = interpolate(onehot_A, grid_AB)  # linear: differentiable with respect to the map
+        warped_B = interpolate(onehot_B, phi_BA.grid(label_B.shape[2:]))
+        both = self.dice(torch.cat([warped_A, warped_B]), torch.cat([onehot_B, onehot_A]))
+        return per_pair(both, 2 * label_A.shape[0]).reshape(2, -1).sum(dim=0)
+
+    def _evaluate(self, image_A: torch.Tensor, image_B: torch.Tensor, phi_AB: Map, phi_BA: Map,
+                  label_A: torch.Tensor | None = None, label_B: torch.Tensor | None = None) -> ICONLossOutput:
         batch, shape = image_A.shape[0], image_A.shape[2:]
         grid_AB, grid_BA = phi_AB.grid(shape), phi_BA.grid(shape)
         warped_A, warped_B = interpolate(image_A, grid_AB), interpolate(image_B, grid_BA)
@@ -141,6 +178,10 @@ class ICONLoss(_Loss):
         similarity = per_pair(both, 2 * batch).reshape(2, batch).sum(dim=0)
         regularization = per_pair(torch.as_tensor(self.regularizer(phi_AB, phi_BA, shape)), batch)
         total = similarity + self.lmbda * regularization
+        label_term = torch.zeros_like(total)
+        if self.label_weight > 0 and label_A is not None and label_B is not None:
+            label_term = self._label_term(label_A, label_B, grid_AB, phi_BA)
+            total = total + self.label_weight * label_term
         return ICONLossOutput(
             loss=reduce(total, self.reduction),
             similarity=reduce(similarity, self.reduction),
@@ -149,6 +190,7 @@ class ICONLoss(_Loss):
             warped_A=warped_A,
             warped_B=warped_B,
             phi_AB_grid=grid_AB,
+            label_dice_loss=reduce(label_term, self.reduction),
         )
 
 
