@@ -16,7 +16,8 @@ method's own reader; writing excluded). Folds of the ICON map are counted on the
 
     pip install antspyx       # a benchmark dependency only
     python benchmarks/syn_vs_icon.py --datalist runs/t1head_demo/datalist.json \\
-        --model runs/t1head_demo/stage2/models/registration_model.pt --out runs/syn_vs_icon [--io-steps 50] [--no-syn]
+        --model runs/t1head_demo/stage2/models/registration_model.pt --out runs/syn_vs_icon [--no-syn] \
+        [--io-steps 50 [--io-mode residual [--io-size 128,128,64]]]
 
 Writes ``<out>/results.json`` (per pair and means) and prints a Markdown table.
 """
@@ -54,12 +55,13 @@ def _read_labels(path: str | Path) -> np.ndarray:
     return np.rint(np.asarray(nib.load(str(path)).dataobj)).astype(np.int32)
 
 
-def run_icon(pair: dict, model, io_steps: int, io_lr: float, work: Path) -> dict:
+def run_icon(pair: dict, model, io_steps: int, io_lr: float, work: Path, io_mode: str = "network",
+             io_size=None) -> dict:
     from monai_icon.apps import register_files
 
     out = work / "icon_label.nii.gz"
     summary = register_files(pair["fixed_image"], pair["moving_image"], model, moving_label=pair["moving_label"],
-                             warped_label=out, io_steps=io_steps, io_lr=io_lr)
+                             warped_label=out, io_steps=io_steps, io_lr=io_lr, io_mode=io_mode, io_size=io_size)
     return {"warped_label": _read_labels(out), "seconds": summary["seconds"]}
 
 
@@ -101,7 +103,10 @@ def main(argv=None) -> dict:
     p.add_argument("--key", default="test_pairs", help="datalist key of the pairs (default test_pairs)")
     p.add_argument("--pairs", type=int, default=None, help="only the first N pairs")
     p.add_argument("--io-steps", type=int, default=0)
-    p.add_argument("--io-lr", type=float, default=2e-5)
+    p.add_argument("--io-lr", type=float, default=None, help="default 2e-5 (network) / 2e-3 (residual)")
+    p.add_argument("--io-mode", choices=["network", "residual"], default="network")
+    p.add_argument("--io-size", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="residual instance optimisation on this finer grid, e.g. 128,128,64")
     p.add_argument("--no-syn", action="store_true", help="skip SyN (e.g. to add ICON settings to earlier results)")
     p.add_argument("--threads", type=int, default=2, help="threads for both methods")
     p.add_argument("--out", default="runs/syn_vs_icon")
@@ -120,7 +125,8 @@ def main(argv=None) -> dict:
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"pairs": {}, "rows": {}}
     model = None
-    tag = args.tag or ("icon" if not args.io_steps else f"icon+io{args.io_steps}")
+    tag = args.tag or ("icon" if not args.io_steps else f"icon+io{args.io_steps}-{args.io_mode}")
+    io_lr = args.io_lr if args.io_lr is not None else (2e-3 if args.io_mode == "residual" else 2e-5)
     if args.model:
         from monai_icon.apps import load_registration_model
 
@@ -133,7 +139,7 @@ def main(argv=None) -> dict:
             work = Path(tmp)
             methods = {"unregistered": {"warped_label": _read_labels(pair["moving_label"]), "seconds": 0.0}}
             if model is not None:
-                methods[tag] = run_icon(pair, model, args.io_steps, args.io_lr, work)
+                methods[tag] = run_icon(pair, model, args.io_steps, io_lr, work, args.io_mode, args.io_size)
                 methods[tag]["folds_percent"] = icon_folds(pair, model) if not args.io_steps else None
             if not args.no_syn:
                 methods["syn"] = run_syn(pair, work, args.threads)

@@ -384,3 +384,26 @@ def test_jacobian_command_matches_count_folds_on_the_same_map(tmp_path, capsys):
     assert out["folds"] == expected
     logdet = nib.load(tmp_path / "lj.nii.gz").get_fdata()
     assert logdet.shape == tuple(s - 1 for s in shape) and np.isnan(logdet).sum() == expected
+
+
+def test_residual_instance_optimisation_on_a_finer_grid_than_the_network(knee_files, tmp_path):
+    """An identity network on a 16x16x8 grid cannot register the shifted knee; residual instance optimisation on a
+    32x32x16 grid of the same field of view (the network's maps apply there unchanged) does, and the network's
+    weights are untouched."""
+    network = multistep_registration(coarse_steps=1, encoder_channels=(4, 8), decoder_channels=(8, 4))
+    model = RegistrationModel(network, (16, 16, 8), axcodes="PIR", similarity="mse", lmbda=1.0)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    fixed = nib.load(knee_files["fixed"]).get_fdata()
+    errors = {}
+    fine = {"io_steps": 150, "io_lr": 4e-3, "io_mode": "residual", "io_size": (32, 32, 16)}
+    for name, kwargs in (("none", {}), ("fine", fine)):
+        torch.manual_seed(0)
+        out = tmp_path / f"{name}.nii.gz"
+        register_files(knee_files["fixed"], knee_files["moving"], model, warped=out, **kwargs)
+        errors[name] = float(np.mean((nib.load(out).get_fdata() - fixed) ** 2))
+    assert errors["fine"] < 0.7 * errors["none"], errors
+    for k, v in network.state_dict().items():
+        assert torch.equal(before[k], v), k
+    with pytest.raises(ValueError, match="io_size"):
+        register_files(knee_files["fixed"], knee_files["moving"], model, warped=tmp_path / "x.nii.gz", io_steps=1,
+                       io_size=(32, 32, 16))

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--io-mode", choices=["network", "residual"], default="network",
                      help="fine-tune the network's weights, or optimise residual displacement fields on top of its "
                           "maps (much faster per step)")
+    reg.add_argument("--io-size", type=_ints,
+                     help="with --io-mode residual: the finer grid the residual is optimised on, e.g. 128,128,64")
     reg.add_argument("--spatial-size", type=_ints, help="override the model's network grid, e.g. 192,192,80")
     reg.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -120,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.fixed, args.moving, model, warped=args.warped, ddf=args.ddf, transform=args.transform,
                 moving_label=args.moving_label, warped_label=args.warped_label, fixed_side=args.fixed_side,
                 moving_side=args.moving_side, io_steps=args.io_steps, device=device, io_mode=args.io_mode,
+                io_size=args.io_size,
                 io_lr=args.io_lr if args.io_lr is not None else (2e-3 if args.io_mode == "residual" else 2e-5),
             )
             print(json.dumps(summary, indent=1))

@@ -235,7 +235,7 @@ class PhysicalRegistration:
 def register_images(
     model: RegistrationModel, fixed: MetaTensor, moving: MetaTensor, fixed_side: str | None = None,
     moving_side: str | None = None, io_steps: int = 0, io_lr: float = 2e-5, device: str | torch.device | None = None,
-    io_mode: str = "network",
+    io_mode: str = "network", io_size: Sequence[int] | None = None,
 ) -> PhysicalRegistration:
     """Register two channel-first MetaTensors (with affines) in physical space.
 
@@ -243,7 +243,8 @@ def register_images(
     ``io_steps > 0`` instance optimisation refines the result on this pair: ``io_mode="network"`` fine-tunes the
     network's weights (restored afterwards), ``"residual"`` keeps the network and optimises free residual
     displacement fields on top of its maps
-    (:func:`~monai_icon.engines.instance_optimisation.residual_instance_optimise`).
+    (:func:`~monai_icon.engines.instance_optimisation.residual_instance_optimise`), on the network grid or, with
+    ``io_size``, on a finer grid of the same field of view (e.g. twice the network grid).
     """
     if io_mode not in IO_MODES:
         raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
@@ -262,8 +263,17 @@ def register_images(
     losses: list[float] = []
     network = model.network.eval()
     loss = ICONLoss(model.similarity, model.lmbda, model.regularizer, spatial_dims=model.spatial_dims)
+    if io_size is not None and (io_mode != "residual" or len(io_size) != model.spatial_dims):
+        raise ValueError(f"io_size ({io_size}) needs io_mode='residual' and {model.spatial_dims} sizes.")
     if io_steps > 0 and io_mode == "residual":
-        phi, _, losses = residual_instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr)
+        loss_images = None
+        if io_size is not None:
+            fine = [to_network_grid(img, io_size, model.axcodes, model.percentiles, side, model.target_side,
+                                    model.window, model.resize_mode, model.reverse_axes, model.normalise_first)
+                    for img, side in ((fixed, fixed_side), (moving, moving_side))]
+            loss_images = (fine[1].as_tensor().unsqueeze(0).to(device), fine[0].as_tensor().unsqueeze(0).to(device))
+        phi, _, losses = residual_instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr,
+                                                    loss_images=loss_images)
     else:
         with restored_weights(network):
             if io_steps > 0:
@@ -295,6 +305,7 @@ def register_files(
     device: str | torch.device | None = None,
     memory_limit_bytes: int | None = None,
     io_mode: str = "network",
+    io_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` (image files) and write the results on the fixed image's grid.
 
@@ -309,7 +320,7 @@ def register_files(
             (one-hot linear interpolation + arg-max, integer labels kept).
         fixed_side, moving_side: knee sides, for models trained on one side (see :class:`RegistrationModel`);
             by default taken from ``LEFT``/``RIGHT`` in the file names when the model has a ``target_side``.
-        io_steps, io_lr, io_mode: instance optimisation (see :func:`register_images`).
+        io_steps, io_lr, io_mode, io_size: instance optimisation (see :func:`register_images`).
 
     Returns:
         a summary: the files written, seconds, instance-optimisation losses, and the mean displacement (mm, RAS).
@@ -329,6 +340,7 @@ def register_files(
     io_lr = check_positive_number(io_lr, "io_lr")
     if io_mode not in IO_MODES:
         raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
+    check_sizes(io_size, "io_size", minimum=2)
     fixed_side, moving_side = check_side(fixed_side, "fixed_side"), check_side(moving_side, "moving_side")
     device = check_device(device)
     for path, name, suffixes in ((warped, "warped", IMAGE_SUFFIXES), (warped_label, "warped_label", IMAGE_SUFFIXES),
@@ -362,7 +374,7 @@ def register_files(
         fixed_side = fixed_side or side_from_filename(fixed)
         moving_side = moving_side or side_from_filename(moving)
     result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, io_steps, io_lr, device,
-                             io_mode)
+                             io_mode, io_size)
     points = result.fixed_to_moving(fixed_affine, fixed_shape)
     moving_affine = np.asarray(moving_image.affine, dtype=np.float64)
     written = {}

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from monai_icon.losses.icon import ICONLoss
+from monai_icon.networks.blocks import check_image_pair
 from monai_icon.networks.maps import ComposedMap, DisplacementMap, Map
 from monai_icon.networks.registration_net import register_pair
 
@@ -95,6 +96,7 @@ def instance_optimise(
 def residual_instance_optimise(
     network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, loss: ICONLoss, steps: int = 50,
     lr: float = 2e-3, shape: tuple[int, ...] | None = None,
+    loss_images: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Map, Map, list[float]]:
     """Instance optimisation without touching the network: register the pair once (no gradients), then
     optimise two free residual displacement fields ``u_AB``, ``u_BA`` (zero at the start) on top of the
@@ -106,7 +108,10 @@ def residual_instance_optimise(
         network, moving, fixed, loss: as :func:`instance_optimise`.
         steps, lr: Adam steps and learning rate on the residual fields (``[0, 1]`` units: 2e-3 moves a field by
             about a tenth of a voxel per step on a 64-voxel axis).
-        shape: grid of the residual fields (default: the images' own grid).
+        shape: grid of the residual fields (default: the grid of the loss images).
+        loss_images: ``(moving, fixed)`` on a finer grid of the same field of view for the loss (default: the
+            network's inputs). Maps are functions of ``[0, 1]`` coordinates, so the network's maps apply to them
+            unchanged: the refinement can work at a finer resolution than the network was trained at.
 
     Returns:
         ``(phi_AB, phi_BA, losses)``: the refined maps (their residuals detached) and the loss before each step.
@@ -120,6 +125,9 @@ def residual_instance_optimise(
         raise ValueError(f"instance optimisation learning rate must be a positive number, got {lr}.")
     with torch.no_grad():
         phi_AB, phi_BA = register_pair(network, moving, fixed)
+    if loss_images is not None:
+        moving, fixed = loss_images
+        check_image_pair(moving, fixed)
     shape = tuple(shape or moving.shape[2:])
     dims = moving.ndim - 2
     residuals = [torch.zeros(moving.shape[0], dims, *shape, device=moving.device, requires_grad=True)
