@@ -275,3 +275,25 @@ def test_label_supervised_term_is_a_dice_loss_of_warped_labels_both_ways():
         ICONLoss("mse", 1.0, spatial_dims=2, label_weight=1.0)
     with pytest.raises(ValueError, match="both label maps"):
         loss(*images, ident, ident, label, None)
+
+
+def test_loss_masking_restricts_the_similarity_to_the_masks():
+    """With masks the similarity of A o phi_AB against B is averaged over B's mask (and vice versa): differences
+    outside the masks do not count; a similarity without per-voxel values (MI) is refused."""
+    from monai_icon.networks.maps import IdentityMap
+
+    a, b = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    b[:, :, :, 4:] = 1.0  # A and B differ only in the right half
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, :, :4] = 1.0
+    ident = IdentityMap(2, 2)
+    loss = ICONLoss("mse", 1.0, spatial_dims=2, reduction="none")
+    assert float(loss(a, b, ident, ident).similarity[0]) == pytest.approx(1.0)  # 0.5 each way
+    assert float(loss(a, b, ident, ident, mask_A=mask, mask_B=mask).similarity.abs().max()) < 1e-10
+    assert float(loss(a, b, ident, ident, mask_A=1 - mask, mask_B=1 - mask).similarity[0]) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="per-voxel values"):
+        ICONLoss("mi", 1.0, spatial_dims=2)(a, b, ident, ident, mask_A=mask, mask_B=mask)
+    with pytest.raises(ValueError, match="both masks"):
+        loss(a, b, ident, ident, mask_A=mask)
+    with pytest.raises(ValueError, match="empty"):
+        loss(a, b, ident, ident, mask_A=0 * mask, mask_B=mask)

@@ -195,3 +195,23 @@ def test_trainer_label_supervision_uses_batch_labels_and_requires_them():
     unlabelled = ICONTrainer("cpu", 1, _loader(8), net, torch.optim.Adam(net.parameters(), 1e-3), loss)
     with pytest.raises(ValueError, match="carries no moving/fixed labels"):
         unlabelled.run()
+
+
+def test_trainer_masks_from_the_batch_restrict_the_loss_and_can_mask_inputs():
+    from monai_icon.engines.trainer import batch_masks
+
+    data = TrianglesCirclesDataset(12, (16, 16), seed=0)
+    masked = [{"image": data[i]["image"], "mask": torch.ones(1, 16, 16)} for i in range(len(data))]
+    for mask_inputs in (False, True):
+        net = _net()
+        trainer = ICONTrainer("cpu", 1, DataLoader(RandomPairDataset(masked, 8, keys=("image", "mask")), batch_size=4),
+                              net, torch.optim.Adam(net.parameters(), 1e-3), ICONLoss("mse", 8.0),
+                              mask_inputs=mask_inputs)
+        trainer.run()
+        assert trainer.state.iteration == 2
+    like = torch.zeros(2, 1, 16, 16)
+    assert batch_masks({}, like) == (None, None)
+    with pytest.raises(ValueError, match="only one of"):
+        batch_masks({"moving_mask": torch.ones(2, 1, 16, 16)}, like)
+    with pytest.raises(ValueError, match="fixed_mask must be"):
+        batch_masks({"moving_mask": torch.ones(2, 1, 16, 16), "fixed_mask": torch.ones(2, 1, 8, 8)}, like)

@@ -407,3 +407,42 @@ def test_residual_instance_optimisation_on_a_finer_grid_than_the_network(knee_fi
     with pytest.raises(ValueError, match="io_size"):
         register_files(knee_files["fixed"], knee_files["moving"], model, warped=tmp_path / "x.nii.gz", io_steps=1,
                        io_size=(32, 32, 16))
+
+
+def test_masks_in_register_files_and_the_atlas(knee_files, tmp_path):
+    """All-ones masks change nothing; a mask that hides the knee changes the input the network sees; masks must
+    come in pairs and on the images' grids; AtlasSegmentation takes an atlas mask."""
+    from monai_icon.apps import AtlasSegmentation
+    from monai_icon.losses import ICONLoss
+
+    network = multistep_registration(coarse_steps=1, encoder_channels=(4, 8), decoder_channels=(8, 4))
+    torch.nn.init.normal_(network.block.block.net.out.weight, std=0.02)
+    model = RegistrationModel(network, (16, 16, 8), axcodes="PIR")
+    ones = {}
+    for key in ("fixed", "moving"):
+        image = nib.load(knee_files[key])
+        ones[key] = _save(tmp_path / f"{key}_ones.nii.gz", np.ones(image.shape, np.uint8), image.affine)
+    half = nib.load(knee_files["fixed"])
+    half_mask = np.ones(half.shape, np.uint8)
+    half_mask[: half.shape[0] // 2] = 0
+    half_path = _save(tmp_path / "half.nii.gz", half_mask, half.affine)
+    plain = register_files(knee_files["fixed"], knee_files["moving"], model, ddf=str(tmp_path / "a.nii.gz"))
+    same = register_files(knee_files["fixed"], knee_files["moving"], model, ddf=str(tmp_path / "b.nii.gz"),
+                          fixed_mask=ones["fixed"], moving_mask=ones["moving"])
+    other = register_files(knee_files["fixed"], knee_files["moving"], model, ddf=str(tmp_path / "c.nii.gz"),
+                           fixed_mask=half_path, moving_mask=ones["moving"])
+    np.testing.assert_allclose(same["mean_displacement_mm"], plain["mean_displacement_mm"], atol=1e-6)
+    assert np.abs(np.subtract(other["mean_displacement_mm"], plain["mean_displacement_mm"])).max() > 1e-4
+    with pytest.raises(ValueError, match="both masks"):
+        register_files(knee_files["fixed"], knee_files["moving"], model, ddf=str(tmp_path / "d.nii.gz"),
+                       fixed_mask=ones["fixed"])
+    with pytest.raises(ValueError, match="mask's grid"):
+        register_files(knee_files["fixed"], knee_files["moving"], model, ddf=str(tmp_path / "d.nii.gz"),
+                       fixed_mask=ones["moving"], moving_mask=ones["moving"])
+    label = torch.zeros(1, 16, 16, 8, dtype=torch.long)
+    label[:, 4:8] = 1
+    atlas = AtlasSegmentation(network, torch.rand(1, 16, 16, 8), label, atlas_mask=torch.ones(1, 16, 16, 8),
+                              io_steps=1, io_lr=1e-3, loss=ICONLoss("mse", 1.0, spatial_dims=3))
+    assert atlas(torch.rand(1, 1, 16, 16, 8)).shape == (1, 2, 16, 16, 8)
+    with pytest.raises(ValueError, match="atlas mask"):
+        AtlasSegmentation(network, torch.rand(1, 16, 16, 8), label, atlas_mask=torch.ones(1, 8, 8, 8))

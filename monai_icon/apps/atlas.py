@@ -35,6 +35,8 @@ class AtlasSegmentation(nn.Module):
         num_classes: number of label values including the background (default: ``max label + 1``).
         io_steps, io_lr, loss: optional instance optimisation on each image (weights restored afterwards);
             ``loss`` defaults to GradICON + LNCC with lambda 1.5, the published uniGradICON recipe.
+        atlas_mask: optional ``[1, *N]`` mask of the atlas (nonzero inside): the atlas is zeroed outside it before
+            the network (input masking) and instance optimisation compares the images inside it (loss masking).
 
     Shapes:
         ``[B, 1, *N]`` -> ``[B, num_classes, *N]``.
@@ -42,6 +44,7 @@ class AtlasSegmentation(nn.Module):
 
     atlas_image: torch.Tensor  # buffers (not in the state dict), declared for type checkers
     atlas_onehot: torch.Tensor
+    atlas_mask: torch.Tensor | None
 
     def __init__(
         self,
@@ -52,6 +55,7 @@ class AtlasSegmentation(nn.Module):
         io_steps: int = 0,
         io_lr: float = 2e-5,
         loss: ICONLoss | None = None,
+        atlas_mask: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         image, label = torch.as_tensor(atlas_image).float().unsqueeze(0), torch.as_tensor(atlas_label).unsqueeze(0)
@@ -73,6 +77,13 @@ class AtlasSegmentation(nn.Module):
         )
         self.io_steps, self.io_lr = check_count(io_steps, "io_steps"), check_positive_number(io_lr, "io_lr")
         self.loss = loss
+        mask = None
+        if atlas_mask is not None:
+            mask = (torch.as_tensor(atlas_mask) > 0).float().unsqueeze(0).as_subclass(torch.Tensor)
+            if mask.shape != image.shape:
+                raise ValueError(f"the atlas mask must be [1, *N] like the atlas image {tuple(atlas_image.shape)}, "
+                                 f"got {tuple(atlas_mask.shape)}.")
+        self.register_buffer("atlas_mask", mask, persistent=False)
 
     def _io_loss(self) -> ICONLoss:
         """The instance optimisation loss: ``loss``, or the published recipe's (GradICON + LNCC, lambda 1.5)."""
@@ -87,11 +98,16 @@ class AtlasSegmentation(nn.Module):
                 f"grid, got {tuple(image.shape)}; resample them first (the bundle's preprocessing does)."
             )
         atlas = self.atlas_image.expand(image.shape[0], *self.atlas_image.shape[1:])
+        masks = None
+        if self.atlas_mask is not None:  # input masking of the atlas, and the similarity restricted to its mask
+            mask = self.atlas_mask.expand(image.shape[0], *self.atlas_mask.shape[1:])
+            atlas = atlas * mask
+            masks = (mask, torch.ones_like(mask))
         network = self.network
         with restored_weights(network):
             if self.io_steps > 0:
                 with torch.enable_grad():
-                    instance_optimise(network, atlas, image, self._io_loss(), self.io_steps, self.io_lr)
+                    instance_optimise(network, atlas, image, self._io_loss(), self.io_steps, self.io_lr, masks)
             with torch.no_grad():
                 phi = register_one_way(network, atlas, image)
                 labels = self.atlas_onehot.expand(image.shape[0], *self.atlas_onehot.shape[1:])

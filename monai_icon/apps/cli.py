@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--transform", help="output: ITK displacement-field transform (.h5), fixed -> moving points")
     reg.add_argument("--moving-label", help="moving label map to warp (with --warped-label)")
     reg.add_argument("--warped-label", help="output: moving labels on the fixed grid")
+    reg.add_argument("--fixed-mask", help="fixed mask file (with --moving-mask): input and loss masking")
+    reg.add_argument("--moving-mask", help="moving mask file (with --fixed-mask)")
     reg.add_argument("--fixed-side", help="knee side of the fixed image (LEFT/RIGHT) for one-sided knee models")
     reg.add_argument("--moving-side", help="knee side of the moving image")
     reg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair (default 0)")
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.fixed, args.moving, model, warped=args.warped, ddf=args.ddf, transform=args.transform,
                 moving_label=args.moving_label, warped_label=args.warped_label, fixed_side=args.fixed_side,
                 moving_side=args.moving_side, io_steps=args.io_steps, device=device, io_mode=args.io_mode,
-                io_size=args.io_size,
+                io_size=args.io_size, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
                 io_lr=args.io_lr if args.io_lr is not None else (2e-3 if args.io_mode == "residual" else 2e-5),
             )
             print(json.dumps(summary, indent=1))

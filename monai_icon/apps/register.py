@@ -236,6 +236,7 @@ def register_images(
     model: RegistrationModel, fixed: MetaTensor, moving: MetaTensor, fixed_side: str | None = None,
     moving_side: str | None = None, io_steps: int = 0, io_lr: float = 2e-5, device: str | torch.device | None = None,
     io_mode: str = "network", io_size: Sequence[int] | None = None,
+    fixed_mask: MetaTensor | None = None, moving_mask: MetaTensor | None = None,
 ) -> PhysicalRegistration:
     """Register two channel-first MetaTensors (with affines) in physical space.
 
@@ -244,8 +245,12 @@ def register_images(
     network's weights (restored afterwards), ``"residual"`` keeps the network and optimises free residual
     displacement fields on top of its maps
     (:func:`~monai_icon.engines.instance_optimisation.residual_instance_optimise`), on the network grid or, with
-    ``io_size``, on a finer grid of the same field of view (e.g. twice the network grid).
+    ``io_size``, on a finer grid of the same field of view (e.g. twice the network grid). Masks (both or neither;
+    nonzero = inside) zero each image outside its mask before the network (input masking) and restrict the
+    similarity of instance optimisation to them (loss masking).
     """
+    if (fixed_mask is None) != (moving_mask is None):
+        raise ValueError("give both masks (fixed and moving) or neither.")
     if io_mode not in IO_MODES:
         raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
     for name, image in (("fixed", fixed), ("moving", moving)):
@@ -258,6 +263,18 @@ def register_images(
                              model.window, model.resize_mode, model.reverse_axes, model.normalise_first)
              for img, side in ((fixed, fixed_side), (moving, moving_side))]
     fixed_net, moving_net = (g.as_tensor().unsqueeze(0).to(device) for g in grids)
+
+    def mask_on(size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if fixed_mask is None or moving_mask is None:
+            return None
+        out = [(to_network_grid(m, size, model.axcodes, None, side, model.target_side, None, "nearest",
+                                model.reverse_axes).as_tensor() > 0).float().unsqueeze(0).to(device)
+               for m, side in ((moving_mask, moving_side), (fixed_mask, fixed_side))]
+        return out[0][:, :1], out[1][:, :1]
+
+    masks = mask_on(model.spatial_size)
+    if masks is not None:
+        moving_net, fixed_net = moving_net * masks[0], fixed_net * masks[1]
     if fixed_net.shape[1] != moving_net.shape[1]:
         raise ValueError(f"fixed and moving images have {fixed_net.shape[1]} and {moving_net.shape[1]} channels.")
     losses: list[float] = []
@@ -272,12 +289,15 @@ def register_images(
                                     model.window, model.resize_mode, model.reverse_axes, model.normalise_first)
                     for img, side in ((fixed, fixed_side), (moving, moving_side))]
             loss_images = (fine[1].as_tensor().unsqueeze(0).to(device), fine[0].as_tensor().unsqueeze(0).to(device))
+        io_masks = mask_on(io_size) if io_size is not None else masks
+        if loss_images is not None and io_masks is not None:
+            loss_images = (loss_images[0] * io_masks[0], loss_images[1] * io_masks[1])
         phi, _, losses = residual_instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr,
-                                                    loss_images=loss_images)
+                                                    loss_images=loss_images, masks=io_masks)
     else:
         with restored_weights(network):
             if io_steps > 0:
-                losses = instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr)
+                losses = instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr, masks)
             with torch.no_grad():  # the map holds the network's outputs: unaffected by restoring the weights
                 phi = register_one_way(network, moving_net, fixed_net)
     return PhysicalRegistration(
@@ -306,6 +326,8 @@ def register_files(
     memory_limit_bytes: int | None = None,
     io_mode: str = "network",
     io_size: Sequence[int] | None = None,
+    fixed_mask: str | Path | None = None,
+    moving_mask: str | Path | None = None,
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` (image files) and write the results on the fixed image's grid.
 
@@ -321,6 +343,8 @@ def register_files(
         fixed_side, moving_side: knee sides, for models trained on one side (see :class:`RegistrationModel`);
             by default taken from ``LEFT``/``RIGHT`` in the file names when the model has a ``target_side``.
         io_steps, io_lr, io_mode, io_size: instance optimisation (see :func:`register_images`).
+        fixed_mask, moving_mask: optional mask files (both or neither) on the images' grids: input and loss masking
+            (see :func:`register_images`).
 
     Returns:
         a summary: the files written, seconds, instance-optimisation losses, and the mean displacement (mm, RAS).
@@ -353,6 +377,14 @@ def register_files(
         model = load_registration_model(model, device)
     fixed_image, moving_image = load_image(fixed, "fixed image"), load_image(moving, "moving image")
     label = load_image(moving_label, "moving label") if moving_label is not None else None
+    if (fixed_mask is None) != (moving_mask is None):
+        raise ValueError("give both masks (fixed_mask and moving_mask) or neither.")
+    masks = [load_image(m, f"{role} mask") if m is not None else None
+             for m, role in ((fixed_mask, "fixed"), (moving_mask, "moving"))]
+    for mask, image, role in ((masks[0], fixed_image, "fixed"), (masks[1], moving_image, "moving")):
+        if mask is not None and tuple(mask.shape[1:]) != tuple(image.shape[1:]):
+            raise ValueError(f"the {role} mask's grid {tuple(mask.shape[1:])} differs from the {role} image's "
+                             f"{tuple(image.shape[1:])}.")
     for image, name in ((fixed_image, "the fixed image"), (moving_image, "the moving image")):
         check_image_geometry(np.asarray(image.affine), tuple(image.shape[1:]), name, model.spatial_dims)
     if label is not None:
@@ -374,7 +406,7 @@ def register_files(
         fixed_side = fixed_side or side_from_filename(fixed)
         moving_side = moving_side or side_from_filename(moving)
     result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, io_steps, io_lr, device,
-                             io_mode, io_size)
+                             io_mode, io_size, masks[0], masks[1])
     points = result.fixed_to_moving(fixed_affine, fixed_shape)
     moving_affine = np.asarray(moving_image.affine, dtype=np.float64)
     written = {}

@@ -22,6 +22,8 @@ class RegKeys:
     FIXED = "fixed_image"
     MOVING_LABEL = "moving_label"
     FIXED_LABEL = "fixed_label"
+    MOVING_MASK = "moving_mask"
+    FIXED_MASK = "fixed_mask"
     PAIR_ID = "pair_id"
     PRED = "pred"
     PRED_LABEL = "pred_label"

@@ -25,6 +25,26 @@ from monai_icon.networks.registration_net import register_pair
 __all__ = ["ICONTrainer", "channels_last_copy", "to_channels_last"]
 
 
+def batch_masks(batchdata: dict[str, Any], like: torch.Tensor, device: Any = None,
+                non_blocking: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The batch's ``(moving_mask, fixed_mask)`` as float tensors on ``like``'s grid, or ``(None, None)``.
+
+    Raises:
+        ValueError: only one of the two masks, or masks not shaped ``[B, 1, *N]`` like the images.
+    """
+    keys = (RegKeys.MOVING_MASK, RegKeys.FIXED_MASK)
+    present = [k in batchdata for k in keys]
+    if not any(present):
+        return None, None
+    if not all(present):
+        raise ValueError(f"the batch has only one of {keys}: give masks for both images or neither.")
+    masks = [torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking).float() for k in keys]
+    for key, mask in zip(keys, masks):
+        if mask.shape[0] != like.shape[0] or mask.shape[1] != 1 or mask.shape[2:] != like.shape[2:]:
+            raise ValueError(f"{key} must be [B, 1, *N] like the images {tuple(like.shape)}, got {tuple(mask.shape)}.")
+    return masks[0], masks[1]
+
+
 def channels_last_copy(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in channels-last memory format: ``torch.channels_last`` for ``[B, C, H, W]``,
     ``torch.channels_last_3d`` for ``[B, C, D, H, W]``, unchanged otherwise (same values, same type)."""
@@ -70,6 +90,9 @@ class ICONTrainer(SupervisedTrainer):
             (``torch.channels_last`` / ``torch.channels_last_3d``; values and state-dict unchanged, results equal
             up to rounding). On CPU it makes a 2D U-Net step about 20 % faster; PyTorch's CPU 3D convolutions
             compute in the standard layout anyway, so it does not help in 3D there (``docs/benchmarks.md``).
+        mask_inputs: when batches carry ``moving_mask`` / ``fixed_mask`` (``[B, 1, *N]``, e.g. from a datalist's mask
+            files through ``RandomPairDataset(keys=("image", "mask"))``), the similarity is always restricted to
+            them (loss masking); with ``mask_inputs`` the images are also zeroed outside them before the network.
         Other arguments: as ``monai.engines.SupervisedTrainer``.
     """
 
@@ -98,6 +121,7 @@ class ICONTrainer(SupervisedTrainer):
         compile: bool = False,
         compile_kwargs: dict | None = None,
         channels_last: bool = False,
+        mask_inputs: bool = False,
     ) -> None:
         if not isinstance(loss_function, ICONLoss):
             raise ValueError(f"loss_function must be a monai_icon.losses.ICONLoss, got {type(loss_function).__name__}.")
@@ -134,6 +158,7 @@ class ICONTrainer(SupervisedTrainer):
         )
         self.compile = compile
         self.channels_last = channels_last
+        self.mask_inputs = bool(mask_inputs)
 
     def _iteration(self, engine: ICONTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -146,6 +171,9 @@ class ICONTrainer(SupervisedTrainer):
         if supervised and (moving_label is None or fixed_label is None):
             raise ValueError("the loss has label_weight > 0 but the batch carries no moving/fixed labels.")
         labels = (moving_label, fixed_label) if supervised else (None, None)
+        masks = batch_masks(batchdata, moving, engine.state.device, engine.non_blocking)
+        if masks[0] is not None and engine.mask_inputs:
+            moving, fixed = moving * masks[0], fixed * masks[1]
         if engine.compile:  # MetaTensor subclasses trip torch.compile (pytorch/pytorch#117026)
             moving, fixed = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (moving, fixed))
         if engine.channels_last:
@@ -157,7 +185,7 @@ class ICONTrainer(SupervisedTrainer):
         with torch.autocast("cuda", enabled=scaler is not None, **engine.amp_kwargs):
             phi_AB, phi_BA = register_pair(engine.network, moving, fixed)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            result = loss_function(moving, fixed, phi_AB, phi_BA, *labels)
+            result = loss_function(moving, fixed, phi_AB, phi_BA, *labels, *masks)
         engine.state.output.update(
             {
                 RegKeys.LOSS: result.loss,

@@ -138,8 +138,20 @@ class ICONLoss(_Loss):
     def forward(  # type: ignore[override]
         self, image_A: torch.Tensor, image_B: torch.Tensor, phi_AB: Map, phi_BA: Map,
         label_A: torch.Tensor | None = None, label_B: torch.Tensor | None = None,
+        mask_A: torch.Tensor | None = None, mask_B: torch.Tensor | None = None,
     ) -> ICONLossOutput:
+        """Args: the images ``[B, C, *N]`` (``A`` moving, ``B`` fixed) and both maps; optional label maps
+        ``[B, 1, *N]`` for the label term; optional masks ``[B, 1, *N]`` (1 inside, 0 outside, or soft weights):
+        the similarity of ``A o phi_AB`` against ``B`` is averaged over ``mask_B`` and that of ``B o phi_BA``
+        against ``A`` over ``mask_A`` (loss masking; the images themselves are not changed)."""
         check_image_pair(image_A, image_B)
+        if (mask_A is None) != (mask_B is None):
+            raise ValueError("give both masks (mask_A and mask_B) or neither.")
+        if mask_A is not None and mask_B is not None:
+            for name, mask in (("mask_A", mask_A), ("mask_B", mask_B)):
+                if mask.shape[0] != image_A.shape[0] or mask.shape[2:] != image_A.shape[2:] or mask.shape[1] != 1:
+                    raise ValueError(f"{name} must be [B, 1, *N] on the images' grid {tuple(image_A.shape[2:])}, "
+                                     f"got {tuple(mask.shape)}.")
         if (label_A is None) != (label_B is None):
             raise ValueError("give both label maps (label_A and label_B) or neither.")
         if label_A is not None and label_B is not None:
@@ -153,8 +165,21 @@ class ICONLoss(_Loss):
                 f"{tuple(image_A.shape)}."
             )
         with autocast_disabled(image_A.device):
+            masks = None if mask_A is None or mask_B is None else (mask_A.float(), mask_B.float())
             return self._evaluate(at_least_float32(image_A), at_least_float32(image_B), phi_AB, phi_BA, label_A,
-                                  label_B)
+                                  label_B, masks)
+
+    @staticmethod
+    def _masked(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Per-pair mean of per-voxel similarity values ``[2B, K, *N]`` weighted by masks ``[2B, 1, *N]``."""
+        if values.ndim != weights.ndim or values.shape[2:] != weights.shape[2:]:
+            raise ValueError("loss masking needs a similarity with per-voxel values (mse, lncc, mind); this one "
+                             f"returns shape {tuple(values.shape)}.")
+        weights = weights.expand_as(values)
+        total = weights.flatten(1).sum(dim=1)
+        if bool((total <= 0).any()):
+            raise ValueError("a mask is empty: the similarity has no voxel to be computed on.")
+        return (values * weights).flatten(1).sum(dim=1) / total
 
     def _label_term(self, label_A: torch.Tensor, label_B: torch.Tensor, grid_AB: torch.Tensor,
                     phi_BA: Map) -> torch.Tensor:
@@ -167,7 +192,8 @@ class ICONLoss(_Loss):
         return per_pair(both, 2 * label_A.shape[0]).reshape(2, -1).sum(dim=0)
 
     def _evaluate(self, image_A: torch.Tensor, image_B: torch.Tensor, phi_AB: Map, phi_BA: Map,
-                  label_A: torch.Tensor | None = None, label_B: torch.Tensor | None = None) -> ICONLossOutput:
+                  label_A: torch.Tensor | None = None, label_B: torch.Tensor | None = None,
+                  masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> ICONLossOutput:
         batch, shape = image_A.shape[0], image_A.shape[2:]
         grid_AB, grid_BA = phi_AB.grid(shape), phi_BA.grid(shape)
         warped_A, warped_B = interpolate(image_A, grid_AB), interpolate(image_B, grid_BA)
@@ -175,7 +201,10 @@ class ICONLoss(_Loss):
         folds = count_folds(grid_AB.detach())  # before the regulariser, whose saved tensors would add to its peak
         # both directions in one call (similarities are per pair): sim(A o phi_AB, B) + sim(B o phi_BA, A)
         both = self.similarity(torch.cat([warped_A, warped_B]), torch.cat([image_B, image_A]))
-        similarity = per_pair(both, 2 * batch).reshape(2, batch).sum(dim=0)
+        if masks is None:
+            similarity = per_pair(both, 2 * batch).reshape(2, batch).sum(dim=0)
+        else:
+            similarity = self._masked(both, torch.cat([masks[1], masks[0]])).reshape(2, batch).sum(dim=0)
         regularization = per_pair(torch.as_tensor(self.regularizer(phi_AB, phi_BA, shape)), batch)
         total = similarity + self.lmbda * regularization
         label_term = torch.zeros_like(total)
