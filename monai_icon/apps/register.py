@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -183,6 +183,7 @@ def load_registration_model(
     unknown = set(overrides) - set(_SETTINGS)
     if unknown:
         raise ValueError(f"unknown model settings {sorted(unknown)}; known: {_SETTINGS}.")
+    network: nn.Module
     if kind is not None:
         network = pretrained.load(path, kind)
         settings, source = dict(pretrained.PRETRAINED[kind].settings), f"the {kind} recipe"
@@ -205,7 +206,8 @@ def load_registration_model(
         if content.get("format") != MODEL_FORMAT:
             raise ValueError(f"{path} is not a monai-icon model file (save one with save_registration_model, or "
                              "pass a bundle folder); for plain weights build the network and use load_weights.")
-        network = build_network(content.get("network_def"), f"{path}: network_def")  # data only: nothing runs
+        spec = cast(dict, content.get("network_def"))  # checked by build_network: a dict of allowed names/literals
+        network = build_network(spec, f"{path}: network_def")  # data only: nothing runs
         load_weights(network, path)
         settings, source = dict(content["settings"]), str(path)
     if spatial_size is not None:
@@ -470,9 +472,10 @@ def register_pairs(
     summaries = []
     for i, pair in enumerate(pairs):
         outputs = pair_outputs(pair, i, output_dir)
-        summary = register_files(pair["fixed_image"], pair["moving_image"], model,
-                                 moving_label=pair.get("moving_label"), io_steps=io_steps, io_lr=io_lr,
-                                 device=device, **outputs)
+        summary = register_files(pair["fixed_image"], pair["moving_image"], model, warped=outputs["warped"],
+                                 ddf=outputs["ddf"], transform=outputs["transform"],
+                                 moving_label=pair.get("moving_label"), warped_label=outputs["warped_label"],
+                                 io_steps=io_steps, io_lr=io_lr, device=device)
         summary["pair_id"] = pair.get("pair_id", f"pair{i:03d}")
         print(summary["pair_id"], summary["written"], flush=True)
         summaries.append(summary)

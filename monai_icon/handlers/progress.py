@@ -62,7 +62,8 @@ class ProgressHandler:
         seconds = time.perf_counter() - self._epoch_start
         state = engine.state
         length = state.epoch_length or 1
-        parts = [f"epoch {state.epoch}/{state.max_epochs}: iteration {state.iteration}/{length * state.max_epochs}"]
+        total = length * (state.max_epochs or 1)
+        parts = [f"epoch {state.epoch}/{state.max_epochs}: iteration {state.iteration}/{total}"]
         values = self.output_transform(state.output) if self.output_transform is not None else {}
         if "lmbda" in state.metrics:
             values = {**values, "lmbda": state.metrics["lmbda"]}
