@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from monai_icon.apps import RegistrationModel, load_registration_model, register_files, save_registration_model
 from monai_icon.apps.cli import main
 from monai_icon.data import knee_affine, random_knee_anatomy, render_knee
@@ -446,3 +447,49 @@ def test_masks_in_register_files_and_the_atlas(knee_files, tmp_path):
     assert atlas(torch.rand(1, 1, 16, 16, 8)).shape == (1, 2, 16, 16, 8)
     with pytest.raises(ValueError, match="atlas mask"):
         AtlasSegmentation(network, torch.rand(1, 16, 16, 8), label, atlas_mask=torch.ones(1, 8, 8, 8))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".nii.gz", ".mha"])
+def test_2d_files_register_with_the_2d_bundle_and_its_itk_transform(tmp_path, suffix, capsys):
+    """monai-icon register on 2D files (PNG, 2D NIfTI, MHA) with the 2D bundle's network: outputs on the fixed
+    grid, and ITK applying the written 2D .h5 transform gives the same warped image."""
+    import shutil
+
+    from PIL import Image
+
+    from monai_icon.data import load_mnist_fives
+    from monai_icon.networks import DisplacementField
+    from monai_icon.networks.nets import UNet
+
+    bundle = tmp_path / "bundle"
+    (bundle / "models").mkdir(parents=True)
+    shutil.copytree(ROOT / "bundle" / "configs", bundle / "configs")
+    torch.manual_seed(0)
+    network = RegistrationNet(DisplacementField(UNet(2)))
+    torch.nn.init.normal_(network.block.net.out.weight, std=0.02)
+    torch.save(network.state_dict(), bundle / "models" / "model.pt")
+    images = (load_mnist_fives()[[0, 7]] * 255).round().astype(np.uint8)
+    paths = []
+    for i, array in enumerate(images):
+        path = tmp_path / f"img{i}{suffix}"
+        if suffix == ".png":
+            Image.fromarray(array).save(path)
+        elif suffix == ".nii.gz":
+            nib.save(nib.Nifti1Image(array.astype(np.float32), np.diag([0.8, 0.8, 1.0, 1.0])), str(path))
+        else:
+            itk.imwrite(itk.image_from_array(array.astype(np.float32)), str(path))
+        paths.append(str(path))
+    names = (("warped", ".nii.gz"), ("ddf", ".nii.gz"), ("transform", ".h5"))
+    out = {k: str(tmp_path / f"{k}{ext}") for k, ext in names}
+    code = main(["register", "--fixed", paths[0], "--moving", paths[1], "--model", str(bundle),
+                 *[a for k, v in out.items() for a in (f"--{k}", v)]])
+    assert code == 0, capsys.readouterr().err
+    warped = itk.imread(out["warped"], itk.F)
+    moving, fixed = itk.imread(paths[1], itk.F), itk.imread(paths[0], itk.F)
+    assert itk.size(warped) == itk.size(fixed)
+    transform = itk.transformread(out["transform"])[0]
+    resampled = itk.resample_image_filter(moving, transform=transform, use_reference_image=True,
+                                          reference_image=fixed, default_pixel_value=0.0)
+    ours = itk.array_from_image(warped)
+    np.testing.assert_allclose(itk.array_from_image(resampled), ours, atol=1e-2 * ours.max())
+    assert np.abs(itk.array_from_image(itk.imread(out["ddf"]))).max() > 0.05  # a real, non-identity map

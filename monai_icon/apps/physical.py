@@ -46,6 +46,7 @@ __all__ = [
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 _SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".nhdr", ".h5", ".hdf5", ".tfm", ".txt", ".mat")
+_BITMAP_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _CHUNK = 1 << 21  # voxels evaluated at a time (bounds the memory of the world-space steps)
 
 
@@ -59,13 +60,30 @@ def load_image(path: str | Path, what: str = "image") -> MetaTensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    # 2D bitmaps through ITK, so that their geometry (LPS origin, spacing) is the one ITK tools give them (PIL
+    # would give an identity RAS affine: a mirror image of ITK's physical space)
+    reader = "ITKReader" if path.suffix.lower() in _BITMAP_SUFFIXES else None
     try:
-        image = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+        image = LoadImage(reader=reader, image_only=True, ensure_channel_first=True)(str(path))
     except Exception as err:  # readers raise many types for corrupt/unsupported files
         raise ValueError(f"cannot read the {what} {path} as an image: {err}") from err
     if not torch.isfinite(image).all():
         raise ValueError(f"the {what} {path} contains NaN or infinite values.")
-    return image
+    return _square_affine(image)
+
+
+def _square_affine(image: MetaTensor) -> MetaTensor:
+    """A 2D image's affine as ``3 x 3`` (readers give 2D PNG / NIfTI a ``4 x 4`` one with an unused z row and
+    column, MHA a ``3 x 3``): the in-plane part and translation, so 2D geometry is handled like 3D."""
+    dims = image.ndim - 1
+    affine = image.affine
+    if affine.shape[0] == dims + 1:
+        return image
+    if dims == 2 and affine.shape[0] == 4:
+        keep = [0, 1, 3]
+        image.affine = affine[keep][:, keep]
+        return image
+    raise ValueError(f"a {dims}D image with a {tuple(affine.shape)} affine is not supported.")
 
 
 def to_network_grid(
@@ -290,7 +308,8 @@ def write_displacement(
     """Write a world-space displacement field defined on a fixed image's grid.
 
     Args:
-        displacement: ``[3, *N]`` RAS millimetres: fixed voxel centre ``y`` maps to moving point ``y + d(y)``.
+        displacement: ``[D, *N]`` (D = 2 or 3) RAS millimetres: fixed voxel centre ``y`` maps to moving point
+            ``y + d(y)`` (2D: the first two world axes).
         affine: the fixed grid's voxel-to-world (RAS) affine.
         ddf_path: NIfTI (or any ITK format) vector image of the displacement in **LPS** millimetres on the fixed
             grid: ITK's, ANTs' (``*Warp.nii.gz``) and 3D Slicer's displacement-field convention.
@@ -301,13 +320,13 @@ def write_displacement(
 
     disp = torch.as_tensor(displacement, dtype=torch.float64).numpy()
     dims = disp.shape[0]
-    if dims != 3:
-        raise ValueError(f"expected a 3D displacement [3, *N], got shape {disp.shape}.")
-    lps = np.einsum("ij,j...->...i", _RAS_TO_LPS, disp)  # [*N, 3] in LPS
+    if dims not in (2, 3) or disp.ndim != dims + 1:
+        raise ValueError(f"expected a 2D or 3D displacement [D, *N], got shape {disp.shape}.")
+    lps = np.einsum("ij,j...->...i", _RAS_TO_LPS[:dims, :dims], disp)  # [*N, D] in LPS
     if ddf_path is not None:
         field = _itk_image(lps.astype(np.float32), affine, is_vector=True)
         _atomic(ddf_path, lambda tmp: itk.imwrite(field, tmp, compression=True))
     if transform_path is not None:
-        transform = itk.DisplacementFieldTransform[itk.D, 3].New()
+        transform = itk.DisplacementFieldTransform[itk.D, dims].New()
         transform.SetDisplacementField(_itk_image(lps, affine, is_vector=True))
         _atomic(transform_path, lambda tmp: itk.transformwrite([transform], tmp, compression=True))

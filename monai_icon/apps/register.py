@@ -433,7 +433,7 @@ def register_files(
         "written": written,
         "seconds": result.seconds,
         "io_losses": result.io_losses,
-        "mean_displacement_mm": displacement.reshape(3, -1).mean(1).tolist(),
+        "mean_displacement_mm": displacement.reshape(displacement.shape[0], -1).mean(1).tolist(),
     }
 
 
