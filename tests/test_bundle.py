@@ -58,8 +58,8 @@ def test_train_writes_models_checkpoint_figures_and_summary(trained):
     state = torch.load(models(root) / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=False)
     # threshold -1: +1 per iteration, 2 x 3 iterations
     assert state["adaptive_lambda"]["lmbda"] == pytest.approx(128 + 6)
-    # the learning rate is set per iteration: warm-up (500 steps by default from 7e-4), 6th iteration
-    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(7e-4 * lr_factor_at(5, 6, 500))
+    # the learning rate is set per iteration: warm-up (200 steps by default from 7e-4), 6th iteration
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(7e-4 * lr_factor_at(5, 6, 200))
     assert trainer_epochs(log) == [1, 2]
     # not a terminal: one progress line per epoch, not one bar update per step
     assert sum(line.startswith("epoch ") for line in log.splitlines()) == 2
