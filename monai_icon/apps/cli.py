@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--transform", help="output: ITK displacement-field transform (.h5), fixed -> moving points")
     reg.add_argument("--moving-label", help="moving label map to warp (with --warped-label)")
     reg.add_argument("--warped-label", help="output: moving labels on the fixed grid")
+    reg.add_argument("--fixed-label", help="fixed label map, for label-supervised instance optimisation")
+    reg.add_argument("--label-weight", type=float, default=0.0,
+                     help="weight of the Dice term of --moving-label/--fixed-label in instance optimisation")
     reg.add_argument("--fixed-mask", help="fixed mask file (with --moving-mask): input and loss masking")
     reg.add_argument("--moving-mask", help="moving mask file (with --fixed-mask)")
     reg.add_argument("--fixed-side", help="knee side of the fixed image (LEFT/RIGHT) for one-sided knee models")
@@ -125,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 moving_label=args.moving_label, warped_label=args.warped_label, fixed_side=args.fixed_side,
                 moving_side=args.moving_side, io_steps=args.io_steps, device=device, io_mode=args.io_mode,
                 io_size=args.io_size, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
+                fixed_label=args.fixed_label, label_weight=args.label_weight,
                 io_lr=args.io_lr if args.io_lr is not None else (2e-3 if args.io_mode == "residual" else 2e-5),
             )
             print(json.dumps(summary, indent=1))

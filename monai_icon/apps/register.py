@@ -239,6 +239,7 @@ def register_images(
     moving_side: str | None = None, io_steps: int = 0, io_lr: float = 2e-5, device: str | torch.device | None = None,
     io_mode: str = "network", io_size: Sequence[int] | None = None,
     fixed_mask: MetaTensor | None = None, moving_mask: MetaTensor | None = None,
+    fixed_label: MetaTensor | None = None, moving_label: MetaTensor | None = None, label_weight: float = 0.0,
 ) -> PhysicalRegistration:
     """Register two channel-first MetaTensors (with affines) in physical space.
 
@@ -249,7 +250,8 @@ def register_images(
     (:func:`~monai_icon.engines.instance_optimisation.residual_instance_optimise`), on the network grid or, with
     ``io_size``, on a finer grid of the same field of view (e.g. twice the network grid). Masks (both or neither;
     nonzero = inside) zero each image outside its mask before the network (input masking) and restrict the
-    similarity of instance optimisation to them (loss masking).
+    similarity of instance optimisation to them (loss masking). With ``label_weight > 0`` and both label maps,
+    instance optimisation adds the Dice term of the warped labels (label-supervised instance optimisation).
     """
     if (fixed_mask is None) != (moving_mask is None):
         raise ValueError("give both masks (fixed and moving) or neither.")
@@ -274,6 +276,14 @@ def register_images(
                for m, side in ((moving_mask, moving_side), (fixed_mask, fixed_side))]
         return out[0][:, :1], out[1][:, :1]
 
+    def labels_on(size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if label_weight <= 0 or fixed_label is None or moving_label is None:
+            return None
+        out = [to_network_grid(m, size, model.axcodes, None, side, model.target_side, None, "nearest",
+                               model.reverse_axes).as_tensor().round().long()[:1].unsqueeze(0).to(device)
+               for m, side in ((moving_label, moving_side), (fixed_label, fixed_side))]
+        return out[0], out[1]
+
     masks = mask_on(model.spatial_size)
     if masks is not None:
         moving_net, fixed_net = moving_net * masks[0], fixed_net * masks[1]
@@ -281,7 +291,13 @@ def register_images(
         raise ValueError(f"fixed and moving images have {fixed_net.shape[1]} and {moving_net.shape[1]} channels.")
     losses: list[float] = []
     network = model.network.eval()
-    loss = ICONLoss(model.similarity, model.lmbda, model.regularizer, spatial_dims=model.spatial_dims)
+    if label_weight > 0 and (fixed_label is None or moving_label is None):
+        raise ValueError("label_weight > 0 needs both label maps (fixed and moving).")
+    num_classes = None
+    if label_weight > 0 and fixed_label is not None and moving_label is not None:
+        num_classes = int(max(float(fixed_label.max()), float(moving_label.max()))) + 1
+    loss = ICONLoss(model.similarity, model.lmbda, model.regularizer, spatial_dims=model.spatial_dims,
+                    label_weight=label_weight if num_classes else 0.0, num_classes=num_classes)
     if io_size is not None and (io_mode != "residual" or len(io_size) != model.spatial_dims):
         raise ValueError(f"io_size ({io_size}) needs io_mode='residual' and {model.spatial_dims} sizes.")
     if io_steps > 0 and io_mode == "residual":
@@ -294,12 +310,14 @@ def register_images(
         io_masks = mask_on(io_size) if io_size is not None else masks
         if loss_images is not None and io_masks is not None:
             loss_images = (loss_images[0] * io_masks[0], loss_images[1] * io_masks[1])
+        io_labels = labels_on(io_size) if io_size is not None else labels_on(model.spatial_size)
         phi, _, losses = residual_instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr,
-                                                    loss_images=loss_images, masks=io_masks)
+                                                    loss_images=loss_images, masks=io_masks, labels=io_labels)
     else:
         with restored_weights(network):
             if io_steps > 0:
-                losses = instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr, masks)
+                losses = instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr, masks,
+                                           labels_on(model.spatial_size))
             with torch.no_grad():  # the map holds the network's outputs: unaffected by restoring the weights
                 phi = register_one_way(network, moving_net, fixed_net)
     return PhysicalRegistration(
@@ -330,6 +348,8 @@ def register_files(
     io_size: Sequence[int] | None = None,
     fixed_mask: str | Path | None = None,
     moving_mask: str | Path | None = None,
+    fixed_label: str | Path | None = None,
+    label_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` (image files) and write the results on the fixed image's grid.
 
@@ -347,6 +367,8 @@ def register_files(
         io_steps, io_lr, io_mode, io_size: instance optimisation (see :func:`register_images`).
         fixed_mask, moving_mask: optional mask files (both or neither) on the images' grids: input and loss masking
             (see :func:`register_images`).
+        fixed_label, label_weight: label-supervised instance optimisation: the fixed label map and the weight of
+            the Dice term on the warped ``moving_label`` (needs both label maps and ``io_steps > 0``).
 
     Returns:
         a summary: the files written, seconds, instance-optimisation losses, and the mean displacement (mm, RAS).
@@ -364,6 +386,11 @@ def register_files(
     # every argument and output checked before any computation, so a long registration cannot fail at the end
     io_steps = check_count(io_steps, "io_steps")
     io_lr = check_positive_number(io_lr, "io_lr")
+    if not (isinstance(label_weight, (int, float)) and 0 <= label_weight < float("inf")):
+        raise ValueError(f"label_weight must be a finite number >= 0, got {label_weight!r}.")
+    if label_weight > 0 and (fixed_label is None or moving_label is None or io_steps == 0):
+        raise ValueError("label_weight > 0 needs fixed_label, moving_label and io_steps > 0 (it weights the label "
+                         "term of instance optimisation).")
     if io_mode not in IO_MODES:
         raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
     check_sizes(io_size, "io_size", minimum=2)
@@ -391,6 +418,12 @@ def register_files(
         check_image_geometry(np.asarray(image.affine), tuple(image.shape[1:]), name, model.spatial_dims)
     if label is not None:
         check_label_values(label.as_tensor(), f"the moving label {moving_label}")
+    fixed_labels = load_image(fixed_label, "fixed label") if fixed_label is not None else None
+    if fixed_labels is not None:
+        check_label_values(fixed_labels.as_tensor(), f"the fixed label {fixed_label}")
+        if tuple(fixed_labels.shape[1:]) != tuple(fixed_image.shape[1:]):
+            raise ValueError(f"the fixed label's grid {tuple(fixed_labels.shape[1:])} differs from the fixed image's "
+                             f"{tuple(fixed_image.shape[1:])}.")
     if fixed_image.ndim != moving_image.ndim:
         raise ValueError(
             f"fixed and moving images differ in dimension: {fixed_image.ndim - 1}D vs {moving_image.ndim - 1}D."
@@ -408,7 +441,7 @@ def register_files(
         fixed_side = fixed_side or side_from_filename(fixed)
         moving_side = moving_side or side_from_filename(moving)
     result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, io_steps, io_lr, device,
-                             io_mode, io_size, masks[0], masks[1])
+                             io_mode, io_size, masks[0], masks[1], fixed_labels, label, float(label_weight))
     points = result.fixed_to_moving(fixed_affine, fixed_shape)
     moving_affine = np.asarray(moving_image.affine, dtype=np.float64)
     written = {}

@@ -63,11 +63,13 @@ def restored_weights(network: nn.Module) -> Iterator[nn.Module]:
 def instance_optimise(
     network: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, loss: ICONLoss, steps: int = 50, lr: float = 2e-5,
     masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[float]:
     """A few Adam steps of ``loss`` (its mean over the pairs given) on ``moving``/``fixed`` (the published
     uniGradICON recipe uses 50 steps at 2e-5), with the network in evaluation mode (batch norm keeps its
     statistics). Use inside :func:`restored_weights` or with a :class:`WeightSnapshot`. ``masks``:
-    ``(moving_mask, fixed_mask)`` restricting the similarity (see :class:`~monai_icon.losses.ICONLoss`).
+    ``(moving_mask, fixed_mask)`` restricting the similarity, ``labels``: ``(moving_label, fixed_label)`` for a loss
+    with ``label_weight > 0`` (see :class:`~monai_icon.losses.ICONLoss`).
 
     Returns:
         the loss before each step.
@@ -88,7 +90,7 @@ def instance_optimise(
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             phi_AB, phi_BA = register_pair(network, moving, fixed)
-            value = loss(moving, fixed, phi_AB, phi_BA, None, None, *(masks or (None, None))).loss.mean()
+            value = loss(moving, fixed, phi_AB, phi_BA, *(labels or (None, None)), *(masks or (None, None))).loss.mean()
             value.backward()
             optimizer.step()
             history.append(float(value.detach()))
@@ -100,6 +102,7 @@ def residual_instance_optimise(
     lr: float = 2e-3, shape: tuple[int, ...] | None = None,
     loss_images: tuple[torch.Tensor, torch.Tensor] | None = None,
     masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Map, Map, list[float]]:
     """Instance optimisation without touching the network: register the pair once (no gradients), then
     optimise two free residual displacement fields ``u_AB``, ``u_BA`` (zero at the start) on top of the
@@ -116,6 +119,7 @@ def residual_instance_optimise(
             network's inputs). Maps are functions of ``[0, 1]`` coordinates, so the network's maps apply to them
             unchanged: the refinement can work at a finer resolution than the network was trained at.
         masks: ``(moving_mask, fixed_mask)`` on the loss images' grid, restricting the similarity.
+        labels: ``(moving_label, fixed_label)`` on the loss images' grid, for a loss with ``label_weight > 0``.
 
     Returns:
         ``(phi_AB, phi_BA, losses)``: the refined maps (their residuals detached) and the loss before each step.
@@ -143,7 +147,8 @@ def residual_instance_optimise(
             optimizer.zero_grad(set_to_none=True)
             refined_AB = ComposedMap(phi_AB, DisplacementMap(residuals[0]))
             refined_BA = ComposedMap(phi_BA, DisplacementMap(residuals[1]))
-            value = loss(moving, fixed, refined_AB, refined_BA, None, None, *(masks or (None, None))).loss.mean()
+            value = loss(moving, fixed, refined_AB, refined_BA, *(labels or (None, None)),
+                         *(masks or (None, None))).loss.mean()
             value.backward()
             optimizer.step()
             history.append(float(value.detach()))
