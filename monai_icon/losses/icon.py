@@ -70,6 +70,18 @@ def _make_regularizer(
     raise ValueError(f"unknown regularizer {regularizer!r}; choose one of {REGULARIZERS} or pass a callable.")
 
 
+def _check_companions(image: torch.Tensor, first: tuple[str, torch.Tensor | None],
+                      second: tuple[str, torch.Tensor | None], what: str) -> None:
+    """Both or neither of two per-image tensors (masks, label maps), each ``[B, 1, *N]`` on ``image``'s grid."""
+    if (first[1] is None) != (second[1] is None):
+        raise ValueError(f"give both {what} ({first[0]} and {second[0]}) or neither.")
+    for name, tensor in (first, second):
+        if tensor is not None and (tensor.shape[0] != image.shape[0] or tensor.shape[1] != 1
+                                   or tensor.shape[2:] != image.shape[2:]):
+            raise ValueError(f"{name} must be [B, 1, *N] on the images' grid {tuple(image.shape[2:])}, "
+                             f"got {tuple(tensor.shape)}.")
+
+
 class ICONLoss(_Loss):
     """Symmetric similarity plus ``lmbda`` times an inverse consistency regulariser.
 
@@ -145,20 +157,8 @@ class ICONLoss(_Loss):
         the similarity of ``A o phi_AB`` against ``B`` is averaged over ``mask_B`` and that of ``B o phi_BA``
         against ``A`` over ``mask_A`` (loss masking; the images themselves are not changed)."""
         check_image_pair(image_A, image_B)
-        if (mask_A is None) != (mask_B is None):
-            raise ValueError("give both masks (mask_A and mask_B) or neither.")
-        if mask_A is not None and mask_B is not None:
-            for name, mask in (("mask_A", mask_A), ("mask_B", mask_B)):
-                if mask.shape[0] != image_A.shape[0] or mask.shape[2:] != image_A.shape[2:] or mask.shape[1] != 1:
-                    raise ValueError(f"{name} must be [B, 1, *N] on the images' grid {tuple(image_A.shape[2:])}, "
-                                     f"got {tuple(mask.shape)}.")
-        if (label_A is None) != (label_B is None):
-            raise ValueError("give both label maps (label_A and label_B) or neither.")
-        if label_A is not None and label_B is not None:
-            for name, label in (("label_A", label_A), ("label_B", label_B)):
-                if label.shape[0] != image_A.shape[0] or label.shape[2:] != image_A.shape[2:] or label.shape[1] != 1:
-                    raise ValueError(f"{name} must be [B, 1, *N] on the images' grid {tuple(image_A.shape[2:])}, "
-                                     f"got {tuple(label.shape)}.")
+        _check_companions(image_A, ("mask_A", mask_A), ("mask_B", mask_B), "masks")
+        _check_companions(image_A, ("label_A", label_A), ("label_B", label_B), "label maps")
         if image_A.ndim - 2 != self.spatial_dims:
             raise ValueError(
                 f"this ICONLoss is for {self.spatial_dims}D images, got a {image_A.ndim - 2}D pair of shape "
