@@ -215,3 +215,25 @@ def test_trainer_masks_from_the_batch_restrict_the_loss_and_can_mask_inputs():
         batch_masks({"moving_mask": torch.ones(2, 1, 16, 16)}, like)
     with pytest.raises(ValueError, match="fixed_mask must be"):
         batch_masks({"moving_mask": torch.ones(2, 1, 16, 16), "fixed_mask": torch.ones(2, 1, 8, 8)}, like)
+
+
+def test_instance_optimised_net_is_the_bundle_contract_per_pair_with_weights_restored():
+    from monai_icon.engines import InstanceOptimisedNet
+
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.cat([torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)], dim=1)
+    plain = InstanceOptimisedNet(net, ICONLoss("mse", 8.0), steps=0).eval()
+    tuned = InstanceOptimisedNet(net, ICONLoss("mse", 8.0), steps=5, lr=1e-2).eval()
+    with torch.no_grad():
+        base = plain(x)
+    torch.manual_seed(3)
+    both = tuned(x)
+    assert both.shape == (2, 2, 16, 16) and (both - base).abs().max() > 1e-4
+    for k, v in net.state_dict().items():
+        assert torch.equal(before[k], v), k
+    torch.manual_seed(3)
+    torch.testing.assert_close(torch.cat([tuned(x[:1]), tuned(x[1:])]), both)  # the same, pair by pair
+    assert set(tuned.state_dict()) == set(net.state_dict())  # a plain checkpoint loads into the wrapper
+    with pytest.raises(ValueError, match="io_steps"):
+        InstanceOptimisedNet(net, ICONLoss("mse", 8.0), steps=-1)

@@ -268,21 +268,23 @@ def register_images(
              for img, side in ((fixed, fixed_side), (moving, moving_side))]
     fixed_net, moving_net = (g.as_tensor().unsqueeze(0).to(device) for g in grids)
 
-    def mask_on(size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if fixed_mask is None or moving_mask is None:
-            return None
-        out = [(to_network_grid(m, size, model.axcodes, None, side, model.target_side, None, "nearest",
-                                model.reverse_axes).as_tensor() > 0).float().unsqueeze(0).to(device)
-               for m, side in ((moving_mask, moving_side), (fixed_mask, fixed_side))]
-        return out[0][:, :1], out[1][:, :1]
-
-    def labels_on(size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if label_weight <= 0 or fixed_label is None or moving_label is None:
+    def nearest_pair(pair: tuple[MetaTensor | None, MetaTensor | None],
+                     size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(moving, fixed)`` masks or label maps resampled (nearest) onto a grid, ``[1, 1, *size]`` each."""
+        if pair[0] is None or pair[1] is None:
             return None
         out = [to_network_grid(m, size, model.axcodes, None, side, model.target_side, None, "nearest",
-                               model.reverse_axes).as_tensor().round().long()[:1].unsqueeze(0).to(device)
-               for m, side in ((moving_label, moving_side), (fixed_label, fixed_side))]
+                               model.reverse_axes).as_tensor()[:1].unsqueeze(0).to(device)
+               for m, side in ((pair[0], moving_side), (pair[1], fixed_side))]
         return out[0], out[1]
+
+    def mask_on(size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        resampled = nearest_pair((moving_mask, fixed_mask), size)
+        return None if resampled is None else ((resampled[0] > 0).float(), (resampled[1] > 0).float())
+
+    def labels_on(size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        resampled = nearest_pair((moving_label, fixed_label), size) if label_weight > 0 else None
+        return None if resampled is None else (resampled[0].round().long(), resampled[1].round().long())
 
     masks = mask_on(model.spatial_size)
     if masks is not None:

@@ -16,7 +16,7 @@ from monai.engines.utils import IterationEvents
 from monai.transforms import Transform
 from ignite.engine import Events
 
-from monai_icon.engines.instance_optimisation import WeightSnapshot, instance_optimise
+from monai_icon.engines.instance_optimisation import WeightSnapshot, optimise_each_pair
 from monai_icon.engines.keys import RegKeys
 from monai_icon.engines.prepare_batch import PrepareRegistrationBatch
 from monai_icon.losses.icon import ICONLoss
@@ -131,9 +131,9 @@ class ICONEvaluator(SupervisedEvaluator):
             self._snapshot = WeightSnapshot(self.network)
         grids_AB, grids_BA = [], []
         shape = moving.shape[2:]
-        for i in range(moving.shape[0]):
-            m, f = moving[i : i + 1], fixed[i : i + 1]
-            instance_optimise(self.network, m, f, cast(ICONLoss, self.io_loss), self.io_steps, self.io_lr)
+        pairs = optimise_each_pair(self.network, self._snapshot, moving, fixed, cast(ICONLoss, self.io_loss),
+                                   self.io_steps, self.io_lr)
+        for m, f in pairs:
             with torch.no_grad():
                 if self.loss_function is not None:
                     phi_AB, phi_BA = register_pair(self.network, m, f)
@@ -141,7 +141,6 @@ class ICONEvaluator(SupervisedEvaluator):
                 else:
                     phi_AB = register_one_way(self.network, m, f)
                 grids_AB.append(phi_AB.grid(shape))
-            self._snapshot.restore()
         identity = identity_grid(shape, device=moving.device)
         maps = [DisplacementMap(torch.cat(g) - identity) for g in (grids_AB, grids_BA) if g]
         return maps[0], (maps[1] if len(maps) > 1 else None)

@@ -22,6 +22,7 @@ __all__ = [
     "WeightSnapshot",
     "restored_weights",
     "instance_optimise",
+    "optimise_each_pair",
     "residual_instance_optimise",
     "InstanceOptimisedNet",
 ]
@@ -95,6 +96,22 @@ def instance_optimise(
             optimizer.step()
             history.append(float(value.detach()))
     return history
+
+
+def optimise_each_pair(
+    network: nn.Module, snapshot: WeightSnapshot, moving: torch.Tensor, fixed: torch.Tensor, loss: ICONLoss,
+    steps: int, lr: float,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per pair of a batch: run :func:`instance_optimise` on that pair alone and yield it (``[1, C, *N]`` each) while
+    the network holds the tuned weights, then restore them from ``snapshot`` (also when the caller stops early or
+    raises). The caller registers the yielded pair, without gradients."""
+    for i in range(moving.shape[0]):
+        pair = moving[i : i + 1], fixed[i : i + 1]
+        try:
+            instance_optimise(network, *pair, loss, steps, lr)
+            yield pair
+        finally:
+            snapshot.restore()
 
 
 def residual_instance_optimise(
@@ -198,15 +215,9 @@ class InstanceOptimisedNet(nn.Module):
         half = x.shape[1] // 2
         if self._snapshot is None:
             self._snapshot = WeightSnapshot(self.network)
-        snapshot = self._snapshot
         ddfs = []
-        try:
-            for i in range(x.shape[0]):
-                moving, fixed = x[i : i + 1, :half], x[i : i + 1, half:]
-                instance_optimise(self.network, moving, fixed, self.loss, self.steps, self.lr)
-                with torch.no_grad():
-                    ddfs.append(self.network(x[i : i + 1]))
-                snapshot.restore()
-        finally:
-            snapshot.restore()
+        for moving, fixed in optimise_each_pair(self.network, self._snapshot, x[:, :half], x[:, half:], self.loss,
+                                                self.steps, self.lr):
+            with torch.no_grad():
+                ddfs.append(self.network(torch.cat([moving, fixed], dim=1)))
         return torch.cat(ddfs)
