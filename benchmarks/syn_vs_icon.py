@@ -56,13 +56,15 @@ def _read_labels(path: str | Path) -> np.ndarray:
 
 
 def run_icon(pair: dict, model, io_steps: int, io_lr: float, work: Path, io_mode: str = "network",
-             io_size=None) -> dict:
+             io_size=None, io_levels: int = 1) -> dict:
     from monai_icon.apps import register_files
 
     out = work / "icon_label.nii.gz"
     summary = register_files(pair["fixed_image"], pair["moving_image"], model, moving_label=pair["moving_label"],
-                             warped_label=out, io_steps=io_steps, io_lr=io_lr, io_mode=io_mode, io_size=io_size)
-    return {"warped_label": _read_labels(out), "seconds": summary["seconds"]}
+                             warped_label=out, io_steps=io_steps, io_lr=io_lr, io_mode=io_mode, io_size=io_size,
+                             io_levels=io_levels)
+    return {"warped_label": _read_labels(out), "seconds": summary["seconds"],
+            "folds_percent": summary["folds_percent"]}
 
 
 def run_syn(pair: dict, work: Path, threads: int) -> dict:
@@ -81,21 +83,6 @@ def run_syn(pair: dict, work: Path, threads: int) -> dict:
     return {"warped_label": _read_labels(out), "seconds": seconds}
 
 
-def icon_folds(pair: dict, model) -> float:
-    """Folds (%) of phi_AB on the network grid, for the pair as the model sees it."""
-    import torch
-
-    from monai_icon.apps.physical import load_image
-    from monai_icon.apps.register import register_images
-    from monai_icon.metrics import count_folds
-
-    fixed, moving = load_image(pair["fixed_image"]), load_image(pair["moving_image"])
-    result = register_images(model, fixed, moving)
-    with torch.no_grad():
-        grid = result.phi.grid(model.spatial_size)
-    return float(count_folds(grid, percentage=True).mean())
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datalist", required=True)
@@ -107,6 +94,9 @@ def main(argv=None) -> dict:
     p.add_argument("--io-mode", choices=["network", "residual"], default="network")
     p.add_argument("--io-size", type=lambda t: [int(v) for v in t.split(",")], default=None,
                    help="residual instance optimisation on this finer grid, e.g. 128,128,64")
+    p.add_argument("--io-levels", type=int, default=1, help="residual fields on this many grids (coarse-to-fine)")
+    p.add_argument("--similarity", help="similarity of instance optimisation (default: the model's)")
+    p.add_argument("--lmbda", type=float, help="inverse-consistency weight of instance optimisation")
     p.add_argument("--no-syn", action="store_true", help="skip SyN (e.g. to add ICON settings to earlier results)")
     p.add_argument("--threads", type=int, default=2, help="threads for both methods")
     p.add_argument("--out", default="runs/syn_vs_icon")
@@ -130,7 +120,8 @@ def main(argv=None) -> dict:
     if args.model:
         from monai_icon.apps import load_registration_model
 
-        model = load_registration_model(args.model)
+        overrides = {k: v for k, v in (("similarity", args.similarity), ("lmbda", args.lmbda)) if v is not None}
+        model = load_registration_model(args.model, **overrides)
     rows: dict[str, list[dict]] = {}
     for i, pair in enumerate(pairs):
         fixed_label = _read_labels(pair["fixed_label"])
@@ -139,8 +130,8 @@ def main(argv=None) -> dict:
             work = Path(tmp)
             methods = {"unregistered": {"warped_label": _read_labels(pair["moving_label"]), "seconds": 0.0}}
             if model is not None:
-                methods[tag] = run_icon(pair, model, args.io_steps, io_lr, work, args.io_mode, args.io_size)
-                methods[tag]["folds_percent"] = icon_folds(pair, model) if not args.io_steps else None
+                methods[tag] = run_icon(pair, model, args.io_steps, io_lr, work, args.io_mode, args.io_size,
+                                        args.io_levels)
             if not args.no_syn:
                 methods["syn"] = run_syn(pair, work, args.threads)
         for name, m in methods.items():

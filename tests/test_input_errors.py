@@ -57,6 +57,10 @@ CASES = [
     # counts, sizes and ranges
     (REGISTER + WARPED + ["--io-steps", "-1"], "io_steps must be an integer >= 0"),
     (REGISTER + WARPED + ["--io-lr", "nan"], "io_lr must be a finite number > 0"),
+    (REGISTER + WARPED + ["--io-levels", "0"], "io_levels must be an integer >= 1"),
+    (REGISTER + WARPED + ["--io-levels", "3"], "io_levels > 1 needs io_mode='residual'"),
+    (REGISTER + WARPED + ["--lmbda", "nan"], "lmbda must be a finite number >= 0"),
+    (REGISTER + WARPED + ["--lmbda", "-1"], "lmbda must be a finite number >= 0"),
     (REGISTER + WARPED + ["--io-lr", "-0.1"], "io_lr must be a finite number > 0"),
     (REGISTER + WARPED + ["--spatial-size", "0,16,8"], "spatial_size must be integers >= 2"),
     (REGISTER + WARPED + ["--window", "100,0"], "window must be increasing"),

@@ -181,6 +181,42 @@ def test_residual_instance_optimisation_registers_without_touching_the_network()
         residual_instance_optimise(net, moving, fixed, ICONLoss("mse", 8.0), steps=-1)
 
 
+def test_multilevel_field_upsamples_each_level_corner_aligned_and_sums():
+    from monai_icon.engines.instance_optimisation import multilevel_field, pyramid_shapes
+
+    assert pyramid_shapes((64, 64, 32), 4) == [(64, 64, 32), (32, 32, 16), (16, 16, 8), (8, 8, 4)]
+    assert pyramid_shapes((5, 3), 3) == [(5, 3), (3, 2), (2, 2)]
+    # a linear field on a coarse grid is the same linear field on the fine grid (corner-aligned, as the maps are)
+    coarse = torch.stack(torch.meshgrid(torch.linspace(0, 1, 3), torch.linspace(0, 1, 4), indexing="ij"))[None]
+    fine = torch.stack(torch.meshgrid(torch.linspace(0, 1, 9), torch.linspace(0, 1, 7), indexing="ij"))[None]
+    assert torch.allclose(multilevel_field([coarse], (9, 7)), fine, atol=1e-6)
+    own = torch.randn(1, 2, 9, 7)
+    assert torch.allclose(multilevel_field([own, coarse], (9, 7)), own + fine, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one"):
+        multilevel_field([], (9, 7))
+
+
+def test_multilevel_residual_registers_a_smooth_shift_in_fewer_steps():
+    """A disc shifted by 3 pixels, identity network: in 40 steps the coarse-to-fine residual (4 levels) brings the
+    warped disc closer than one free field does at the same learning rate; levels are checked."""
+    from monai_icon.engines.instance_optimisation import residual_instance_optimise
+
+    net = RegistrationNet(DisplacementField(UNet(2, encoder_channels=(8, 16), decoder_channels=(16, 8)))).eval()
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disc = lambda cy, cx: torch.sigmoid(5.0 - ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt())[None, None]  # noqa: E731
+    moving, fixed = disc(16.0, 13.0), disc(16.0, 16.0)
+    errors = {}
+    for levels in (1, 4):
+        phi_AB, _, history = residual_instance_optimise(net, moving, fixed, ICONLoss("mse", 8.0), steps=40,
+                                                        lr=2e-3, levels=levels)
+        errors[levels] = float(((phi_AB.warp(moving) - fixed) ** 2).mean())
+        assert len(history) == 40
+    assert errors[4] < 0.5 * errors[1], errors
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="levels"):
+            residual_instance_optimise(net, moving, fixed, ICONLoss("mse", 8.0), steps=1, levels=bad)
+
+
 def test_trainer_label_supervision_uses_batch_labels_and_requires_them():
     data = TrianglesCirclesDataset(12, (16, 16), seed=0)
     labelled = [{"image": data[i]["image"], "label": (data[i]["image"] > 0.5).long()} for i in range(len(data))]

@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "maps (much faster per step)")
     reg.add_argument("--io-size", type=_ints,
                      help="with --io-mode residual: the finer grid the residual is optimised on, e.g. 128,128,64")
+    reg.add_argument("--io-levels", type=int, default=1,
+                     help="with --io-mode residual: residual fields on this many grids, each half the previous one "
+                          "(coarse-to-fine; default 1)")
+    reg.add_argument("--similarity", choices=["mse", "lncc", "mi", "mind"],
+                     help="similarity of instance optimisation (default: the model's)")
+    reg.add_argument("--lmbda", type=float, help="inverse-consistency weight of instance optimisation "
+                                                 "(default: the model's)")
     reg.add_argument("--spatial-size", type=_ints, help="override the model's network grid, e.g. 192,192,80")
     reg.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -119,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from monai_icon.apps.register import load_registration_model, register_files
 
             device = _default_device(args.device)
-            overrides = {k: v for k, v in (("window", args.window), ("percentiles", args.percentiles)) if v is not None}
+            overrides = {k: v for k, v in (("window", args.window), ("percentiles", args.percentiles),
+                                           ("similarity", args.similarity), ("lmbda", args.lmbda)) if v is not None}
             if args.window is not None:
                 overrides["percentiles"] = None
             model = load_registration_model(args.model, device, args.spatial_size, args.model_kind, **overrides)
@@ -128,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 moving_label=args.moving_label, warped_label=args.warped_label, fixed_side=args.fixed_side,
                 moving_side=args.moving_side, io_steps=args.io_steps, device=device, io_mode=args.io_mode,
                 io_size=args.io_size, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
-                fixed_label=args.fixed_label, label_weight=args.label_weight,
+                fixed_label=args.fixed_label, label_weight=args.label_weight, io_levels=args.io_levels,
                 io_lr=args.io_lr if args.io_lr is not None else (2e-3 if args.io_mode == "residual" else 2e-5),
             )
             print(json.dumps(summary, indent=1))

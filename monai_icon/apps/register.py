@@ -57,6 +57,7 @@ from monai_icon.apps.validation import (
     check_sizes,
 )
 from monai_icon.losses.icon import ICONLoss
+from monai_icon.metrics.folds import count_folds
 from monai_icon.engines.instance_optimisation import (
     IO_MODES,
     instance_optimise,
@@ -180,6 +181,10 @@ def load_registration_model(
     check_sizes(spatial_size, "spatial_size", minimum=2)
     check_interval(overrides.get("window"), "window")
     check_interval(overrides.get("percentiles"), "percentiles", 0.0, 100.0)
+    if "lmbda" in overrides:
+        lmbda = overrides["lmbda"]
+        if not (isinstance(lmbda, (int, float)) and 0 <= lmbda < float("inf")):
+            raise ValueError(f"lmbda must be a finite number >= 0, got {lmbda!r}.")
     unknown = set(overrides) - set(_SETTINGS)
     if unknown:
         raise ValueError(f"unknown model settings {sorted(unknown)}; known: {_SETTINGS}.")
@@ -240,6 +245,7 @@ def register_images(
     io_mode: str = "network", io_size: Sequence[int] | None = None,
     fixed_mask: MetaTensor | None = None, moving_mask: MetaTensor | None = None,
     fixed_label: MetaTensor | None = None, moving_label: MetaTensor | None = None, label_weight: float = 0.0,
+    io_levels: int = 1,
 ) -> PhysicalRegistration:
     """Register two channel-first MetaTensors (with affines) in physical space.
 
@@ -252,7 +258,11 @@ def register_images(
     nonzero = inside) zero each image outside its mask before the network (input masking) and restrict the
     similarity of instance optimisation to them (loss masking). With ``label_weight > 0`` and both label maps,
     instance optimisation adds the Dice term of the warped labels (label-supervised instance optimisation).
+    ``io_levels > 1`` (residual mode) sums residual fields on that many grids, each half the previous one
+    (coarse-to-fine in every step: smooth deformations need far fewer steps).
     """
+    if io_levels != 1 and io_mode != "residual":
+        raise ValueError(f"io_levels ({io_levels}) needs io_mode='residual'.")
     if (fixed_mask is None) != (moving_mask is None):
         raise ValueError("give both masks (fixed and moving) or neither.")
     if io_mode not in IO_MODES:
@@ -314,7 +324,8 @@ def register_images(
             loss_images = (loss_images[0] * io_masks[0], loss_images[1] * io_masks[1])
         io_labels = labels_on(io_size) if io_size is not None else labels_on(model.spatial_size)
         phi, _, losses = residual_instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr,
-                                                    loss_images=loss_images, masks=io_masks, labels=io_labels)
+                                                    loss_images=loss_images, masks=io_masks, labels=io_labels,
+                                                    levels=io_levels)
     else:
         with restored_weights(network):
             if io_steps > 0:
@@ -352,6 +363,7 @@ def register_files(
     moving_mask: str | Path | None = None,
     fixed_label: str | Path | None = None,
     label_weight: float = 0.0,
+    io_levels: int = 1,
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` (image files) and write the results on the fixed image's grid.
 
@@ -366,14 +378,16 @@ def register_files(
             (one-hot linear interpolation + arg-max, integer labels kept).
         fixed_side, moving_side: knee sides, for models trained on one side (see :class:`RegistrationModel`);
             by default taken from ``LEFT``/``RIGHT`` in the file names when the model has a ``target_side``.
-        io_steps, io_lr, io_mode, io_size: instance optimisation (see :func:`register_images`).
+        io_steps, io_lr, io_mode, io_size, io_levels: instance optimisation (see :func:`register_images`).
         fixed_mask, moving_mask: optional mask files (both or neither) on the images' grids: input and loss masking
             (see :func:`register_images`).
         fixed_label, label_weight: label-supervised instance optimisation: the fixed label map and the weight of
             the Dice term on the warped ``moving_label`` (needs both label maps and ``io_steps > 0``).
 
     Returns:
-        a summary: the files written, seconds, instance-optimisation losses, and the mean displacement (mm, RAS).
+        a summary: the files written, seconds, instance-optimisation losses, the folds of the final map (% of the
+        cells of the network grid, or of ``io_size``, with a negative Jacobian determinant) and the mean
+        displacement (mm, RAS).
 
     Raises:
         FileNotFoundError, ValueError: unreadable inputs or model, 2D/3D or channel mismatches, out-of-range
@@ -396,6 +410,10 @@ def register_files(
     if io_mode not in IO_MODES:
         raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
     check_sizes(io_size, "io_size", minimum=2)
+    io_levels = check_count(io_levels, "io_levels", minimum=1)
+    if io_levels > 1 and io_mode != "residual":
+        raise ValueError(f"io_levels > 1 needs io_mode='residual' (coarse-to-fine residual fields), got io_levels "
+                         f"{io_levels} with io_mode={io_mode!r}.")
     fixed_side, moving_side = check_side(fixed_side, "fixed_side"), check_side(moving_side, "moving_side")
     device = check_device(device)
     for path, name, suffixes in ((warped, "warped", IMAGE_SUFFIXES), (warped_label, "warped_label", IMAGE_SUFFIXES),
@@ -443,7 +461,8 @@ def register_files(
         fixed_side = fixed_side or side_from_filename(fixed)
         moving_side = moving_side or side_from_filename(moving)
     result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, io_steps, io_lr, device,
-                             io_mode, io_size, masks[0], masks[1], fixed_labels, label, float(label_weight))
+                             io_mode, io_size, masks[0], masks[1], fixed_labels, label, float(label_weight),
+                             io_levels)
     points = result.fixed_to_moving(fixed_affine, fixed_shape)
     moving_affine = np.asarray(moving_image.affine, dtype=np.float64)
     written = {}
@@ -464,10 +483,13 @@ def register_files(
     if ddf is not None or transform is not None:
         write_displacement(displacement, fixed_affine, ddf, transform)
         written.update({k: str(v) for k, v in (("ddf", ddf), ("transform", transform)) if v is not None})
+    with torch.no_grad():  # folds of the final map on the grid it was computed on (the reference's stencil)
+        folds = count_folds(result.phi.grid(tuple(io_size or model.spatial_size)), percentage=True)
     return {
         "written": written,
         "seconds": result.seconds,
         "io_losses": result.io_losses,
+        "folds_percent": float(folds.mean()),
         "mean_displacement_mm": displacement.reshape(displacement.shape[0], -1).mean(1).tolist(),
     }
 

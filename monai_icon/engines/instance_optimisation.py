@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.networks.blocks import check_image_pair
@@ -24,6 +25,8 @@ __all__ = [
     "instance_optimise",
     "optimise_each_pair",
     "residual_instance_optimise",
+    "pyramid_shapes",
+    "multilevel_field",
     "InstanceOptimisedNet",
 ]
 
@@ -120,6 +123,7 @@ def residual_instance_optimise(
     loss_images: tuple[torch.Tensor, torch.Tensor] | None = None,
     masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+    levels: int = 1,
 ) -> tuple[Map, Map, list[float]]:
     """Instance optimisation without touching the network: register the pair once (no gradients), then
     optimise two free residual displacement fields ``u_AB``, ``u_BA`` (zero at the start) on top of the
@@ -137,17 +141,23 @@ def residual_instance_optimise(
             unchanged: the refinement can work at a finer resolution than the network was trained at.
         masks: ``(moving_mask, fixed_mask)`` on the loss images' grid, restricting the similarity.
         labels: ``(moving_label, fixed_label)`` on the loss images' grid, for a loss with ``label_weight > 0``.
+        levels: each residual is the sum of ``levels`` fields, on ``shape`` and on grids 2, 4, ... times coarser,
+            linearly upsampled (:func:`multilevel_field`). Every Adam step then also moves smooth, large regions
+            (the coarse-to-fine idea of classical registration, all levels at once): far fewer steps for a
+            smooth deformation than one free field (``levels=1``).
 
     Returns:
         ``(phi_AB, phi_BA, losses)``: the refined maps (their residuals detached) and the loss before each step.
 
     Raises:
-        ValueError: negative steps or a non-positive learning rate.
+        ValueError: negative steps, a non-positive learning rate or fewer than one level.
     """
     if steps < 0:
         raise ValueError(f"instance optimisation steps must be >= 0, got {steps}.")
     if not (lr > 0 and lr != float("inf")):
         raise ValueError(f"instance optimisation learning rate must be a positive number, got {lr}.")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"instance optimisation levels must be an integer >= 1, got {levels!r}.")
     with torch.no_grad():
         phi_AB, phi_BA = register_pair(network, moving, fixed)
     if loss_images is not None:
@@ -155,22 +165,42 @@ def residual_instance_optimise(
         check_image_pair(moving, fixed)
     shape = tuple(shape or moving.shape[2:])
     dims = moving.ndim - 2
-    residuals = [torch.zeros(moving.shape[0], dims, *shape, device=moving.device, requires_grad=True)
-                 for _ in range(2)]
-    optimizer = torch.optim.Adam(residuals, lr=lr)
+    fields = [[torch.zeros(moving.shape[0], dims, *level_shape, device=moving.device, requires_grad=True)
+               for level_shape in pyramid_shapes(shape, levels)] for _ in range(2)]
+    optimizer = torch.optim.Adam([f for direction in fields for f in direction], lr=lr)
     history = []
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            refined_AB = ComposedMap(phi_AB, DisplacementMap(residuals[0]))
-            refined_BA = ComposedMap(phi_BA, DisplacementMap(residuals[1]))
+            refined_AB = ComposedMap(phi_AB, DisplacementMap(multilevel_field(fields[0], shape)))
+            refined_BA = ComposedMap(phi_BA, DisplacementMap(multilevel_field(fields[1], shape)))
             value = loss(moving, fixed, refined_AB, refined_BA, *(labels or (None, None)),
                          *(masks or (None, None))).loss.mean()
             value.backward()
             optimizer.step()
             history.append(float(value.detach()))
-    u_AB, u_BA = (r.detach() for r in residuals)
+    u_AB, u_BA = (multilevel_field(direction, shape).detach() for direction in fields)
     return ComposedMap(phi_AB, DisplacementMap(u_AB)), ComposedMap(phi_BA, DisplacementMap(u_BA)), history
+
+
+def pyramid_shapes(shape: Sequence[int], levels: int) -> list[tuple[int, ...]]:
+    """``shape`` and ``levels - 1`` grids each about half the previous one per axis (at least 2 voxels)."""
+    return [tuple(max(2, -(-int(s) // 2**k)) for s in shape) for k in range(levels)]
+
+
+def multilevel_field(fields: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    """The sum of displacement fields ``[B, D, *N_k]`` (``[0, 1]`` units) of several grids, each linearly
+    upsampled onto ``shape`` (corner-aligned, as the maps' identity grids are): ``[B, D, *shape]``."""
+    shape = tuple(int(s) for s in shape)
+    total: torch.Tensor | None = None
+    for field in fields:
+        if tuple(field.shape[2:]) != shape:
+            mode = "bilinear" if field.ndim == 4 else "trilinear"
+            field = F.interpolate(field, size=shape, mode=mode, align_corners=True)
+        total = field if total is None else total + field
+    if total is None:
+        raise ValueError("multilevel_field needs at least one field.")
+    return total
 
 
 class InstanceOptimisedNet(nn.Module):
