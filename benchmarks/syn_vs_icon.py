@@ -97,6 +97,7 @@ def main(argv=None) -> dict:
     p.add_argument("--io-levels", type=int, default=1, help="residual fields on this many grids (coarse-to-fine)")
     p.add_argument("--similarity", help="similarity of instance optimisation (default: the model's)")
     p.add_argument("--lmbda", type=float, help="inverse-consistency weight of instance optimisation")
+    p.add_argument("--regularizer", choices=["icon", "gradicon"], help="of instance optimisation (default: model's)")
     p.add_argument("--no-syn", action="store_true", help="skip SyN (e.g. to add ICON settings to earlier results)")
     p.add_argument("--threads", type=int, default=2, help="threads for both methods")
     p.add_argument("--out", default="runs/syn_vs_icon")
@@ -120,7 +121,8 @@ def main(argv=None) -> dict:
     if args.model:
         from monai_icon.apps import load_registration_model
 
-        overrides = {k: v for k, v in (("similarity", args.similarity), ("lmbda", args.lmbda)) if v is not None}
+        overrides = {k: v for k, v in (("similarity", args.similarity), ("lmbda", args.lmbda),
+                                                          ("regularizer", args.regularizer)) if v is not None}
         model = load_registration_model(args.model, **overrides)
     rows: dict[str, list[dict]] = {}
     for i, pair in enumerate(pairs):

@@ -93,3 +93,37 @@ def test_network_input_errors():
         MLP(2, (12, 10), hidden_channels=(8,))(torch.rand(1, 1, 10, 12), torch.rand(1, 1, 10, 12))
     with pytest.raises(ValueError, match="spatial_dims"):
         ConvOnly(4)
+
+
+def test_displacement_field_smoothing_keeps_constant_fields_and_damps_noise():
+    """``DisplacementField(sigma=...)``: a Gaussian low-pass of the predicted displacement (replicate padding,
+    so a constant displacement, e.g. a translation, is unchanged up to rounding; voxel noise is damped); gradients
+    flow through it; bad sigmas are refused; multistep_registration passes ``coarse_sigma`` to its coarse steps."""
+    from monai_icon.networks import DisplacementField, multistep_registration
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = torch.nn.Parameter(value)
+
+        def forward(self, image_A, image_B):
+            return self.value
+
+    a = torch.zeros(1, 1, 12, 10, 8)
+    constant = torch.full((1, 3, 12, 10, 8), 0.05)
+    assert torch.allclose(DisplacementField(Fixed(constant.clone()), sigma=2.0)(a, a).displacement, constant,
+                          atol=1e-6)
+    torch.manual_seed(0)
+    noise = torch.randn(1, 3, 12, 10, 8) * 0.01
+    block = DisplacementField(Fixed(noise.clone()), sigma=1.5)
+    smoothed = block(a, a).displacement
+    assert float(smoothed.std()) < 0.3 * float(noise.std())
+    smoothed.sum().backward()
+    assert block.net.value.grad is not None and torch.isfinite(block.net.value.grad).all()
+    assert torch.equal(DisplacementField(Fixed(noise.clone()))(a, a).displacement, noise)
+    for bad in (-1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="sigma"):
+            DisplacementField(Fixed(noise), sigma=bad)
+    net = multistep_registration(3, 2, coarse_steps=2, coarse_factor=1, encoder_channels=(4, 8),
+                                 decoder_channels=(8, 4), coarse_sigma=1.0)
+    assert [m.sigma for m in net.modules() if isinstance(m, DisplacementField)] == [1.0, 1.0]

@@ -463,7 +463,7 @@ def test_2d_files_register_with_the_2d_bundle_and_its_itk_transform(tmp_path, su
 
     bundle = tmp_path / "bundle"
     (bundle / "models").mkdir(parents=True)
-    shutil.copytree(ROOT / "bundle" / "configs", bundle / "configs")
+    shutil.copytree(ROOT / "bundle" / "mnist_icon" / "configs", bundle / "configs")
     torch.manual_seed(0)
     network = RegistrationNet(DisplacementField(UNet(2)))
     torch.nn.init.normal_(network.block.net.out.weight, std=0.02)
@@ -557,7 +557,7 @@ def test_coarse_to_fine_residual_from_the_cli_with_an_instance_optimisation_loss
     for steps in (0, 60):
         out = tmp_path / f"w{steps}.nii.gz"
         args = ["register", "--fixed", str(fixed), "--moving", str(moving), "--model", str(model_file),
-                "--warped", str(out), "--similarity", "lncc", "--lmbda", "64"]
+                "--warped", str(out), "--similarity", "lncc", "--lmbda", "2", "--regularizer", "gradicon"]
         if steps:
             args += ["--io-steps", str(steps), "--io-mode", "residual", "--io-levels", "3", "--io-lr", "5e-3"]
         assert main(args) == 0

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="similarity of instance optimisation (default: the model's)")
     reg.add_argument("--lmbda", type=float, help="inverse-consistency weight of instance optimisation "
                                                  "(default: the model's)")
+    reg.add_argument("--regularizer", choices=["icon", "gradicon"],
+                     help="regulariser of instance optimisation (default: the model's)")
     reg.add_argument("--spatial-size", type=_ints, help="override the model's network grid, e.g. 192,192,80")
     reg.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
@@ -127,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             device = _default_device(args.device)
             overrides = {k: v for k, v in (("window", args.window), ("percentiles", args.percentiles),
-                                           ("similarity", args.similarity), ("lmbda", args.lmbda)) if v is not None}
+                                           ("similarity", args.similarity), ("lmbda", args.lmbda),
+                                           ("regularizer", args.regularizer)) if v is not None}
             if args.window is not None:
                 overrides["percentiles"] = None
             model = load_registration_model(args.model, device, args.spatial_size, args.model_kind, **overrides)

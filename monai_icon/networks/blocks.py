@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.layers import separable_filtering
+from monai.networks.layers.convutils import gaussian_1d
 
 from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, Map
 
@@ -96,14 +98,21 @@ class DisplacementField(RegistrationModule):
         net: module called as ``net(image_A, image_B)`` on ``[B, C, *N]`` images and returning a displacement
             ``[B, D, *M]`` in ``[0, 1]`` units (``D`` spatial dimensions; ``M`` is usually ``N``, any grid works).
         check_inputs: see :class:`RegistrationModule`.
+        sigma: standard deviation (voxels of the displacement's grid) of a Gaussian low-pass applied to the
+            displacement (MONAI's separable filtering, replicate padding, so a constant displacement is kept);
+            ``0`` (default): none. A smooth output head: the gradients reaching the network are smoothed the same
+            way, so early training moves smooth regions instead of fitting voxel-wise noise.
 
     Returns (forward):
         :class:`~monai_icon.networks.maps.DisplacementMap`.
     """
 
-    def __init__(self, net: nn.Module, check_inputs: bool = True) -> None:
+    def __init__(self, net: nn.Module, check_inputs: bool = True, sigma: float = 0.0) -> None:
         super().__init__(check_inputs)
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < float("inf"):
+            raise ValueError(f"sigma must be a finite number >= 0 (voxels), got {sigma!r}.")
         self.net = net
+        self.sigma = float(sigma)
 
     def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> DisplacementMap:
         displacement = self.net(image_A, image_B)
@@ -113,6 +122,10 @@ class DisplacementField(RegistrationModule):
                 f"the network must return a displacement [B, {spatial_dims}, ...] for images of shape "
                 f"{tuple(image_A.shape)}, got shape {tuple(displacement.shape)}."
             )
+        if self.sigma > 0:
+            kernel = gaussian_1d(torch.tensor(self.sigma), truncated=3.0).to(displacement)
+            kernel = kernel / kernel.sum()  # exactly unit gain: constant displacements (translations) are kept
+            displacement = separable_filtering(displacement, [kernel] * spatial_dims, mode="replicate")
         return DisplacementMap(displacement)
 
 

@@ -25,9 +25,10 @@ __all__ = ["unet_step", "chain", "multistep_registration"]
 
 
 def unet_step(spatial_dims: int = 3, in_channels: int = 2, encoder_channels: Sequence[int] = (16, 32, 64, 256, 512),
-              decoder_channels: Sequence[int] = (256, 128, 64, 32, 16)) -> DisplacementField:
-    """One displacement-field step with the paper's U-Net (zero-initialised output: starts at the identity)."""
-    return DisplacementField(UNet(spatial_dims, in_channels, encoder_channels, decoder_channels))
+              decoder_channels: Sequence[int] = (256, 128, 64, 32, 16), sigma: float = 0.0) -> DisplacementField:
+    """One displacement-field step with the paper's U-Net (zero-initialised output: starts at the identity);
+    ``sigma > 0``: its displacement Gaussian-smoothed (voxels; :class:`DisplacementField`)."""
+    return DisplacementField(UNet(spatial_dims, in_channels, encoder_channels, decoder_channels), sigma=sigma)
 
 
 def chain(*blocks: RegistrationModule) -> RegistrationModule:
@@ -50,6 +51,7 @@ def multistep_registration(
     coarse_weights: str | Path | None = None,
     encoder_channels: Sequence[int] = (16, 32, 64, 256, 512),
     decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+    coarse_sigma: float = 0.0,
 ) -> RegistrationNet:
     """The multi-step model of the module docstring.
 
@@ -60,6 +62,8 @@ def multistep_registration(
         fine_steps: full-resolution steps composed after them (0 for stage 1; 1 or 2 for stage 2).
         freeze_coarse: with ``fine_steps > 0``, keep the coarse steps fixed (:class:`Frozen`; the state-dict keys
             are the same either way).
+        coarse_sigma: Gaussian smoothing (voxels of their grid) of the coarse steps' displacements (0: none), a
+            smooth output head that conditions early training (:class:`DisplacementField`); no weights of its own.
         coarse_weights: a stage-1 checkpoint (a ``multistep_registration(fine_steps=0)`` model with the same
             arguments) loaded strictly into the coarse steps.
 
@@ -69,7 +73,8 @@ def multistep_registration(
     if coarse_steps < 1 or fine_steps < 0:
         raise ValueError(f"need coarse_steps >= 1 and fine_steps >= 0, got {coarse_steps} and {fine_steps}.")
     args = (spatial_dims, in_channels, encoder_channels, decoder_channels)
-    coarse = RegistrationNet(Downsample(chain(*[unet_step(*args) for _ in range(coarse_steps)]), coarse_factor))
+    coarse_blocks = [unet_step(*args, sigma=coarse_sigma) for _ in range(coarse_steps)]
+    coarse = RegistrationNet(Downsample(chain(*coarse_blocks), coarse_factor))
     if coarse_weights is not None:
         load_weights(coarse, coarse_weights)
     if fine_steps == 0:
