@@ -5,7 +5,7 @@
 """monai-icon: inverse-consistent deep image registration (ICON, Greer et al., ICCV 2021) for MONAI.
 
 Sub-packages follow the data flow: ``data`` -> ``networks`` (maps, blocks, nets) -> ``losses`` -> ``metrics``
--> ``engines`` / ``handlers`` -> the MONAI bundle in ``bundle/``; ``apps`` registers real image files in physical
+-> ``engines`` / ``handlers`` -> the MONAI bundles in ``bundle/``; ``apps`` registers real image files in physical
 space (the ``monai-icon`` command line); ``config`` reads settings given on command lines.
 """
 

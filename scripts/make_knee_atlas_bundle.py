@@ -3,12 +3,12 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
-"""Prepare the knee atlas-segmentation bundle (bundles/knee_atlas_segmentation).
+"""Prepare the knee atlas-segmentation bundle (bundle/knee_atlas_segmentation).
 
     python scripts/make_knee_atlas_bundle.py --atlas                   # (re)write the shipped synthetic atlas
     python scripts/make_knee_atlas_bundle.py --model runs/knee3d_demo/stage2/models/registration_model.pt
 
-``--model`` takes a trained 3D knee model (``configs/knee3d`` stage 2, exported as ``registration_model.pt``) whose
+``--model`` takes a trained 3D knee model (``bundle/knee3d_icon/configs`` stage 2, exported as ``registration_model.pt``) whose
 network matches the bundle's ``network_def`` and writes its weights as ``models/model.pt`` (what MONAI Label and
 ``python -m monai.bundle run`` load); ``--identity`` writes untrained (identity-map) weights instead, which only
 exercise the plumbing.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "knee_atlas_segmentation"
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle" / "knee_atlas_segmentation"
 
 
 def write_atlas(bundle: Path) -> None:
@@ -67,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=BUNDLE)
     parser.add_argument("--atlas", action="store_true", help="write the synthetic atlas image and labels")
-    parser.add_argument("--model", type=Path, help="a trained registration_model.pt (configs/knee3d stage 2)")
+    parser.add_argument("--model", type=Path, help="a trained registration_model.pt (bundle/knee3d_icon/configs stage 2)")
     parser.add_argument("--identity", action="store_true", help="write untrained (identity) weights")
     parser.add_argument("--architecture", type=json.loads, help="override the bundle's architecture (JSON)")
     args = parser.parse_args()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Write the bundle's sample inference pairs: NIfTI files of embedded MNIST test fives and
-bundle/sample_data/pairs.json.
+bundle/mnist_icon/sample_data/pairs.json.
 
-python scripts/make_sample_pairs.py [--out bundle/sample_data] [--pairs 4]
+python scripts/make_sample_pairs.py [--out bundle/mnist_icon/sample_data] [--pairs 4]
 """
 
 import argparse
@@ -17,7 +17,7 @@ from monai_icon.data import MNISTFivesDataset, RandomPairDataset
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="bundle/sample_data")
+    p.add_argument("--out", default="bundle/mnist_icon/sample_data")
     p.add_argument("--pairs", type=int, default=4)
     args = p.parse_args()
     out = Path(args.out)

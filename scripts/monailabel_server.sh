@@ -4,13 +4,13 @@
 #   bash scripts/monailabel_server.sh                       # then: start the server (Ctrl-C stops it)
 #   curl -X POST "http://127.0.0.1:8000/infer/knee_atlas_segmentation?output=image" -F "file=@knee.nii.gz" -o seg.nii.gz
 # Environment: PYTHON (MONAI Label's python, default ./.venv-monailabel/bin/python), PORT (8000), BUNDLE (the bundle
-# folder, default bundles/knee_atlas_segmentation; it needs models/model.pt: scripts/make_knee_atlas_bundle.py),
+# folder, default bundle/knee_atlas_segmentation; it needs models/model.pt: scripts/make_knee_atlas_bundle.py),
 # STUDIES (image folder shown to MONAI Label clients; default an empty folder), WORK (scratch folder for the app).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv-monailabel/bin/python}
 PORT=${PORT:-8000}
-BUNDLE=$(cd "${BUNDLE:-bundles/knee_atlas_segmentation}" && pwd)
+BUNDLE=$(cd "${BUNDLE:-bundle/knee_atlas_segmentation}" && pwd)
 WORK=${WORK:-runs/monailabel}
 NAME=$(basename "$BUNDLE")
 [ -x "$PYTHON" ] || { echo "no MONAI Label python at $PYTHON: run scripts/monailabel_env.sh first" >&2; exit 2; }

@@ -31,7 +31,7 @@ ARGS=(--datalist "$OUT/datalist.json" --output_root "$OUT" --full_size "[64,64,3
       --iterations_per_epoch 50 --val_pairs 6 "${DATA_ARGS[@]}")
 # Adam 2e-4, adaptive lambda from 1 (docs/knee3d.md: at this budget the 2D recipe's learning-rate schedule and
 # lambda continuation did not do better on the validation pairs, and lr 1e-3 diverged)
-C=configs/knee3d
+C=bundle/knee3d_icon/configs
 "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage1.yaml']" --epochs 8 "${ARGS[@]}" \
   --learning_rate 0.0002 "$@"
 "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage2.yaml']" --epochs 2 "${ARGS[@]}" \

@@ -21,7 +21,7 @@ from monai_icon.data import KneeAnatomy, knee_affine, render_knee
 from monai_icon.losses import ICONLoss
 from monai_icon.networks import multistep_registration
 
-BUNDLE = ROOT / "bundles" / "knee_atlas_segmentation"
+BUNDLE = ROOT / "bundle" / "knee_atlas_segmentation"
 TINY = {"spatial_dims": 3, "coarse_steps": 1, "coarse_factor": 2, "fine_steps": 1, "freeze_coarse": False,
         "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
 # the atlas' physical box (PIR 64 x 64 x 32 at 2.1 x 2.1 x 3.75 mm) stored as RAS 40 x 96 x 96 at 3 x 1.4 x 1.4 mm

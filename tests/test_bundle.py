@@ -1,5 +1,6 @@
 """The MONAI bundle, run as a user runs it: ``python -m monai.bundle ...`` in subprocesses."""
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import torch
 from conftest import ROOT, run_bundle
 from monai_icon.schedules import lambda_at, lr_factor_at
 
-CONFIGS = ROOT / "bundle" / "configs"
+CONFIGS = ROOT / "bundle" / "mnist_icon" / "configs"
 TRAIN = str(CONFIGS / "train.yaml")
 SMALL = ["--iterations_per_epoch", "3", "--val_pairs", "8", "--batch_size", "4"]
 
@@ -34,7 +35,7 @@ def trainer_epochs(log):
     )
 
 
-SHIPPED = ROOT / "bundle" / "models" / "model.pt"
+SHIPPED = ROOT / "bundle" / "mnist_icon" / "models" / "model.pt"
 ADAPTIVE = ["--lmbda_schedule", "adaptive", "--lmbda", "128", "--fold_threshold", "-1", "--lmbda_increment", "1.0"]
 
 
@@ -155,7 +156,7 @@ def test_evaluate_and_inference(trained, tmp_path):
     assert raw[0].startswith("filename") and len(raw) == 13 and "_to_" in raw[1]
     assert "val_folds" in (root / "eval" / "metrics.csv").read_text()
 
-    (root / "sample_data").symlink_to(ROOT / "bundle" / "sample_data")
+    (root / "sample_data").symlink_to(ROOT / "bundle" / "mnist_icon" / "sample_data")
     bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(root),
            "--model_file", str(models(root) / "model.pt"))
     warped = sorted((root / "inference").glob("*_warped.nii.gz"))
@@ -246,11 +247,26 @@ def test_shipped_model_evaluates_and_registers_without_training(tmp_path):
     registers the sample pairs with it, without any training first."""
     assert SHIPPED.is_file() and SHIPPED.stat().st_size < 20e6
     proc = bundle("run", "--config_file", f"['{TRAIN}','{CONFIGS / 'evaluate.yaml'}']", "--bundle_root",
-                  str(ROOT / "bundle"), "--output_dir", str(tmp_path / "eval"), "--test_pairs", "64")
+                  str(ROOT / "bundle" / "mnist_icon"), "--output_dir", str(tmp_path / "eval"), "--test_pairs", "64")
     dice = float(proc.stdout.split("Dice (pixels > 0.5): ")[1].split()[0])
     before = float(proc.stdout.split("Dice before registration: ")[1].split()[0])
-    assert "bundle/models/model.pt on 64 test pairs" in proc.stdout
+    assert "bundle/mnist_icon/models/model.pt on 64 test pairs" in proc.stdout
     assert before < 0.45 and dice > 0.85  # a trained model (the model card: 0.872 on these 64 pairs)
-    bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(ROOT / "bundle"),
+    bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(ROOT / "bundle" / "mnist_icon"),
            "--output_dir", str(tmp_path / "inference"))
     assert len(list((tmp_path / "inference").glob("*_warped.nii.gz"))) == 4
+
+
+def test_every_bundle_folder_is_a_complete_bundle_and_configs_holds_no_bundle():
+    """The layout rule: each folder under ``bundle/`` has configs with metadata and logging, a model card, a licence
+    and a models folder; ``configs/`` holds experiment settings only (no bundle metadata)."""
+    folders = sorted(p for p in (ROOT / "bundle").iterdir() if p.is_dir())
+    assert [p.name for p in folders] == ["knee3d_icon", "knee_atlas_segmentation", "mnist_icon"]
+    for folder in folders:
+        for part in ("configs/metadata.json", "configs/logging.conf", "docs/README.md", "LICENSE"):
+            assert (folder / part).is_file(), f"{folder.name} lacks {part}"
+        assert (folder / "models").is_dir(), f"{folder.name} lacks models/"
+        metadata = json.loads((folder / "configs" / "metadata.json").read_text())
+        assert metadata["name"] and metadata["version"], folder.name
+    assert not list((ROOT / "configs").rglob("metadata.json"))
+    assert not list((ROOT / "configs").rglob("logging.conf"))

@@ -14,7 +14,7 @@ from monai_icon.handlers import LabelDice
 from monai_icon.networks import Frozen, load_weights, multistep_registration, unet_step
 from monai_icon.networks.maps import one_hot_labels
 
-CONFIGS = ROOT / "configs" / "knee3d"
+CONFIGS = ROOT / "bundle" / "knee3d_icon" / "configs"
 TINY = {"encoder_channels": [4, 8], "decoder_channels": [8, 4]}
 
 
