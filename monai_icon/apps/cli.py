@@ -8,6 +8,8 @@ Sub-commands:
 
 * ``register``: register a moving image file to a fixed one with a trained model; write the warped image, the
   displacement field and an ITK transform on the fixed image's grid in physical space.
+* ``register-pairs``: register every pair of a pair datalist (the same outputs per pair) and, for pairs with both
+  label maps, report Dice per label before and after registration on the fixed grid, folds and seconds per pair.
 * ``warp``: apply a written transform to another image or label map, on a chosen reference grid.
 * ``jacobian``: the Jacobian determinant (or its log) of a written transform in physical space, and its folds.
 * ``datalist``: build a knee datalist (JSON) from an OAI-like folder.
@@ -20,6 +22,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
 
 __all__ = ["build_parser", "main"]
 
@@ -32,6 +37,57 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.replace("x", ",").split(",") if v]
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model file (save_registration_model), bundle folder, or published weights (with --model-kind)",
+    )
+    parser.add_argument("--model-kind", choices=["icon_oai", "gradicon_oai", "unigradicon", "multigradicon"],
+                        help="the published model that --model holds weights of (you bring the file)")
+    parser.add_argument("--window", type=_floats, help="map this intensity range to 0..1, e.g. -1000,1000 for CT")
+    parser.add_argument("--percentiles", type=_floats,
+                        help="map these intensity percentiles to 0..1, e.g. 0,99 (MRI)")
+
+
+def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--io-steps", type=int, default=0,
+                        help="instance optimisation steps per pair (default 0)")
+    parser.add_argument("--io-lr", type=float, default=None,
+                        help="instance optimisation learning rate (Adam; default 2e-5 network, 2e-3 residual)")
+    parser.add_argument("--io-mode", choices=["network", "residual"], default="network",
+                        help="fine-tune the network's weights, or optimise residual displacement fields on top of "
+                             "its maps (much faster per step)")
+    parser.add_argument("--io-size", type=_ints,
+                        help="with --io-mode residual: the finer grid the residual is optimised on, e.g. 128,128,64")
+    parser.add_argument("--io-levels", type=int, default=1,
+                        help="with --io-mode residual: residual fields on this many grids, each half the previous "
+                             "one (coarse-to-fine; default 1)")
+    parser.add_argument("--similarity", choices=["mse", "lncc", "mi", "mind"],
+                        help="similarity of instance optimisation (default: the model's)")
+    parser.add_argument("--lmbda", type=float,
+                        help="inverse-consistency weight of instance optimisation (default: the model's)")
+    parser.add_argument("--regularizer", choices=["icon", "gradicon"],
+                        help="regulariser of instance optimisation (default: the model's)")
+    parser.add_argument("--spatial-size", type=_ints, help="override the model's network grid, e.g. 192,192,80")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _load_model(args: argparse.Namespace, device):
+    from monai_icon.apps.register import load_registration_model
+
+    overrides = {k: v for k, v in (("window", args.window), ("percentiles", args.percentiles),
+                                   ("similarity", args.similarity), ("lmbda", args.lmbda),
+                                   ("regularizer", args.regularizer)) if v is not None}
+    if args.window is not None:
+        overrides["percentiles"] = None
+    return load_registration_model(args.model, device, args.spatial_size, args.model_kind, **overrides)
+
+
+def _io_lr(args: argparse.Namespace) -> float:
+    return args.io_lr if args.io_lr is not None else (2e-3 if args.io_mode == "residual" else 2e-5)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monai-icon", description="ICON inverse-consistent registration (MONAI).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,15 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("register", help="register a moving image file to a fixed one (outputs on the fixed grid)")
     reg.add_argument("--fixed", required=True, help="fixed image file (NIfTI, MHA, NRRD, ...)")
     reg.add_argument("--moving", required=True, help="moving image file")
-    reg.add_argument(
-        "--model",
-        required=True,
-        help="model file (save_registration_model), bundle folder, or published weights (with --model-kind)",
-    )
-    reg.add_argument("--model-kind", choices=["icon_oai", "gradicon_oai", "unigradicon", "multigradicon"],
-                     help="the published model that --model holds weights of (you bring the file)")
-    reg.add_argument("--window", type=_floats, help="map this intensity range to 0..1, e.g. -1000,1000 for CT")
-    reg.add_argument("--percentiles", type=_floats, help="map these intensity percentiles to 0..1, e.g. 0,99 (MRI)")
+    _add_model_arguments(reg)
     reg.add_argument("--warped", help="output: moving image resampled onto the fixed grid")
     reg.add_argument("--ddf", help="output: displacement field, LPS mm on the fixed grid (ITK/ANTs/Slicer convention)")
     reg.add_argument("--transform", help="output: ITK displacement-field transform (.h5), fixed -> moving points")
@@ -60,25 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--moving-mask", help="moving mask file (with --fixed-mask)")
     reg.add_argument("--fixed-side", help="knee side of the fixed image (LEFT/RIGHT) for one-sided knee models")
     reg.add_argument("--moving-side", help="knee side of the moving image")
-    reg.add_argument("--io-steps", type=int, default=0, help="instance optimisation steps on this pair (default 0)")
-    reg.add_argument("--io-lr", type=float, default=None,
-                     help="instance optimisation learning rate (Adam; default 2e-5 network, 2e-3 residual)")
-    reg.add_argument("--io-mode", choices=["network", "residual"], default="network",
-                     help="fine-tune the network's weights, or optimise residual displacement fields on top of its "
-                          "maps (much faster per step)")
-    reg.add_argument("--io-size", type=_ints,
-                     help="with --io-mode residual: the finer grid the residual is optimised on, e.g. 128,128,64")
-    reg.add_argument("--io-levels", type=int, default=1,
-                     help="with --io-mode residual: residual fields on this many grids, each half the previous one "
-                          "(coarse-to-fine; default 1)")
-    reg.add_argument("--similarity", choices=["mse", "lncc", "mi", "mind"],
-                     help="similarity of instance optimisation (default: the model's)")
-    reg.add_argument("--lmbda", type=float, help="inverse-consistency weight of instance optimisation "
-                                                 "(default: the model's)")
-    reg.add_argument("--regularizer", choices=["icon", "gradicon"],
-                     help="regulariser of instance optimisation (default: the model's)")
-    reg.add_argument("--spatial-size", type=_ints, help="override the model's network grid, e.g. 192,192,80")
-    reg.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_io_arguments(reg)
+
+    rp = sub.add_parser("register-pairs", help="register every pair of a pair datalist (outputs per pair; label Dice "
+                                               "before/after where pairs have both label maps)")
+    rp.add_argument("--datalist", required=True, help="pair datalist JSON (moving_image, fixed_image, optional "
+                                                      "moving_label, fixed_label, pair_id)")
+    rp.add_argument("--key", default="pairs", help="key of the pairs in the JSON (default pairs; test_pairs or "
+                                                   "validation_pairs for a monai-icon datalist)")
+    rp.add_argument("--output-dir", required=True, help="folder of the outputs and summary.json")
+    _add_model_arguments(rp)
+    _add_io_arguments(rp)
 
     wp = sub.add_parser("warp", help="apply a written transform (.h5 or LPS-mm displacement image) to an image/labels")
     wp.add_argument("--moving", required=True, help="image or label map to warp")
@@ -121,28 +161,56 @@ def _default_device(name: str | None):
     return check_device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _register_pairs(args: argparse.Namespace) -> None:
+    from monai_icon.apps.register import register_pairs
+    from monai_icon.apps.validation import check_count, check_positive_number
+    from monai_icon.data import load_pair_datalist
+
+    check_count(args.io_steps, "io_steps")
+    check_positive_number(_io_lr(args), "io_lr")
+    check_count(args.io_levels, "io_levels", minimum=1)
+    pairs = load_pair_datalist(args.datalist, args.key)
+    device = _default_device(args.device)
+    model = _load_model(args, device)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summaries = register_pairs(pairs, model, output_dir, args.io_steps, _io_lr(args), device, args.io_mode,
+                               args.io_size, args.io_levels)
+    scored = [s for s in summaries if "mean_dice" in s]
+    means = {"pairs": len(summaries), "seconds_per_pair": float(np.mean([s["seconds"] for s in summaries])),
+             "folds_percent": float(np.mean([s["folds_percent"] for s in summaries]))}
+    if scored:
+        means.update(mean_dice_unregistered=float(np.mean([s["mean_dice_unregistered"] for s in scored])),
+                     mean_dice=float(np.mean([s["mean_dice"] for s in scored])), scored_pairs=len(scored))
+    tmp = output_dir / "summary.json.partial"
+    tmp.write_text(json.dumps({"mean": means, "pairs": summaries}, indent=1, default=str))
+    tmp.replace(output_dir / "summary.json")
+    text = f"{means['pairs']} pairs, {means['seconds_per_pair']:.2f} s per pair, folds {means['folds_percent']:.3f} %"
+    if scored:
+        text += (f"; mean label Dice {means['mean_dice_unregistered']:.3f} (unregistered) -> {means['mean_dice']:.3f}"
+                 f" on {len(scored)} labelled pairs")
+    print(f"{text}; outputs and summary.json in {output_dir}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "register":
-            from monai_icon.apps.register import load_registration_model, register_files
+            from monai_icon.apps.register import register_files
 
             device = _default_device(args.device)
-            overrides = {k: v for k, v in (("window", args.window), ("percentiles", args.percentiles),
-                                           ("similarity", args.similarity), ("lmbda", args.lmbda),
-                                           ("regularizer", args.regularizer)) if v is not None}
-            if args.window is not None:
-                overrides["percentiles"] = None
-            model = load_registration_model(args.model, device, args.spatial_size, args.model_kind, **overrides)
+            model = _load_model(args, device)
             summary = register_files(
                 args.fixed, args.moving, model, warped=args.warped, ddf=args.ddf, transform=args.transform,
                 moving_label=args.moving_label, warped_label=args.warped_label, fixed_side=args.fixed_side,
                 moving_side=args.moving_side, io_steps=args.io_steps, device=device, io_mode=args.io_mode,
                 io_size=args.io_size, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
                 fixed_label=args.fixed_label, label_weight=args.label_weight, io_levels=args.io_levels,
-                io_lr=args.io_lr if args.io_lr is not None else (2e-3 if args.io_mode == "residual" else 2e-5),
+                io_lr=_io_lr(args),
             )
             print(json.dumps(summary, indent=1))
+        elif args.command == "register-pairs":
+            _register_pairs(args)
         elif args.command == "warp":
             from monai_icon.apps.transform_files import warp_file
 

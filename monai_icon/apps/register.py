@@ -57,6 +57,7 @@ from monai_icon.apps.validation import (
     check_sizes,
 )
 from monai_icon.losses.icon import ICONLoss
+from monai_icon.metrics.dice import label_dice
 from monai_icon.metrics.folds import count_folds
 from monai_icon.engines.instance_optimisation import (
     IO_MODES,
@@ -82,6 +83,7 @@ __all__ = [
     "register_files",
     "pair_outputs",
     "register_pairs",
+    "score_labels",
 ]
 
 MODEL_FORMAT = "monai-icon-model/1"
@@ -517,12 +519,20 @@ def register_pairs(
     io_steps: int = 0,
     io_lr: float = 2e-5,
     device: str | torch.device | None = None,
+    io_mode: str = "network",
+    io_size: Sequence[int] | None = None,
+    io_levels: int = 1,
 ) -> list[dict[str, Any]]:
     """Register every pair of a pair datalist (:func:`~monai_icon.data.load_pair_datalist`) in physical space with
     :func:`register_files`, writing :func:`pair_outputs` into ``output_dir``. Prints one line per pair.
 
+    Pairs with both ``moving_label`` and ``fixed_label`` are scored: Dice per label
+    (:func:`~monai_icon.metrics.label_dice`) of the warped moving labels against the fixed labels on the fixed
+    image's own grid, and of the moving labels placed on that grid unregistered (identity in world space).
+
     Returns:
-        the summaries of :func:`register_files`, one per pair (with ``pair_id``).
+        the summaries of :func:`register_files`, one per pair (with ``pair_id`` and, for scored pairs, ``dice``,
+        ``dice_unregistered`` and their means ``mean_dice``, ``mean_dice_unregistered``).
     """
     if not isinstance(model, RegistrationModel):
         model = load_registration_model(model, device)
@@ -532,8 +542,35 @@ def register_pairs(
         summary = register_files(pair["fixed_image"], pair["moving_image"], model, warped=outputs["warped"],
                                  ddf=outputs["ddf"], transform=outputs["transform"],
                                  moving_label=pair.get("moving_label"), warped_label=outputs["warped_label"],
-                                 io_steps=io_steps, io_lr=io_lr, device=device)
+                                 io_steps=io_steps, io_lr=io_lr, device=device, io_mode=io_mode, io_size=io_size,
+                                 io_levels=io_levels)
         summary["pair_id"] = pair.get("pair_id", f"pair{i:03d}")
-        print(summary["pair_id"], summary["written"], flush=True)
+        line = f"{summary['pair_id']}: {summary['seconds']:.2f} s, folds {summary['folds_percent']:.3f} %"
+        if pair.get("fixed_label") and outputs["warped_label"] is not None:
+            summary.update(score_labels(pair["fixed_label"], pair["moving_label"], outputs["warped_label"]))
+            line += f", label Dice {summary['mean_dice_unregistered']:.3f} -> {summary['mean_dice']:.3f}"
+        print(line, flush=True)
         summaries.append(summary)
     return summaries
+
+
+def score_labels(fixed_label: str | Path, moving_label: str | Path, warped_label: str | Path) -> dict[str, Any]:
+    """Dice per label (the fixed label map's nonzero labels) of the warped labels and of the unregistered moving
+    labels (resampled, nearest, onto the fixed grid by the identity in world space), both on the fixed grid."""
+    fixed = load_image(fixed_label, "fixed label")
+    fixed_affine = np.asarray(fixed.affine, dtype=np.float64)
+    target = fixed.as_tensor()[0].round().long()
+    warped = load_image(warped_label, "warped label").as_tensor()[0].round().long()
+    moving = load_image(moving_label, "moving label")
+    points = world_points(fixed_affine, tuple(target.shape))
+    before = sample_world(moving.as_tensor()[:1], np.asarray(moving.affine, dtype=np.float64), points,
+                          mode="nearest")[0].round().long()
+    labels = [int(v) for v in torch.unique(target) if v != 0]
+    after_dice, before_dice = label_dice(warped, target, labels), label_dice(before, target, labels)
+
+    def mean(values: dict[int, float]) -> float:
+        finite = [v for v in values.values() if v == v]
+        return float(np.mean(finite)) if finite else float("nan")
+
+    return {"dice": after_dice, "dice_unregistered": before_dice, "mean_dice": mean(after_dice),
+            "mean_dice_unregistered": mean(before_dice)}
