@@ -217,6 +217,35 @@ def test_multilevel_residual_registers_a_smooth_shift_in_fewer_steps():
             residual_instance_optimise(net, moving, fixed, ICONLoss("mse", 8.0), steps=1, levels=bad)
 
 
+def test_residual_instance_optimisation_samples_a_multistep_map_once_exactly_at_the_grid_points():
+    """``sample_network_maps`` (default): the network's multi-step map is evaluated once on the residual grid; at the
+    grid points the starting map equals the network's own map, between them it is its linear interpolation;
+    without sampling the chain is evaluated exactly everywhere."""
+    from monai_icon.engines.instance_optimisation import residual_instance_optimise
+    from monai_icon.networks import multistep_registration
+    from monai_icon.networks.registration_net import register_pair
+
+    torch.manual_seed(0)
+    net = multistep_registration(2, 2, coarse_steps=2, coarse_factor=1, encoder_channels=(4, 8),
+                                 decoder_channels=(8, 4)).eval()
+    for p in net.parameters():  # a non-trivial map: perturb the zero-initialised output layers
+        p.data.add_(0.01 * torch.randn_like(p))
+    moving, fixed = torch.rand(1, 1, 20, 20), torch.rand(1, 1, 20, 20)
+    with torch.no_grad():
+        exact, _ = register_pair(net, moving, fixed)
+        sampled, _, _ = residual_instance_optimise(net, moving, fixed, ICONLoss("mse", 8.0), steps=0)
+        unsampled, _, _ = residual_instance_optimise(net, moving, fixed, ICONLoss("mse", 8.0), steps=0,
+                                                     sample_network_maps=False)
+        assert float((exact.grid((20, 20)) - exact.grid((20, 20)).mean()).abs().max()) > 1e-3  # not the identity
+        assert torch.allclose(sampled.grid((20, 20)), exact.grid((20, 20)), atol=1e-5)
+        assert torch.allclose(unsampled.grid((37, 29)), exact.grid((37, 29)), atol=1e-5)
+        # between the grid points the sampled map is the linear interpolation of the exact one: no further
+        # from it than the exact map moves from one grid point to the next
+        on_grid = exact.grid((20, 20))
+        jump = max(float(on_grid.diff(dim=2).abs().max()), float(on_grid.diff(dim=3).abs().max()))
+        assert float((sampled.grid((37, 29)) - exact.grid((37, 29))).abs().max()) <= jump
+
+
 def test_trainer_label_supervision_uses_batch_labels_and_requires_them():
     data = TrianglesCirclesDataset(12, (16, 16), seed=0)
     labelled = [{"image": data[i]["image"], "label": (data[i]["image"] > 0.5).long()} for i in range(len(data))]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.networks.blocks import check_image_pair
-from monai_icon.networks.maps import ComposedMap, DisplacementMap, Map
+from monai_icon.networks.maps import ComposedMap, DisplacementMap, Map, identity_grid
 from monai_icon.networks.registration_net import register_pair
 
 __all__ = [
@@ -124,6 +124,7 @@ def residual_instance_optimise(
     masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     labels: tuple[torch.Tensor, torch.Tensor] | None = None,
     levels: int = 1,
+    sample_network_maps: bool = True,
 ) -> tuple[Map, Map, list[float]]:
     """Instance optimisation without touching the network: register the pair once (no gradients), then
     optimise two free residual displacement fields ``u_AB``, ``u_BA`` (zero at the start) on top of the
@@ -145,6 +146,10 @@ def residual_instance_optimise(
             linearly upsampled (:func:`multilevel_field`). Every Adam step then also moves smooth, large regions
             (the coarse-to-fine idea of classical registration, all levels at once): far fewer steps for a
             smooth deformation than one free field (``levels=1``).
+        sample_network_maps: evaluate the network's maps once on the residual grid and use their linear
+            interpolation from there (one interpolation per evaluation instead of one per network step: a
+            multi-step model's chain is not re-evaluated at every point of every step). An approximation of the
+            network's map between grid points, exact at them.
 
     Returns:
         ``(phi_AB, phi_BA, losses)``: the refined maps (their residuals detached) and the loss before each step.
@@ -164,6 +169,10 @@ def residual_instance_optimise(
         moving, fixed = loss_images
         check_image_pair(moving, fixed)
     shape = tuple(shape or moving.shape[2:])
+    if sample_network_maps:
+        with torch.no_grad():
+            identity = identity_grid(shape, moving.device)
+            phi_AB, phi_BA = (DisplacementMap(phi.grid(shape) - identity) for phi in (phi_AB, phi_BA))
     dims = moving.ndim - 2
     fields = [[torch.zeros(moving.shape[0], dims, *level_shape, device=moving.device, requires_grad=True)
                for level_shape in pyramid_shapes(shape, levels)] for _ in range(2)]
