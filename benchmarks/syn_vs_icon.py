@@ -119,8 +119,8 @@ def main(argv=None) -> dict:
     if args.model:
         from monai_icon.apps import load_registration_model
 
-        overrides = {k: v for k, v in (("similarity", args.similarity), ("lmbda", args.lmbda),
-                                                          ("regularizer", args.regularizer)) if v is not None}
+        settings = (("similarity", args.similarity), ("lmbda", args.lmbda), ("regularizer", args.regularizer))
+        overrides = {k: v for k, v in settings if v is not None}
         model = load_registration_model(args.model, **overrides)
     rows: dict[str, list[dict]] = {}
     for i, pair in enumerate(pairs):

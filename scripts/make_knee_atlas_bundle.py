@@ -8,7 +8,7 @@
     python scripts/make_knee_atlas_bundle.py --atlas                   # (re)write the shipped synthetic atlas
     python scripts/make_knee_atlas_bundle.py --model runs/knee3d_demo/stage2/models/registration_model.pt
 
-``--model`` takes a trained 3D knee model (``bundle/knee3d_icon/configs`` stage 2, exported as ``registration_model.pt``) whose
+``--model`` takes a trained 3D knee model (``bundle/knee3d_icon`` stage 2, exported as ``registration_model.pt``) whose
 network matches the bundle's ``network_def`` and writes its weights as ``models/model.pt`` (what MONAI Label and
 ``python -m monai.bundle run`` load); ``--identity`` writes untrained (identity-map) weights instead, which only
 exercise the plumbing.
@@ -67,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=BUNDLE)
     parser.add_argument("--atlas", action="store_true", help="write the synthetic atlas image and labels")
-    parser.add_argument("--model", type=Path, help="a trained registration_model.pt (bundle/knee3d_icon/configs stage 2)")
+    parser.add_argument("--model", type=Path, help="a trained registration_model.pt (bundle/knee3d_icon stage 2)")
     parser.add_argument("--identity", action="store_true", help="write untrained (identity) weights")
     parser.add_argument("--architecture", type=json.loads, help="override the bundle's architecture (JSON)")
     args = parser.parse_args()

@@ -252,7 +252,7 @@ def test_shipped_model_evaluates_and_registers_without_training(tmp_path):
     before = float(proc.stdout.split("Dice before registration: ")[1].split()[0])
     assert "bundle/mnist_icon/models/model.pt on 64 test pairs" in proc.stdout
     assert before < 0.45 and dice > 0.85  # a trained model (the model card: 0.872 on these 64 pairs)
-    bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(ROOT / "bundle" / "mnist_icon"),
+    bundle("run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(CONFIGS.parent),
            "--output_dir", str(tmp_path / "inference"))
     assert len(list((tmp_path / "inference").glob("*_warped.nii.gz"))) == 4
 

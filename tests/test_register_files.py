@@ -546,8 +546,8 @@ def test_coarse_to_fine_residual_from_the_cli_with_an_instance_optimisation_loss
         r = np.sqrt(((grid - np.reshape(centre, (3, 1, 1, 1))) ** 2 * np.reshape([1, 1, 2.25], (3, 1, 1, 1))).sum(0))
         return 1.0 / (1.0 + np.exp(r - 6.0))
 
-    fixed, moving = _save(tmp_path / "f.nii.gz", ball((12, 12, 6)), affine), _save(tmp_path / "m.nii.gz",
-                                                                                    ball((10, 13, 6)), affine)
+    fixed = _save(tmp_path / "f.nii.gz", ball((12, 12, 6)), affine)
+    moving = _save(tmp_path / "m.nii.gz", ball((10, 13, 6)), affine)
     spec = {"_target_": "monai_icon.networks.multistep_registration", "coarse_steps": 1,
             "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
     network = multistep_registration(coarse_steps=1, encoder_channels=(4, 8), decoder_channels=(8, 4))
