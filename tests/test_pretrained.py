@@ -164,3 +164,59 @@ def test_register_pairs_config_with_a_weights_file(tmp_path):
     assert warped.shape == (40, 36, 20)
     ddf = nib.load(tmp_path / "out" / "ab_ddf.nii.gz").get_fdata()
     assert np.abs(ddf).max() > 0.1  # the (random) network moved the image: a real run, not the identity
+
+
+def test_finetune_config_trains_published_weights_and_exports_a_model_register_uses(tmp_path):
+    """configs/pretrained/finetune.yaml, run as a user runs it, at the smallest grid the published networks accept
+    (one Adam step on reference-layout random weights): the exported model file rebuilds the published
+    architecture from data (no code), carries the changed weights and the preprocessing, and `monai-icon register`
+    uses it; the training preprocessing is register's (ToNetworkGridd equals to_network_grid)."""
+    import json
+
+    import nibabel as nib
+
+    from monai_icon.apps import to_network_grid
+    from monai_icon.apps.cli import main
+    from monai_icon.apps.finetune import ToNetworkGridd, pretrained_settings
+    from monai_icon.apps.physical import load_image
+
+    torch.manual_seed(0)
+    network = pretrained.build("unigradicon")
+    for name, p in network.named_parameters():
+        if "lastConv" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    torch.save(pretrained.to_reference_state_dict(network), tmp_path / "w.trch")
+    affine = np.diag([2.0, 2.5, 3.0, 1.0])
+    yy, xx, zz = np.meshgrid(*[np.linspace(-1, 1, n) for n in (40, 36, 20)], indexing="ij")
+    for i in range(3):
+        r = np.sqrt((yy - 0.1 * i) ** 2 + xx ** 2 + zz ** 2)
+        nib.save(nib.Nifti1Image((1000.0 / (1.0 + np.exp(20 * (r - 0.6)))).astype(np.float32), affine),
+                 str(tmp_path / f"v{i}.nii.gz"))
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [{"image": f"v{i}.nii.gz"} for i in range(3)]}))
+    settings = pretrained_settings("unigradicon", [128, 128, 128])
+    image = load_image(tmp_path / "v0.nii.gz")
+    via_transform = ToNetworkGridd("image", settings)({"image": image})["image"]
+    direct = to_network_grid(image, settings["spatial_size"], settings["axcodes"], settings["percentiles"], None,
+                             None, settings.get("window"), settings["resize_mode"], settings["reverse_axes"],
+                             settings.get("normalise_first", False))
+    assert torch.equal(via_transform.as_tensor(), direct.as_tensor())
+    assert torch.equal(via_transform.affine, direct.affine)
+    with pytest.raises(TypeError, match="MetaTensor"):
+        ToNetworkGridd("image", settings)({"image": np.zeros((1, 4, 4, 4))})
+    with pytest.raises(ValueError, match="unknown pretrained model kind"):
+        pretrained_settings("nope")
+
+    out = tmp_path / "finetune"
+    run_bundle("run", "--config_file", str(ROOT / "configs" / "pretrained" / "finetune.yaml"),
+               "--weights", str(tmp_path / "w.trch"), "--kind", "unigradicon",
+               "--datalist", str(tmp_path / "datalist.json"), "--output_dir", str(out),
+               "--spatial_size", "[128, 128, 128]", "--iterations_per_epoch", "1", "--epochs", "1")
+    model = load_registration_model(out / "registration_model.pt")
+    assert model.spatial_size == (128, 128, 128) and model.reverse_axes and model.similarity == "lncc"
+    tuned = model.network.state_dict()
+    original = pretrained.load(tmp_path / "w.trch", "unigradicon").state_dict()
+    assert tuned.keys() == original.keys()
+    assert any(not torch.equal(tuned[k], original[k]) for k in tuned if tuned[k].is_floating_point())
+    assert main(["register", "--fixed", str(tmp_path / "v0.nii.gz"), "--moving", str(tmp_path / "v1.nii.gz"),
+                 "--model", str(out / "registration_model.pt"), "--warped", str(tmp_path / "w.nii.gz")]) == 0
+    assert nib.load(tmp_path / "w.nii.gz").shape == (40, 36, 20)

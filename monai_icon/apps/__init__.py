@@ -5,6 +5,7 @@
 """Applications: registering real image files in physical space (``monai-icon register``) and the CLI."""
 
 from monai_icon.apps.atlas import AtlasSegmentation
+from monai_icon.apps.finetune import ToNetworkGridd, export_finetuned, pretrained_settings
 from monai_icon.apps.physical import (
     fixed_to_moving_world,
     load_image,
@@ -28,6 +29,9 @@ from monai_icon.apps.register import (
 
 __all__ = [
     "AtlasSegmentation",
+    "ToNetworkGridd",
+    "pretrained_settings",
+    "export_finetuned",
     "RegistrationModel",
     "save_registration_model",
     "load_registration_model",
