@@ -1,6 +1,7 @@
 """The multi-step 3D model, per-label Dice, and the 3D knee configs run as a user runs them."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,45 @@ def test_exported_model_registers_files_with_the_cli(knee_runs, tmp_path):
 
     assert nib.load(tmp_path / "w.nii.gz").shape == (32, 32, 16)
     assert np.isfinite(nib.load(tmp_path / "w.nii.gz").get_fdata()).all()
+
+
+def test_training_reads_mask_files_binarised_and_masks_loss_and_inputs(tmp_path):
+    """``use_masks``: each training item's ``mask`` file follows its image like a label (nearest) and is binarised
+    (any nonzero value is inside), the pairs carry ``moving_mask``/``fixed_mask``, and stage 1 trains with loss and
+    input masking (``mask_inputs``) as a user runs it."""
+    import nibabel as nib
+
+    from monai_icon.data import RandomPairDataset
+    from monai_icon.transforms import oai_train_transforms
+
+    write_synthetic_knees(tmp_path / "knees", num_subjects=5, shape=(32, 32, 16), spacing=(4.2, 4.2, 7.5))
+    datalist = build_knee_datalist(tmp_path / "knees", 0.4, num_test_pairs=1, relative_to=tmp_path)
+    for item in datalist["training"]:
+        label = nib.load(tmp_path / item["label"])
+        mask = (np.asarray(label.dataobj) > 0).astype(np.uint8) * 255  # 0/255 like many mask files
+        mask_file = Path(item["label"]).with_name(Path(item["label"]).name.replace("label", "mask"))
+        nib.save(nib.Nifti1Image(mask, label.affine), str(tmp_path / mask_file))
+        item["mask"] = str(mask_file)
+    write_datalist(datalist, tmp_path / "datalist.json")
+    item = {k: str(tmp_path / v) if k in ("image", "mask") else v for k, v in datalist["training"][0].items()}
+    out = oai_train_transforms((16, 16, 8), with_mask=True)(item)
+    assert tuple(out["mask"].shape) == (1, 16, 16, 8)
+    assert set(torch.unique(torch.as_tensor(out["mask"])).tolist()) == {0.0, 1.0}
+    pair = RandomPairDataset([out, out], 1, keys=("image", "mask"))[0]
+    assert {"moving_mask", "fixed_mask"} <= set(pair)
+    log = bundle_run(["common.yaml", "stage1.yaml"], "--datalist", str(tmp_path / "datalist.json"),
+                     "--output_root", str(tmp_path / "runs"), "--full_size", "[16,16,8]",
+                     "--iterations_per_epoch", "2", "--batch_size", "2", "--val_pairs", "1", "--epochs", "1",
+                     "--architecture#encoder_channels", "[4,8]", "--architecture#decoder_channels", "[8,4]",
+                     "--use_masks", "true", "--mask_inputs", "true")
+    assert (tmp_path / "runs" / "stage1" / "models" / "registration_model.pt").is_file(), log
+    # the option really reads the items' mask files: without them in the datalist the run stops, naming the key
+    for entry in datalist["training"]:
+        entry.pop("mask")
+    write_datalist(datalist, tmp_path / "no_masks.json")
+    proc = run_bundle("run", "--config_file", str([str(CONFIGS / c) for c in ("common.yaml", "stage1.yaml")]),
+                      "--datalist", str(tmp_path / "no_masks.json"), "--output_root", str(tmp_path / "runs2"),
+                      "--full_size", "[16,16,8]", "--iterations_per_epoch", "1", "--batch_size", "2",
+                      "--val_pairs", "1", "--epochs", "1", "--architecture#encoder_channels", "[4,8]",
+                      "--architecture#decoder_channels", "[8,4]", "--use_masks", "true", check=False)
+    assert proc.returncode != 0 and "mask" in proc.stdout + proc.stderr

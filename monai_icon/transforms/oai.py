@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from monai.transforms import (
+    AsDiscreted,
     Compose,
     EnsureTyped,
     LoadImaged,
@@ -89,11 +90,18 @@ def oai_train_transforms(
     target_side: str | None = "LEFT",
     with_label: bool = False,
     percentiles: tuple[float, float] | None = (1.0, 99.0),
+    with_mask: bool = False,
 ) -> Compose:
-    """``Compose`` for single knees of a training datalist (``{"image", "label", "side"}`` items): cache its
-    output (e.g. ``CacheDataset``) and draw random pairs with :class:`~monai_icon.data.RandomPairDataset`."""
+    """``Compose`` for single knees of a training datalist (``{"image", "label", "mask", "side"}`` items): cache its
+    output (e.g. ``CacheDataset``) and draw random pairs with :class:`~monai_icon.data.RandomPairDataset`.
+    ``with_mask``: the item's ``mask`` file follows the image like a label map (nearest resizing) and is binarised
+    (nonzero = inside: 1, else 0), for loss masking / input masking in :class:`~monai_icon.engines.ICONTrainer`."""
     labels = ("label",) if with_label else ()
-    return Compose(oai_preprocessing(("image",), labels, "side", spatial_size, axcodes, target_side, percentiles))
+    masks = ("mask",) if with_mask else ()
+    xforms = oai_preprocessing(("image",), (*labels, *masks), "side", spatial_size, axcodes, target_side, percentiles)
+    if with_mask:
+        xforms.append(AsDiscreted("mask", threshold=0.5))  # integer masks after nearest resizing: nonzero -> 1
+    return Compose(xforms)
 
 
 def oai_pair_transforms(
