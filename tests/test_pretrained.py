@@ -122,18 +122,24 @@ def test_unigradicon_maps_agree_with_the_reference_for_the_same_weights(monkeypa
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def _random_unigradicon_weights(path):
+    """A uniGradICON weights file in the reference's layout: seeded random last layers (a non-identity map)."""
+    torch.manual_seed(0)
+    network = pretrained.build("unigradicon")
+    for name, p in network.named_parameters():
+        if "lastConv" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    torch.save(pretrained.to_reference_state_dict(network), path)
+    return path
+
+
 def test_register_pairs_config_with_a_weights_file(tmp_path):
     """configs/pretrained/register_pairs.yaml, run as a user runs it, on a small CT-like pair."""
     import json
 
     import nibabel as nib
 
-    torch.manual_seed(0)
-    network = pretrained.build("unigradicon")
-    for name, p in network.named_parameters():
-        if "lastConv" in name:
-            torch.nn.init.normal_(p, std=0.01)
-    torch.save(pretrained.to_reference_state_dict(network), tmp_path / "w.trch")
+    _random_unigradicon_weights(tmp_path / "w.trch")
     affine = torch.diag(torch.tensor([2.0, 2.5, 3.0, 1.0])).numpy()
     for name in ("a", "b"):
         volume = (torch.rand(40, 36, 20) * 2000 - 1000).numpy()
@@ -180,12 +186,7 @@ def test_finetune_config_trains_published_weights_and_exports_a_model_register_u
     from monai_icon.apps.finetune import ToNetworkGridd, pretrained_settings
     from monai_icon.apps.physical import load_image
 
-    torch.manual_seed(0)
-    network = pretrained.build("unigradicon")
-    for name, p in network.named_parameters():
-        if "lastConv" in name:
-            torch.nn.init.normal_(p, std=0.01)
-    torch.save(pretrained.to_reference_state_dict(network), tmp_path / "w.trch")
+    _random_unigradicon_weights(tmp_path / "w.trch")
     affine = np.diag([2.0, 2.5, 3.0, 1.0])
     yy, xx, zz = np.meshgrid(*[np.linspace(-1, 1, n) for n in (40, 36, 20)], indexing="ij")
     for i in range(3):
