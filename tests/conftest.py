@@ -57,3 +57,20 @@ def run_bundle(*args: str, check: bool = True, timeout: float = 600, cwd: Path =
     if check and proc.returncode != 0:
         raise AssertionError(f"monai.bundle {' '.join(args[:2])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def labelled_pairs_and_tiny_model(tmp_path: Path, num_pairs: int, spatial_size: tuple) -> tuple[Path, Path]:
+    """A ``monai-icon datalist`` JSON of deformed copies of the embedded T1 head (labelled test pairs) and a
+    model file of a tiny, zero-initialised (identity) multi-step network on ``spatial_size``."""
+    from monai_icon.apps import save_registration_model
+    from monai_icon.data import build_knee_datalist, write_datalist, write_deformed_copies
+    from monai_icon.networks import multistep_registration
+
+    write_deformed_copies(tmp_path / "vols", num_copies=3, deformation_mm=6.0, seed=1)
+    datalist = write_datalist(build_knee_datalist(tmp_path / "vols", 0.34, num_pairs, require_side=False,
+                                                  relative_to=tmp_path), tmp_path / "d.json")
+    tiny = {"coarse_steps": 1, "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
+    model = save_registration_model(tmp_path / "m.pt", multistep_registration(**tiny),
+                                    {"_target_": "monai_icon.networks.multistep_registration", **tiny},
+                                    spatial_size=spatial_size)
+    return Path(datalist), Path(model)

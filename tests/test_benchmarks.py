@@ -133,21 +133,13 @@ def test_syn_vs_icon_scores_both_methods_with_one_dice_function(tmp_path):
     import numpy as np
 
     import syn_vs_icon
-    from monai_icon.apps import save_registration_model
-    from monai_icon.data import build_knee_datalist, write_datalist, write_deformed_copies
-    from monai_icon.networks import multistep_registration
+    from conftest import labelled_pairs_and_tiny_model
 
     a = np.array([[0, 1, 1], [2, 2, 0]])
     b = np.array([[0, 1, 0], [2, 2, 2]])
     dice = syn_vs_icon.label_dice(a, b, [1, 2, 3])
     assert dice[1] == pytest.approx(2 / 3) and dice[2] == pytest.approx(0.8) and np.isnan(dice[3])
-    write_deformed_copies(tmp_path / "vols", num_copies=3, deformation_mm=6.0, seed=1)
-    datalist = write_datalist(build_knee_datalist(tmp_path / "vols", 0.34, 1, require_side=False,
-                                                  relative_to=tmp_path), tmp_path / "d.json")
-    tiny = {"coarse_steps": 1, "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
-    model = save_registration_model(tmp_path / "m.pt", multistep_registration(**tiny),
-                                    {"_target_": "monai_icon.networks.multistep_registration", **tiny},
-                                    spatial_size=(16, 16, 8))
+    datalist, model = labelled_pairs_and_tiny_model(tmp_path, 1, (16, 16, 8))
     results = syn_vs_icon.main(["--datalist", str(datalist), "--model", str(model), "--no-syn", "--threads", "1",
                                 "--out", str(tmp_path / "out")])
     rows = results["rows"]

@@ -572,15 +572,9 @@ def test_register_pairs_cli_scores_labelled_pairs_before_and_after(tmp_path, cap
     """``monai-icon register-pairs`` on the test pairs of a ``monai-icon datalist``: outputs per pair, label Dice on
     the fixed grid before/after (an identity model reproduces the unregistered Dice; coarse-to-fine residual
     instance optimisation improves it), folds, seconds, and a summary.json; bad arguments exit 2 with one line."""
-    from monai_icon.data import build_knee_datalist, write_datalist, write_deformed_copies
+    from conftest import labelled_pairs_and_tiny_model
 
-    write_deformed_copies(tmp_path / "vols", num_copies=3, deformation_mm=6.0, seed=1)
-    datalist = write_datalist(build_knee_datalist(tmp_path / "vols", 0.34, 2, require_side=False,
-                                                  relative_to=tmp_path), tmp_path / "d.json")
-    tiny = {"coarse_steps": 1, "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
-    model = save_registration_model(tmp_path / "m.pt", multistep_registration(**tiny),
-                                    {"_target_": "monai_icon.networks.multistep_registration", **tiny},
-                                    spatial_size=(32, 32, 16))
+    datalist, model = labelled_pairs_and_tiny_model(tmp_path, 2, (32, 32, 16))
     means = {}
     for name, extra in (("plain", []), ("io", ["--io-steps", "30", "--io-mode", "residual", "--io-levels", "3",
                                                "--io-lr", "3e-3", "--similarity", "lncc", "--regularizer",
