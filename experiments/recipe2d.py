@@ -39,6 +39,7 @@ from monai_icon.networks import DisplacementField, RegistrationNet
 from monai_icon.networks.nets import UNet
 from monai_icon.networks.registration_net import register_one_way, register_pair
 from monai_icon.schedules import lambda_at, lr_factor_at
+from monai_icon.transforms.augment import RandBatchAugmentd
 
 
 def split_population(path: str | None, val_fraction: float) -> dict[str, torch.Tensor]:
@@ -120,6 +121,10 @@ def main(argv=None) -> dict:
     p.add_argument("--blur-ramp", type=float, default=0.5)
     p.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (spikes of 100-1000 "
                    "against a median of 5 were seen at lr 1e-3)")
+    p.add_argument("--augment-rotate", type=float, default=0.0, help="random rotation of every training image, "
+                   "uniform in +- this many degrees (RandBatchAugmentd; 0 with the other two: no augmentation)")
+    p.add_argument("--augment-scale", type=float, default=0.0, help="random scaling, factor uniform in 1 +- this")
+    p.add_argument("--augment-translate", type=float, default=0.0, help="random shift, uniform in +- pixels")
     p.add_argument("--similarity", default="mse")
     p.add_argument("--regularizer", default="icon")
     p.add_argument("--channels-last", action="store_true")
@@ -147,6 +152,10 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
     lmbda_start = args.lmbda if args.lmbda_start is None else args.lmbda_start
     train = data["train"]
+    augment = None
+    if args.augment_rotate or args.augment_scale or args.augment_translate:
+        augment = RandBatchAugmentd(("moving", "fixed"), args.augment_rotate, args.augment_scale,
+                                   args.augment_translate, seed=args.seed)
     curve: list[dict] = []
     seconds = 0.0
     step = 0
@@ -160,6 +169,9 @@ def main(argv=None) -> dict:
         first = torch.randint(len(train), (args.batch_size,))
         second = (first + torch.randint(1, len(train), (args.batch_size,))) % len(train)
         moving, fixed = train[first], train[second]
+        if augment is not None:
+            batch = augment({"moving": moving, "fixed": fixed})
+            moving, fixed = batch["moving"], batch["fixed"]
         if args.channels_last:
             moving, fixed = (x.contiguous(memory_format=torch.channels_last) for x in (moving, fixed))
         phi_AB, phi_BA = register_pair(network, moving, fixed)

@@ -133,3 +133,19 @@ def test_fig5_script_tiny(tmp_path):
     from_checkpoint = fig5_no_network.main(args[:-1] + [str(tmp_path / "again"), "--unet-checkpoint", str(checkpoint)])
     assert from_checkpoint[2] == summaries[2]
     assert json.loads((tmp_path / "again" / "fig5.json").read_text())["unet_population"] is None
+
+
+def test_recipe2d_with_augmentation_and_the_generalisation_gap_tiny(tmp_path):
+    import generalisation_gap2d
+    import recipe2d
+
+    model = tmp_path / "model.pt"
+    record = recipe2d.main(["--name", "tiny", "--steps", "4", "--batch-size", "4", "--val-pairs", "4", "--test-pairs",
+                            "4", "--eval-every", "2", "--lr", "1e-3", "--lmbda-start", "16", "--lmbda-ramp", "0.5",
+                            "--augment-rotate", "10", "--augment-scale", "0.1", "--augment-translate", "2", "--test",
+                            "--save-model", str(model), "--out", str(tmp_path)])
+    assert [p["step"] for p in record["curve"]] == [2, 4] and record["args"]["augment_rotate"] == 10
+    assert record["curve"][0]["lmbda"] < record["curve"][1]["lmbda"] <= 512
+    assert json.loads((tmp_path / "tiny.json").read_text())["test"]["dice"] == record["test"]["dice"]
+    gap = generalisation_gap2d.main([str(model), "--pairs", "4"])[str(model)]
+    assert set(gap) == {"train", "val", "test"} and all(0 <= v["dice"] <= 1 for v in gap.values())

@@ -156,6 +156,23 @@ def test_exported_model_registers_files_with_the_cli(knee_runs, tmp_path):
     assert np.isfinite(nib.load(tmp_path / "w.nii.gz").get_fdata()).all()
 
 
+def test_augmentation_is_off_by_default_and_moves_labels_and_masks_with_their_images():
+    from monai.bundle import ConfigParser
+
+    from monai_icon.transforms import RandBatchAugmentd
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "stage1.yaml")])
+    assert parser.get_parsed_content("augment") is None
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "stage1.yaml")])
+    parser.update({"augment_deform": 1.5, "augment_gamma": 1.25})
+    augment = parser.get_parsed_content("augment")
+    assert isinstance(augment, RandBatchAugmentd) and augment.deform == 1.5 and augment.gamma == 1.25
+    assert augment.follow == {"moving_label": "moving_image", "fixed_label": "fixed_image",
+                              "moving_mask": "moving_image", "fixed_mask": "fixed_image"}
+
+
 def test_training_reads_mask_files_binarised_and_masks_loss_and_inputs(tmp_path):
     """``use_masks``: each training item's ``mask`` file follows its image like a label (nearest) and is binarised
     (any nonzero value is inside), the pairs carry ``moving_mask``/``fixed_mask``, and stage 1 trains with loss and
@@ -184,8 +201,9 @@ def test_training_reads_mask_files_binarised_and_masks_loss_and_inputs(tmp_path)
                      "--output_root", str(tmp_path / "runs"), "--full_size", "[16,16,8]",
                      "--iterations_per_epoch", "2", "--batch_size", "2", "--val_pairs", "1", "--epochs", "1",
                      "--architecture#encoder_channels", "[4,8]", "--architecture#decoder_channels", "[8,4]",
-                     "--use_masks", "true", "--mask_inputs", "true")
+                     "--use_masks", "true", "--mask_inputs", "true", "--augment_deform", "0.3", "--augment_gamma", "1.2")
     assert (tmp_path / "runs" / "stage1" / "models" / "registration_model.pt").is_file(), log
+    assert "augment_deform: 0.3" in log  # the masks moved with their augmented images (else the trainer refuses)
     # the option really reads the items' mask files: without them in the datalist the run stops, naming the key
     for entry in datalist["training"]:
         entry.pop("mask")

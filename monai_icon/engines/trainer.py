@@ -45,6 +45,12 @@ def batch_masks(batchdata: dict[str, Any], like: torch.Tensor, device: Any = Non
     return masks[0], masks[1]
 
 
+def batch_to_device(batchdata: dict[str, Any], device: Any = None, non_blocking: bool = False) -> dict[str, Any]:
+    """A shallow copy of a batch dictionary with its tensors on ``device`` (other entries as they are)."""
+    return {k: v.to(device=device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in batchdata.items()}
+
+
 def channels_last_copy(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` in channels-last memory format: ``torch.channels_last`` for ``[B, C, H, W]``,
     ``torch.channels_last_3d`` for ``[B, C, D, H, W]``, unchanged otherwise (same values, same type)."""
@@ -93,6 +99,10 @@ class ICONTrainer(SupervisedTrainer):
         mask_inputs: when batches carry ``moving_mask`` / ``fixed_mask`` (``[B, 1, *N]``, e.g. from a datalist's mask
             files through ``RandomPairDataset(keys=("image", "mask"))``), the similarity is always restricted to
             them (loss masking); with ``mask_inputs`` the images are also zeroed outside them before the network.
+        augment: a transform of the whole batch dictionary applied at the start of every iteration, after the
+            batch's tensors are moved to ``device`` (e.g. :class:`~monai_icon.transforms.RandBatchAugmentd`: a random
+            affine per image, drawn and applied on the device for the whole batch at once). Masks and labels must be
+            its followers if the batch carries them.
         Other arguments: as ``monai.engines.SupervisedTrainer``.
     """
 
@@ -122,6 +132,7 @@ class ICONTrainer(SupervisedTrainer):
         compile_kwargs: dict | None = None,
         channels_last: bool = False,
         mask_inputs: bool = False,
+        augment: Callable | None = None,
     ) -> None:
         if not isinstance(loss_function, ICONLoss):
             raise ValueError(f"loss_function must be a monai_icon.losses.ICONLoss, got {type(loss_function).__name__}.")
@@ -159,10 +170,20 @@ class ICONTrainer(SupervisedTrainer):
         self.compile = compile
         self.channels_last = channels_last
         self.mask_inputs = bool(mask_inputs)
+        if augment is not None and not callable(augment):
+            raise TypeError(f"augment must be a callable batch transform, got {type(augment).__name__}.")
+        self.augment = augment
 
     def _iteration(self, engine: ICONTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
+        if engine.augment is not None:
+            followed = set(getattr(engine.augment, "follow", {}))
+            unfollowed = [k for k in (RegKeys.MOVING_MASK, RegKeys.FIXED_MASK) if k in batchdata and k not in followed]
+            if unfollowed:
+                raise ValueError(f"the batch carries {unfollowed} but the augmentation does not move them with their "
+                                 f"images (give follow={{mask key: image key}}).")
+            batchdata = engine.augment(batch_to_device(batchdata, engine.state.device, engine.non_blocking))
         moving, fixed, moving_label, fixed_label = engine.prepare_batch(
             batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs
         )

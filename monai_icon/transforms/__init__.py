@@ -2,8 +2,15 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
-"""MONAI dictionary transforms: registration pairs, knee laterality and the OAI preprocessing pipeline."""
+"""MONAI dictionary transforms: registration pairs, knee laterality, the OAI preprocessing pipeline and batch
+augmentation."""
 
+from monai_icon.transforms.augment import (
+    RandBatchAugmentd,
+    affine_warp,
+    random_affine_theta,
+    random_smooth_displacement,
+)
 from monai_icon.transforms.laterality import (
     HarmoniseLaterality,
     HarmoniseLateralityd,
@@ -15,6 +22,10 @@ from monai_icon.transforms.oai import OAI_SPATIAL_SIZE, oai_pair_transforms, oai
 from monai_icon.transforms.pair import EnsureSameShaped, Warpd
 
 __all__ = [
+    "RandBatchAugmentd",
+    "affine_warp",
+    "random_affine_theta",
+    "random_smooth_displacement",
     "EnsureSameShaped",
     "Warpd",
     "HarmoniseLaterality",
