@@ -159,3 +159,20 @@ def test_trainer_augments_every_batch_and_refuses_unmoved_masks():
                           augment=RandBatchAugmentd(["moving_image", "fixed_image"]))
     with pytest.raises(ValueError, match="follow"):
         trainer.run()
+
+
+def test_2d_bundle_builds_the_augmentation_only_when_asked():
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    train = Path(__file__).resolve().parents[1] / "bundle" / "mnist_icon" / "configs" / "train.yaml"
+    parser = ConfigParser()
+    parser.read_config(str(train))
+    assert parser.get_parsed_content("augment") is None
+    parser = ConfigParser()
+    parser.read_config(str(train))
+    parser.update({"augment_rotate": 10, "augment_translate": 2})
+    augment = parser.get_parsed_content("augment")
+    assert isinstance(augment, RandBatchAugmentd) and augment.keys == ("moving_image", "fixed_image")
+    assert (augment.rotate_degrees, augment.scale, augment.translate) == (10.0, 0.0, 2.0)
