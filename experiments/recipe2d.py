@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
     augment = None
     if args.augment_rotate or args.augment_scale or args.augment_translate:
         augment = RandBatchAugmentd(("moving", "fixed"), args.augment_rotate, args.augment_scale,
-                                   args.augment_translate, seed=args.seed)
+                                    args.augment_translate, seed=args.seed)
     curve: list[dict] = []
     seconds = 0.0
     step = 0

@@ -67,8 +67,8 @@ def test_batch_transform_draws_per_image_is_seeded_and_moves_followers():
     rows, cols = torch.meshgrid(torch.arange(24), torch.arange(24), indexing="ij")
     labels = ((rows > 8).float() + (cols > 14).float())[None, None].repeat(4, 1, 1, 1)  # three smooth regions
     batch = {"moving_image": labels.clone(), "fixed_image": labels.clone(), "moving_label": labels.clone(), "x": 1}
-    augment = RandBatchAugmentd(["moving_image", "fixed_image"], 15, 0.1, 2, follow={"moving_label": "moving_image"},
-                               seed=5)
+    follow = {"moving_label": "moving_image"}
+    augment = RandBatchAugmentd(["moving_image", "fixed_image"], 15, 0.1, 2, follow=follow, seed=5)
     out = augment(batch)
     assert out["x"] == 1 and not torch.equal(out["moving_image"], batch["moving_image"])
     assert not torch.allclose(out["moving_image"], out["fixed_image"])  # independent draws per key
@@ -77,8 +77,7 @@ def test_batch_transform_draws_per_image_is_seeded_and_moves_followers():
     # the follower got the moving image's matrices: where the bilinear image equals an integer, the labels agree
     agree = ((out["moving_image"] - out["moving_label"]).abs() < 0.5).float().mean()
     assert agree > 0.9 and agree > ((out["fixed_image"] - out["moving_label"]).abs() < 0.5).float().mean()
-    again = RandBatchAugmentd(["moving_image", "fixed_image"], 15, 0.1, 2, follow={"moving_label": "moving_image"},
-                             seed=5)(batch)
+    again = RandBatchAugmentd(["moving_image", "fixed_image"], 15, 0.1, 2, follow=follow, seed=5)(batch)
     assert all(torch.equal(out[k], again[k]) for k in ("moving_image", "fixed_image", "moving_label"))
 
 

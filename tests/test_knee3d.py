@@ -201,7 +201,8 @@ def test_training_reads_mask_files_binarised_and_masks_loss_and_inputs(tmp_path)
                      "--output_root", str(tmp_path / "runs"), "--full_size", "[16,16,8]",
                      "--iterations_per_epoch", "2", "--batch_size", "2", "--val_pairs", "1", "--epochs", "1",
                      "--architecture#encoder_channels", "[4,8]", "--architecture#decoder_channels", "[8,4]",
-                     "--use_masks", "true", "--mask_inputs", "true", "--augment_deform", "0.3", "--augment_gamma", "1.2")
+                     "--use_masks", "true", "--mask_inputs", "true",
+                     "--augment_deform", "0.3", "--augment_gamma", "1.2")
     assert (tmp_path / "runs" / "stage1" / "models" / "registration_model.pt").is_file(), log
     assert "augment_deform: 0.3" in log  # the masks moved with their augmented images (else the trainer refuses)
     # the option really reads the items' mask files: without them in the datalist the run stops, naming the key
