@@ -44,6 +44,23 @@ def _rotation(angles: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     return rz @ ry @ rx
 
 
+def _check_affine_ranges(rotate_degrees: float, scale: float, translate: float, prob: float) -> None:
+    for name, value in (("rotate_degrees", rotate_degrees), ("scale", scale), ("translate", translate)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite value >= 0, got {value}.")
+    if scale >= 1:
+        raise ValueError(f"scale must be < 1 (factors 1 +- scale must stay positive), got {scale}.")
+    if not 0 <= prob <= 1:
+        raise ValueError(f"prob must be in [0, 1], got {prob}.")
+
+
+def _check_deformation(magnitude: float, control_points: int) -> None:
+    if not math.isfinite(magnitude) or magnitude < 0:
+        raise ValueError(f"magnitude must be a finite number of voxels >= 0, got {magnitude}.")
+    if control_points < 2:
+        raise ValueError(f"control_points must be >= 2 per axis, got {control_points}.")
+
+
 def random_affine_theta(
     batch: int,
     spatial_size: Sequence[int],
@@ -68,13 +85,7 @@ def random_affine_theta(
     dims = len(spatial_size)
     if dims not in (2, 3):
         raise ValueError(f"random affine augmentation is 2D or 3D, got a spatial size of {dims} dims.")
-    for name, value in (("rotate_degrees", rotate_degrees), ("scale", scale), ("translate", translate)):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite value >= 0, got {value}.")
-    if scale >= 1:
-        raise ValueError(f"scale must be < 1 (factors 1 +- scale must stay positive), got {scale}.")
-    if not 0 <= prob <= 1:
-        raise ValueError(f"prob must be in [0, 1], got {prob}.")
+    _check_affine_ranges(rotate_degrees, scale, translate, prob)
 
     def uniform(*shape: int) -> torch.Tensor:
         return 2 * torch.rand(*shape, generator=generator, dtype=torch.float64) - 1
@@ -108,10 +119,7 @@ def random_smooth_displacement(
     deformation :func:`monai_icon.data.write_deformed_copies` draws, in voxels.
     """
     dims = len(spatial_size)
-    if not math.isfinite(magnitude) or magnitude < 0:
-        raise ValueError(f"magnitude must be a finite number of voxels >= 0, got {magnitude}.")
-    if control_points < 2:
-        raise ValueError(f"control_points must be >= 2 per axis, got {control_points}.")
+    _check_deformation(magnitude, control_points)
     coarse = torch.randn(batch, dims, *([control_points] * dims), generator=generator, dtype=torch.float64)
     coarse = coarse * magnitude * torch.tensor([2 / max(n - 1, 1) for n in spatial_size],
                                                dtype=torch.float64).reshape(1, dims, *([1] * dims))
@@ -172,8 +180,8 @@ class RandBatchAugmentd(MapTransform):
         for label_key, image_key in self.follow.items():
             if image_key not in self.keys:
                 raise ValueError(f"follow: {label_key!r} follows {image_key!r}, which is not one of keys {self.keys}.")
-        random_affine_theta(1, (2, 2), rotate_degrees, scale, translate, prob)  # validates the ranges
-        random_smooth_displacement(1, (2, 2), deform, deform_points)
+        _check_affine_ranges(rotate_degrees, scale, translate, prob)
+        _check_deformation(deform, deform_points)
         if not math.isfinite(gamma) or gamma < 1:
             raise ValueError(f"gamma must be a finite value >= 1 (powers in [1/gamma, gamma]), got {gamma}.")
         self.rotate_degrees, self.scale, self.translate, self.prob = rotate_degrees, scale, translate, prob
