@@ -54,13 +54,13 @@ def _read_labels(path: str | Path) -> np.ndarray:
 
 
 def run_icon(pair: dict, model, io_steps: int, io_lr: float, work: Path, io_mode: str = "network",
-             io_size=None, io_levels: int = 1) -> dict:
+             io_size=None, io_levels: int = 1, io_field_size=None, io_fine_steps=None) -> dict:
     from monai_icon.apps import register_files
 
     out = work / "icon_label.nii.gz"
     summary = register_files(pair["fixed_image"], pair["moving_image"], model, moving_label=pair["moving_label"],
                              warped_label=out, io_steps=io_steps, io_lr=io_lr, io_mode=io_mode, io_size=io_size,
-                             io_levels=io_levels)
+                             io_levels=io_levels, io_field_size=io_field_size, io_fine_steps=io_fine_steps)
     return {"warped_label": _read_labels(out), "seconds": summary["seconds"],
             "folds_percent": summary["folds_percent"]}
 
@@ -93,6 +93,9 @@ def main(argv=None) -> dict:
     p.add_argument("--io-size", type=lambda t: [int(v) for v in t.split(",")], default=None,
                    help="residual instance optimisation on this finer grid, e.g. 128,128,64")
     p.add_argument("--io-levels", type=int, default=1, help="residual fields on this many grids (coarse-to-fine)")
+    p.add_argument("--io-field-size", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="grid of the residual fields and the regulariser when the images are compared on --io-size")
+    p.add_argument("--io-fine-steps", type=int, default=None, help="only the last this many steps on --io-size")
     p.add_argument("--similarity", help="similarity of instance optimisation (default: the model's)")
     p.add_argument("--lmbda", type=float, help="inverse-consistency weight of instance optimisation")
     p.add_argument("--regularizer", choices=["icon", "gradicon"], help="of instance optimisation (default: model's)")
@@ -131,7 +134,7 @@ def main(argv=None) -> dict:
             methods = {"unregistered": {"warped_label": _read_labels(pair["moving_label"]), "seconds": 0.0}}
             if model is not None:
                 methods[tag] = run_icon(pair, model, args.io_steps, io_lr, work, args.io_mode, args.io_size,
-                                        args.io_levels)
+                                        args.io_levels, args.io_field_size, args.io_fine_steps)
             if not args.no_syn:
                 methods["syn"] = run_syn(pair, work, args.threads)
         for name, m in methods.items():

@@ -19,15 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from recipe2d import evaluate, fixed_pairs, split_population  # noqa: E402
-
-from monai_icon.networks import DisplacementField, RegistrationNet  # noqa: E402
-from monai_icon.networks.nets import UNet  # noqa: E402
+from recipe2d import build_network, evaluate, fixed_pairs, split_population  # noqa: E402
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="+", help="state dicts of DisplacementField(UNet(2)) (float16 or float32)")
+    p.add_argument("models", nargs="+", help="state dicts of recipe2d.py's network, one U-Net or two composed "
+                   "(--two-step; told apart by their keys), float16 or float32")
     p.add_argument("--mnist-path", default=None)
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--pairs", type=int, default=512)
@@ -37,8 +35,8 @@ def main(argv=None) -> dict:
     pairs = {split: fixed_pairs(data[split], args.pairs, seed=args.seed) for split in ("train", "val", "test")}
     out = {}
     for path in args.models:
-        net = RegistrationNet(DisplacementField(UNet(2)))
         state = torch.load(path, map_location="cpu", weights_only=True)
+        net = build_network(two_step=any(k.startswith("block.first.") for k in state))
         net.load_state_dict({k: v.float() for k, v in state.items()})
         out[path] = {split: {k: round(v, 4) for k, v in evaluate(net, *pairs[split]).items() if k != "seconds_per_pair"}
                      for split in pairs}

@@ -35,7 +35,7 @@ from monai_icon.data import RandomPairDataset
 from monai_icon.data.mnist import load_mnist_fives, split_indices
 from monai_icon.losses import ICONLoss
 from monai_icon.metrics import count_folds, threshold_dice
-from monai_icon.networks import DisplacementField, RegistrationNet
+from monai_icon.networks import DisplacementField, RegistrationNet, TwoStep
 from monai_icon.networks.nets import UNet
 from monai_icon.networks.registration_net import register_one_way, register_pair
 from monai_icon.schedules import lambda_at, lr_factor_at
@@ -99,6 +99,13 @@ def write_json_atomic(path: Path, content: dict) -> None:
     os.replace(tmp, path)
 
 
+def build_network(two_step: bool = False) -> RegistrationNet:
+    """The paper's 2D U-Net as a registration network; ``two_step``: two of them composed (``TwoStep``)."""
+    if two_step:
+        return RegistrationNet(TwoStep(DisplacementField(UNet(2)), DisplacementField(UNet(2))))
+    return RegistrationNet(DisplacementField(UNet(2)))
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
@@ -128,6 +135,8 @@ def main(argv=None) -> dict:
     p.add_argument("--similarity", default="mse")
     p.add_argument("--regularizer", default="icon")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--two-step", action="store_true", help="two U-Nets composed (TwoStep: the second registers the "
+                   "first's warped moving image to the fixed one) instead of one")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -145,7 +154,7 @@ def main(argv=None) -> dict:
     data = split_population(args.mnist_path, args.val_fraction)
     val_pairs = fixed_pairs(data["val"], args.val_pairs, seed=1)
     test_pairs = fixed_pairs(data["test"], args.test_pairs, seed=0)
-    network = RegistrationNet(DisplacementField(UNet(2)))
+    network = build_network(args.two_step)
     if args.channels_last:
         network = network.to(memory_format=torch.channels_last)
     loss_fn = ICONLoss(args.similarity, args.lmbda, args.regularizer, spatial_dims=2)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -149,3 +150,44 @@ def test_recipe2d_with_augmentation_and_the_generalisation_gap_tiny(tmp_path):
     assert json.loads((tmp_path / "tiny.json").read_text())["test"]["dice"] == record["test"]["dice"]
     gap = generalisation_gap2d.main([str(model), "--pairs", "4"])[str(model)]
     assert set(gap) == {"train", "val", "test"} and all(0 <= v["dice"] <= 1 for v in gap.values())
+
+
+def test_recipe2d_two_step_network_and_its_generalisation_gap_tiny(tmp_path):
+    """``--two-step`` trains two U-Nets composed; the generalisation-gap script recognises its state dict."""
+    import generalisation_gap2d
+    import recipe2d
+
+    model = tmp_path / "two.pt"
+    record = recipe2d.main(["--name", "two", "--steps", "2", "--batch-size", "4", "--val-pairs", "4", "--test-pairs",
+                            "4", "--eval-every", "2", "--two-step", "--save-model", str(model), "--out", str(tmp_path)])
+    assert record["args"]["two_step"] and [p["step"] for p in record["curve"]] == [2]
+    state = torch.load(model, weights_only=True)
+    assert any(k.startswith("block.first.") for k in state) and any(k.startswith("block.second.") for k in state)
+    gap = generalisation_gap2d.main([str(model), "--pairs", "4"])[str(model)]
+    assert all(0 <= v["dice"] <= 1 for v in gap.values())
+
+
+def test_io3d_study_scores_validation_pairs_with_the_register_files_path(tmp_path):
+    """experiments/io3d.py on a tiny identity model: fine similarity on coarse fields with a chosen LNCC window; with
+    0 steps the identity model reproduces the unregistered Dice; one JSON row per run is appended."""
+    import io3d
+    from conftest import labelled_pairs_and_tiny_model
+    from monai_icon.metrics import label_dice
+
+    datalist, model = labelled_pairs_and_tiny_model(tmp_path, 1, (16, 16, 8))
+    common = ["--datalist", str(datalist), "--model", str(model), "--key", "test_pairs", "--out", str(tmp_path / "o")]
+    still = io3d.main(common + ["--steps", "0", "--tag", "zero", "--levels", "1"])
+    moved = io3d.main(common + ["--steps", "4", "--fine-steps", "2", "--io-size", "32,32,16", "--io-field-size",
+                                "16,16,8", "--kernel", "5", "--tag", "fine"])
+    pair = json.loads(datalist.read_text())["test_pairs"][0]
+    import nibabel as nib
+    import numpy as np
+
+    read = [torch.as_tensor(np.rint(nib.load(str(datalist.parent / pair[k])).get_fdata()).astype(np.int64))
+            for k in ("moving_label", "fixed_label")]
+    before = label_dice(*read)
+    assert still["mean_dice"] == pytest.approx(float(np.nanmean(list(before.values()))), abs=1e-6)
+    assert 0 <= moved["mean_dice"] <= 1 and moved["settings"]["kernel"] == 5
+    assert [r["tag"] for r in json.loads((tmp_path / "o" / "io3d.json").read_text())] == ["zero", "fine"]
+    with pytest.raises(SystemExit):
+        io3d.main(common + ["--similarity", "mse", "--kernel", "5", "--tag", "bad"])

@@ -297,3 +297,28 @@ def test_loss_masking_restricts_the_similarity_to_the_masks():
         loss(a, b, ident, ident, mask_A=mask)
     with pytest.raises(ValueError, match="empty"):
         loss(a, b, ident, ident, mask_A=0 * mask, mask_B=mask)
+
+
+def test_icon_loss_regularizer_size_sets_the_regularizers_grid():
+    """``regularizer_size``: the regulariser gets that grid instead of the images' grid (and the similarity still
+    compares the images on theirs); wrong lengths or sizes are refused."""
+    seen = []
+
+    def regularizer(phi_AB, phi_BA, shape):
+        seen.append(tuple(shape))
+        return torch.zeros(phi_AB.batch_size)
+
+    images = torch.rand(2, 1, 12, 10), torch.rand(2, 1, 12, 10)
+    identity = DisplacementMap(torch.zeros(2, 2, 6, 5))
+    out = ICONLoss("mse", 1.0, regularizer, regularizer_size=(6, 5))(*images, identity, identity)
+    ICONLoss("mse", 1.0, regularizer)(*images, identity, identity)
+    assert seen == [(6, 5), (12, 10)]
+    assert float(out.similarity) == pytest.approx(2 * float(((images[0] - images[1]) ** 2).mean()), rel=1e-5)
+    # the default regulariser is a mean over points: the same exact inverses score 0 on any grid
+    shift = torch.zeros(2, 2, 6, 5)
+    shift[:, 0] = 0.05
+    value = ICONLoss("mse", 1.0, regularizer_size=(7, 9))(*images, DisplacementMap(shift), DisplacementMap(-shift))
+    assert float(value.inverse_consistency) < 1e-10
+    for bad in ((6,), (6, 1), (6.0, 5), (True, 5)):
+        with pytest.raises(ValueError, match="regularizer_size"):
+            ICONLoss("mse", 1.0, regularizer_size=bad)

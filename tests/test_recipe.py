@@ -302,3 +302,39 @@ def test_instance_optimised_net_is_the_bundle_contract_per_pair_with_weights_res
     assert set(tuned.state_dict()) == set(net.state_dict())  # a plain checkpoint loads into the wrapper
     with pytest.raises(ValueError, match="io_steps"):
         InstanceOptimisedNet(net, ICONLoss("mse", 8.0), steps=-1)
+
+
+def test_residual_instance_optimisation_fine_steps_and_its_errors():
+    """``fine_steps``: the steps before the last ``fine_steps`` compare the network's inputs; with ``fine_steps=0`` on
+    the inputs' grid it is exactly the run without ``loss_images``, with ``fine_steps=steps`` exactly the run that
+    compares ``loss_images`` in every step; bad values and masks with coarse steps are refused."""
+    from monai_icon.engines.instance_optimisation import residual_instance_optimise
+
+    net = _net().eval()
+    torch.manual_seed(1)
+    moving, fixed = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    fine = (torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32))
+    loss = ICONLoss("mse", 8.0, regularizer_size=(16, 16))
+
+    def run(**kwargs):
+        torch.manual_seed(0)
+        phi, _, history = residual_instance_optimise(net, moving, fixed, loss, steps=4, lr=1e-2, shape=(16, 16),
+                                                     **kwargs)
+        return phi.grid((16, 16)), history
+
+    plain = run()
+    none_fine = run(loss_images=fine, fine_steps=0)
+    all_fine = run(loss_images=fine, fine_steps=4)
+    default = run(loss_images=fine)
+    some_fine = run(loss_images=fine, fine_steps=2)
+    assert torch.equal(plain[0], none_fine[0]) and plain[1] == none_fine[1]
+    assert torch.equal(all_fine[0], default[0]) and all_fine[1] == default[1]
+    assert some_fine[1][:2] == plain[1][:2] and some_fine[1][2:] != plain[1][2:]
+    for bad in (5, -1, 1.0, True):
+        with pytest.raises(ValueError, match="fine_steps"):
+            residual_instance_optimise(net, moving, fixed, loss, steps=4, loss_images=fine, fine_steps=bad)
+    with pytest.raises(ValueError, match="fine_steps"):
+        residual_instance_optimise(net, moving, fixed, loss, steps=4, fine_steps=2)  # no loss_images
+    masks = (torch.ones(1, 1, 32, 32), torch.ones(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="masks or labels"):
+        residual_instance_optimise(net, moving, fixed, loss, steps=4, loss_images=fine, fine_steps=2, masks=masks)

@@ -59,12 +59,22 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine-tune the network's weights, or optimise residual displacement fields on top of "
                              "its maps (much faster per step)")
     parser.add_argument("--io-size", type=_ints,
-                        help="with --io-mode residual: the finer grid the residual is optimised on, e.g. 128,128,64")
+                        help="with --io-mode residual: the finer grid the images are compared on (and, without "
+                             "--io-field-size, the residual optimised on), e.g. 128,128,64")
+    parser.add_argument("--io-field-size", type=_ints,
+                        help="with --io-mode residual: the grid of the residual fields and the regulariser when it "
+                             "differs from --io-size, e.g. the network grid: fine similarity, coarse fields")
+    parser.add_argument("--io-fine-steps", type=int, default=None,
+                        help="with --io-size: only the last this many steps compare the images on --io-size, the "
+                             "others on the network grid (default: all)")
     parser.add_argument("--io-levels", type=int, default=1,
                         help="with --io-mode residual: residual fields on this many grids, each half the previous "
                              "one (coarse-to-fine; default 1)")
     parser.add_argument("--similarity", choices=["mse", "lncc", "mi", "mind"],
                         help="similarity of instance optimisation (default: the model's)")
+    parser.add_argument("--lncc-kernel", type=int, default=None,
+                        help="window of the LNCC similarity of instance optimisation, in voxels of the grid the "
+                             "images are compared on (odd, >= 3; default 7); needs the lncc similarity")
     parser.add_argument("--lmbda", type=float,
                         help="inverse-consistency weight of instance optimisation (default: the model's)")
     parser.add_argument("--regularizer", choices=["icon", "gradicon"],
@@ -81,7 +91,18 @@ def _load_model(args: argparse.Namespace, device):
                                    ("regularizer", args.regularizer)) if v is not None}
     if args.window is not None:
         overrides["percentiles"] = None
-    return load_registration_model(args.model, device, args.spatial_size, args.model_kind, **overrides)
+    model = load_registration_model(args.model, device, args.spatial_size, args.model_kind, **overrides)
+    if args.lncc_kernel is not None:
+        from monai_icon.losses import get_similarity
+
+        if model.similarity != "lncc":
+            raise ValueError(f"--lncc-kernel needs the lncc similarity (--similarity lncc); the model's is "
+                             f"{model.similarity!r}.")
+        kernel = args.lncc_kernel
+        if isinstance(kernel, bool) or kernel < 3 or kernel % 2 != 1:
+            raise ValueError(f"--lncc-kernel must be an odd number >= 3, got {kernel}.")
+        model.similarity = get_similarity("lncc", model.spatial_dims, kernel_size=kernel)
+    return model
 
 
 def _io_lr(args: argparse.Namespace) -> float:
@@ -175,7 +196,7 @@ def _register_pairs(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     summaries = register_pairs(pairs, model, output_dir, args.io_steps, _io_lr(args), device, args.io_mode,
-                               args.io_size, args.io_levels)
+                               args.io_size, args.io_levels, args.io_field_size, args.io_fine_steps)
     scored = [s for s in summaries if "mean_dice" in s]
     means = {"pairs": len(summaries), "seconds_per_pair": float(np.mean([s["seconds"] for s in summaries])),
              "folds_percent": float(np.mean([s["folds_percent"] for s in summaries]))}
@@ -206,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 moving_side=args.moving_side, io_steps=args.io_steps, device=device, io_mode=args.io_mode,
                 io_size=args.io_size, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
                 fixed_label=args.fixed_label, label_weight=args.label_weight, io_levels=args.io_levels,
-                io_lr=_io_lr(args),
+                io_lr=_io_lr(args), io_field_size=args.io_field_size, io_fine_steps=args.io_fine_steps,
             )
             print(json.dumps(summary, indent=1))
         elif args.command == "register-pairs":

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from torch.nn.modules.loss import _Loss
 
 from monai_icon.apps.physical import (
     check_memory,
@@ -106,7 +107,8 @@ class RegistrationModel:
             is given); ``None`` for non-knee models.
         resize_mode, reverse_axes, normalise_first: see :func:`~monai_icon.apps.physical.to_network_grid`
             (published ICON-family models: trilinear, ITK array order, normalised before resizing).
-        similarity, lmbda, regularizer: the ICON loss of instance optimisation.
+        similarity, lmbda, regularizer: the ICON loss of instance optimisation (``similarity``: a name of
+            :func:`~monai_icon.losses.get_similarity`, or a loss module such as an LNCC with another window).
     """
 
     network: nn.Module
@@ -118,7 +120,7 @@ class RegistrationModel:
     resize_mode: str = "area"
     reverse_axes: bool = False
     normalise_first: bool = False
-    similarity: str = "mse"
+    similarity: str | _Loss = "mse"
     lmbda: float = 1.0
     regularizer: str = "icon"
 
@@ -247,7 +249,7 @@ def register_images(
     io_mode: str = "network", io_size: Sequence[int] | None = None,
     fixed_mask: MetaTensor | None = None, moving_mask: MetaTensor | None = None,
     fixed_label: MetaTensor | None = None, moving_label: MetaTensor | None = None, label_weight: float = 0.0,
-    io_levels: int = 1,
+    io_levels: int = 1, io_field_size: Sequence[int] | None = None, io_fine_steps: int | None = None,
 ) -> PhysicalRegistration:
     """Register two channel-first MetaTensors (with affines) in physical space.
 
@@ -261,7 +263,12 @@ def register_images(
     similarity of instance optimisation to them (loss masking). With ``label_weight > 0`` and both label maps,
     instance optimisation adds the Dice term of the warped labels (label-supervised instance optimisation).
     ``io_levels > 1`` (residual mode) sums residual fields on that many grids, each half the previous one
-    (coarse-to-fine in every step: smooth deformations need far fewer steps).
+    (coarse-to-fine in every step: smooth deformations need far fewer steps). ``io_field_size`` (residual mode):
+    the grid of the residual fields and of the regulariser's points when it differs from the grid the images are
+    compared on (default: ``io_size``, or the network grid), e.g. images compared at full resolution
+    (``io_size``) while the fields stay on the network grid: finer similarity at a fraction of a finer field's cost.
+    ``io_fine_steps``: with ``io_size``, only the last this many steps compare the images on ``io_size``, the
+    others on the network grid (default: all steps on ``io_size``).
     """
     if io_levels != 1 and io_mode != "residual":
         raise ValueError(f"io_levels ({io_levels}) needs io_mode='residual'.")
@@ -311,9 +318,13 @@ def register_images(
     if label_weight > 0 and fixed_label is not None and moving_label is not None:
         num_classes = int(max(float(fixed_label.max()), float(moving_label.max()))) + 1
     loss = ICONLoss(model.similarity, model.lmbda, model.regularizer, spatial_dims=model.spatial_dims,
-                    label_weight=label_weight if num_classes else 0.0, num_classes=num_classes)
-    if io_size is not None and (io_mode != "residual" or len(io_size) != model.spatial_dims):
-        raise ValueError(f"io_size ({io_size}) needs io_mode='residual' and {model.spatial_dims} sizes.")
+                    label_weight=label_weight if num_classes else 0.0, num_classes=num_classes,
+                    compute_folds=False)  # instance optimisation does not read the folds of its steps
+    for name, size in (("io_size", io_size), ("io_field_size", io_field_size)):
+        if size is not None and (io_mode != "residual" or len(size) != model.spatial_dims):
+            raise ValueError(f"{name} ({size}) needs io_mode='residual' and {model.spatial_dims} sizes.")
+    if io_field_size is not None:
+        loss.regularizer_size = tuple(int(v) for v in io_field_size)
     if io_steps > 0 and io_mode == "residual":
         loss_images = None
         if io_size is not None:
@@ -326,8 +337,9 @@ def register_images(
             loss_images = (loss_images[0] * io_masks[0], loss_images[1] * io_masks[1])
         io_labels = labels_on(io_size) if io_size is not None else labels_on(model.spatial_size)
         phi, _, losses = residual_instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr,
+                                                    shape=tuple(io_field_size) if io_field_size else None,
                                                     loss_images=loss_images, masks=io_masks, labels=io_labels,
-                                                    levels=io_levels)
+                                                    levels=io_levels, fine_steps=io_fine_steps)
     else:
         with restored_weights(network):
             if io_steps > 0:
@@ -366,6 +378,8 @@ def register_files(
     fixed_label: str | Path | None = None,
     label_weight: float = 0.0,
     io_levels: int = 1,
+    io_field_size: Sequence[int] | None = None,
+    io_fine_steps: int | None = None,
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` (image files) and write the results on the fixed image's grid.
 
@@ -380,7 +394,8 @@ def register_files(
             (one-hot linear interpolation + arg-max, integer labels kept).
         fixed_side, moving_side: knee sides, for models trained on one side (see :class:`RegistrationModel`);
             by default taken from ``LEFT``/``RIGHT`` in the file names when the model has a ``target_side``.
-        io_steps, io_lr, io_mode, io_size, io_levels: instance optimisation (see :func:`register_images`).
+        io_steps, io_lr, io_mode, io_size, io_levels, io_field_size, io_fine_steps: instance optimisation (see
+            :func:`register_images`).
         fixed_mask, moving_mask: optional mask files (both or neither) on the images' grids: input and loss masking
             (see :func:`register_images`).
         fixed_label, label_weight: label-supervised instance optimisation: the fixed label map and the weight of
@@ -388,7 +403,7 @@ def register_files(
 
     Returns:
         a summary: the files written, seconds, instance-optimisation losses, the folds of the final map (% of the
-        cells of the network grid, or of ``io_size``, with a negative Jacobian determinant) and the mean
+        cells of the network grid, or of the residual fields' grid, with a negative Jacobian determinant) and the mean
         displacement (mm, RAS).
 
     Raises:
@@ -412,6 +427,7 @@ def register_files(
     if io_mode not in IO_MODES:
         raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
     check_sizes(io_size, "io_size", minimum=2)
+    check_sizes(io_field_size, "io_field_size", minimum=2)
     io_levels = check_count(io_levels, "io_levels", minimum=1)
     if io_levels > 1 and io_mode != "residual":
         raise ValueError(f"io_levels > 1 needs io_mode='residual' (coarse-to-fine residual fields), got io_levels "
@@ -464,7 +480,7 @@ def register_files(
         moving_side = moving_side or side_from_filename(moving)
     result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, io_steps, io_lr, device,
                              io_mode, io_size, masks[0], masks[1], fixed_labels, label, float(label_weight),
-                             io_levels)
+                             io_levels, io_field_size, io_fine_steps)
     points = result.fixed_to_moving(fixed_affine, fixed_shape)
     moving_affine = np.asarray(moving_image.affine, dtype=np.float64)
     written = {}
@@ -486,7 +502,7 @@ def register_files(
         write_displacement(displacement, fixed_affine, ddf, transform)
         written.update({k: str(v) for k, v in (("ddf", ddf), ("transform", transform)) if v is not None})
     with torch.no_grad():  # folds of the final map on the grid it was computed on (the reference's stencil)
-        folds = count_folds(result.phi.grid(tuple(io_size or model.spatial_size)), percentage=True)
+        folds = count_folds(result.phi.grid(tuple(io_field_size or io_size or model.spatial_size)), percentage=True)
     return {
         "written": written,
         "seconds": result.seconds,
@@ -522,9 +538,12 @@ def register_pairs(
     io_mode: str = "network",
     io_size: Sequence[int] | None = None,
     io_levels: int = 1,
+    io_field_size: Sequence[int] | None = None,
+    io_fine_steps: int | None = None,
 ) -> list[dict[str, Any]]:
     """Register every pair of a pair datalist (:func:`~monai_icon.data.load_pair_datalist`) in physical space with
-    :func:`register_files`, writing :func:`pair_outputs` into ``output_dir``. Prints one line per pair.
+    :func:`register_files` (the ``io_*`` arguments are its), writing :func:`pair_outputs` into ``output_dir``.
+    Prints one line per pair.
 
     Pairs with both ``moving_label`` and ``fixed_label`` are scored: Dice per label
     (:func:`~monai_icon.metrics.label_dice`) of the warped moving labels against the fixed labels on the fixed
@@ -543,7 +562,7 @@ def register_pairs(
                                  ddf=outputs["ddf"], transform=outputs["transform"],
                                  moving_label=pair.get("moving_label"), warped_label=outputs["warped_label"],
                                  io_steps=io_steps, io_lr=io_lr, device=device, io_mode=io_mode, io_size=io_size,
-                                 io_levels=io_levels)
+                                 io_levels=io_levels, io_field_size=io_field_size, io_fine_steps=io_fine_steps)
         summary["pair_id"] = pair.get("pair_id", f"pair{i:03d}")
         line = f"{summary['pair_id']}: {summary['seconds']:.2f} s, folds {summary['folds_percent']:.3f} %"
         if pair.get("fixed_label") and outputs["warped_label"] is not None:

@@ -125,6 +125,7 @@ def residual_instance_optimise(
     labels: tuple[torch.Tensor, torch.Tensor] | None = None,
     levels: int = 1,
     sample_network_maps: bool = True,
+    fine_steps: int | None = None,
 ) -> tuple[Map, Map, list[float]]:
     """Instance optimisation without touching the network: register the pair once (no gradients), then
     optimise two free residual displacement fields ``u_AB``, ``u_BA`` (zero at the start) on top of the
@@ -146,10 +147,16 @@ def residual_instance_optimise(
             linearly upsampled (:func:`multilevel_field`). Every Adam step then also moves smooth, large regions
             (the coarse-to-fine idea of classical registration, all levels at once): far fewer steps for a
             smooth deformation than one free field (``levels=1``).
+        fine_steps: with ``loss_images``: only the last ``fine_steps`` steps compare them; the steps before compare
+            the network's inputs (cheaper, coarser: coarse-to-fine in time). Default ``None``: every step uses
+            ``loss_images``. Not with ``masks`` or ``labels`` (they are on one grid).
         sample_network_maps: evaluate the network's maps once on the residual grid and use their linear
             interpolation from there (one interpolation per evaluation instead of one per network step: a
-            multi-step model's chain is not re-evaluated at every point of every step). An approximation of the
-            network's map between grid points, exact at them.
+            multi-step model's chain is not re-evaluated at every point of every step); and in every step, compose
+            ``phi o (id + u)`` on the residual grid only and use the displacement field it gives there, linearly
+            interpolated (one interpolation of the residual grid per map and step; the loss's finer images and
+            the regulariser's off-grid points then cost one interpolation per point instead of two). An
+            approximation of the maps between grid points, exact at them.
 
     Returns:
         ``(phi_AB, phi_BA, losses)``: the refined maps (their residuals detached) and the loss before each step.
@@ -163,12 +170,21 @@ def residual_instance_optimise(
         raise ValueError(f"instance optimisation learning rate must be a positive number, got {lr}.")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise ValueError(f"instance optimisation levels must be an integer >= 1, got {levels!r}.")
+    if fine_steps is not None and (isinstance(fine_steps, bool) or not isinstance(fine_steps, int)
+                                   or not 0 <= fine_steps <= steps or loss_images is None):
+        raise ValueError(f"fine_steps must be an integer in [0, steps={steps}] and needs loss_images, got "
+                         f"{fine_steps!r}{'' if loss_images is not None else ' without loss_images'}.")
+    if fine_steps is not None and fine_steps < steps and (masks is not None or labels is not None):
+        raise ValueError("fine_steps < steps (coarse steps on the network inputs) does not work with masks or labels "
+                         "on the loss images' grid; leave fine_steps at None.")
     with torch.no_grad():
         phi_AB, phi_BA = register_pair(network, moving, fixed)
+    coarse_images = (moving, fixed)
     if loss_images is not None:
         moving, fixed = loss_images
         check_image_pair(moving, fixed)
     shape = tuple(shape or moving.shape[2:])
+    first_fine_step = steps - (steps if fine_steps is None else fine_steps)
     if sample_network_maps:
         with torch.no_grad():
             identity = identity_grid(shape, moving.device)
@@ -177,19 +193,28 @@ def residual_instance_optimise(
     fields = [[torch.zeros(moving.shape[0], dims, *level_shape, device=moving.device, requires_grad=True)
                for level_shape in pyramid_shapes(shape, levels)] for _ in range(2)]
     optimizer = torch.optim.Adam([f for direction in fields for f in direction], lr=lr)
+
+    def refined(phi: Map, residual: torch.Tensor) -> Map:
+        composed = ComposedMap(phi, DisplacementMap(residual))
+        if not sample_network_maps:
+            return composed
+        return DisplacementMap(composed.grid(shape) - identity_grid(shape, residual.device, residual.dtype))
+
     history = []
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            refined_AB = ComposedMap(phi_AB, DisplacementMap(multilevel_field(fields[0], shape)))
-            refined_BA = ComposedMap(phi_BA, DisplacementMap(multilevel_field(fields[1], shape)))
-            value = loss(moving, fixed, refined_AB, refined_BA, *(labels or (None, None)),
+            refined_AB = refined(phi_AB, multilevel_field(fields[0], shape))
+            refined_BA = refined(phi_BA, multilevel_field(fields[1], shape))
+            images = (moving, fixed) if step >= first_fine_step else coarse_images
+            value = loss(*images, refined_AB, refined_BA, *(labels or (None, None)),
                          *(masks or (None, None))).loss.mean()
             value.backward()
             optimizer.step()
             history.append(float(value.detach()))
-    u_AB, u_BA = (multilevel_field(direction, shape).detach() for direction in fields)
-    return ComposedMap(phi_AB, DisplacementMap(u_AB)), ComposedMap(phi_BA, DisplacementMap(u_BA)), history
+    with torch.no_grad():
+        u_AB, u_BA = (multilevel_field(direction, shape) for direction in fields)
+        return refined(phi_AB, u_AB), refined(phi_BA, u_BA), history
 
 
 def pyramid_shapes(shape: Sequence[int], levels: int) -> list[tuple[int, ...]]:

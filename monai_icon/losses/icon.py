@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -35,7 +35,8 @@ class ICONLossOutput(NamedTuple):
         loss: ``similarity + lmbda * inverse_consistency`` (reduced; the value to back-propagate).
         similarity: symmetric similarity ``sim(A o phi_AB, B) + sim(B o phi_BA, A)`` (reduced).
         inverse_consistency: the regulariser value (ICON or GradICON; reduced).
-        folds: folds of ``phi_AB`` per image, ``[B]`` (count of negative-Jacobian cells; no gradient).
+        folds: folds of ``phi_AB`` per image, ``[B]`` (count of negative-Jacobian cells; no gradient; NaN when the
+            loss was built with ``compute_folds=False``).
         warped_A: ``A o phi_AB`` on B's grid, ``[B, C, *N]``.
         warped_B: ``B o phi_BA`` on A's grid, ``[B, C, *N]``.
         phi_AB_grid: ``phi_AB`` on the image grid in ``[0, 1]`` units, ``[B, D, *N]``.
@@ -107,6 +108,15 @@ class ICONLoss(_Loss):
         num_classes: label classes including background (required with ``label_weight > 0``).
         point_fraction: ``"icon"`` only: evaluate the inverse consistency at a random fraction of the jittered grid
             points (an unbiased estimate at that fraction of the cost; 1 = all, the paper).
+        regularizer_size: the grid whose jittered points the regulariser is evaluated at (default ``None``: the
+            images' grid). When the maps are displacement fields on a coarser grid than the images (e.g. instance
+            optimisation comparing finer images than the fields it optimises), their own grid costs less and
+            loses nothing; the regulariser is a mean over points, so its scale does not depend on this grid. Do
+            not go coarser than the maps' grid: measured in 3D instance optimisation with GradICON, fields on a
+            64x64x32 grid regularised at 32x32x16 points folded 24 % of their cells.
+        compute_folds: count the folds of ``phi_AB`` on the images' grid for the output's ``folds`` (default). ``False``
+            skips that count (``folds`` is then NaN per pair) where nobody reads it and the grid is large, e.g. in
+            every step of instance optimisation on full-resolution images.
         reduction: ``"mean"`` | ``"sum"`` over pairs, or ``"none"`` for ``[B]`` values.
 
     ``forward(image_A, image_B, phi_AB, phi_BA)`` takes ``[B, C, *N]`` images and the two maps (``A`` moving,
@@ -129,10 +139,20 @@ class ICONLoss(_Loss):
         point_fraction: float = 1.0,
         label_weight: float = 0.0,
         num_classes: int | None = None,
+        regularizer_size: Sequence[int] | None = None,
+        compute_folds: bool = True,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if regularizer_size is not None:
+            sizes = tuple(regularizer_size)
+            if len(sizes) != spatial_dims or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2
+                                                     for v in sizes):
+                raise ValueError(f"regularizer_size must be {spatial_dims} integers >= 2, got {regularizer_size!r}.")
+            regularizer_size = sizes
+        self.regularizer_size = regularizer_size
+        self.compute_folds = bool(compute_folds)
         if lmbda < 0:
             raise ValueError(f"lmbda must be >= 0, got {lmbda}.")
         self.spatial_dims = spatial_dims
@@ -198,14 +218,17 @@ class ICONLoss(_Loss):
         grid_AB, grid_BA = phi_AB.grid(shape), phi_BA.grid(shape)
         warped_A, warped_B = interpolate(image_A, grid_AB), interpolate(image_B, grid_BA)
         del grid_BA  # full-size and not needed below: free it before the regulariser's evaluations
-        folds = count_folds(grid_AB.detach())  # before the regulariser, whose saved tensors would add to its peak
+        # before the regulariser, whose saved tensors would add to its peak
+        folds = (count_folds(grid_AB.detach()) if self.compute_folds
+                 else torch.full((batch,), float("nan"), device=grid_AB.device))
         # both directions in one call (similarities are per pair): sim(A o phi_AB, B) + sim(B o phi_BA, A)
         both = self.similarity(torch.cat([warped_A, warped_B]), torch.cat([image_B, image_A]))
         if masks is None:
             similarity = per_pair(both, 2 * batch).reshape(2, batch).sum(dim=0)
         else:
             similarity = self._masked(both, torch.cat([masks[1], masks[0]])).reshape(2, batch).sum(dim=0)
-        regularization = per_pair(torch.as_tensor(self.regularizer(phi_AB, phi_BA, shape)), batch)
+        regularizer_shape = self.regularizer_size or tuple(shape)
+        regularization = per_pair(torch.as_tensor(self.regularizer(phi_AB, phi_BA, regularizer_shape)), batch)
         total = similarity + self.lmbda * regularization
         label_term = torch.zeros_like(total)
         if self.label_weight > 0 and label_A is not None and label_B is not None:
