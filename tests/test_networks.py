@@ -127,3 +127,27 @@ def test_displacement_field_smoothing_keeps_constant_fields_and_damps_noise():
     net = multistep_registration(3, 2, coarse_steps=2, coarse_factor=1, encoder_channels=(4, 8),
                                  decoder_channels=(8, 4), coarse_sigma=1.0)
     assert [m.sigma for m in net.modules() if isinstance(m, DisplacementField)] == [1.0, 1.0]
+
+
+def test_unet_registration_one_step_is_the_papers_network_and_more_steps_compose():
+    """``unet_registration(steps=1)`` has the keys of ``RegistrationNet(DisplacementField(UNet(2)))`` (the shipped
+    2D model loads into it); ``steps=2`` is two U-Nets composed (``TwoStep``), starting at the identity; a model file
+    may name it; bad step counts are refused."""
+    from monai_icon.networks import DisplacementField, RegistrationNet, TwoStep, unet_registration
+    from monai_icon.networks.nets import UNet
+    from monai_icon.networks.spec import build_network
+
+    one = unet_registration(2, steps=1, encoder_channels=(4, 8), decoder_channels=(8, 4))
+    paper = RegistrationNet(DisplacementField(UNet(2, encoder_channels=(4, 8), decoder_channels=(8, 4))))
+    assert one.state_dict().keys() == paper.state_dict().keys()
+    two = unet_registration(2, steps=2, encoder_channels=(4, 8), decoder_channels=(8, 4))
+    assert isinstance(two.block, TwoStep)
+    assert {k.split(".")[1] for k in two.state_dict()} == {"first", "second"}
+    ddf = two(torch.rand(2, 2, 16, 16))
+    assert ddf.shape == (2, 2, 16, 16) and float(ddf.abs().max()) == 0.0
+    built = build_network({"_target_": "monai_icon.networks.unet_registration", "spatial_dims": 2, "steps": 2,
+                           "encoder_channels": [4, 8], "decoder_channels": [8, 4]}, "test")
+    built.load_state_dict(two.state_dict())
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="steps"):
+            unet_registration(2, steps=bad)

@@ -7,7 +7,7 @@
 from monai_icon.networks import blocks, maps, nets
 from monai_icon.networks.blocks import Affine, DisplacementField, Downsample, Frozen, RegistrationModule, TwoStep
 from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, IdentityMap, Map
-from monai_icon.networks.multistep import chain, multistep_registration, unet_step
+from monai_icon.networks.multistep import chain, multistep_registration, unet_registration, unet_step
 from monai_icon.networks.registration_net import RegistrationNet, register_one_way, register_pair
 from monai_icon.networks.weights import extract_state_dict, load_weights
 
@@ -24,6 +24,7 @@ __all__ = [
     "unet_step",
     "chain",
     "multistep_registration",
+    "unet_registration",
     "load_weights",
     "extract_state_dict",
     "Map",

@@ -21,7 +21,7 @@ from monai_icon.networks.nets.unet import UNet
 from monai_icon.networks.registration_net import RegistrationNet
 from monai_icon.networks.weights import load_weights
 
-__all__ = ["unet_step", "chain", "multistep_registration"]
+__all__ = ["unet_step", "chain", "unet_registration", "multistep_registration"]
 
 
 def unet_step(spatial_dims: int = 3, in_channels: int = 2, encoder_channels: Sequence[int] = (16, 32, 64, 256, 512),
@@ -39,6 +39,23 @@ def chain(*blocks: RegistrationModule) -> RegistrationModule:
     for block in blocks[1:]:
         out = TwoStep(out, block)
     return out
+
+
+def unet_registration(spatial_dims: int = 2, steps: int = 1, in_channels: int = 2,
+                      encoder_channels: Sequence[int] = (16, 32, 64, 256, 512),
+                      decoder_channels: Sequence[int] = (256, 128, 64, 32, 16)) -> RegistrationNet:
+    """The paper's U-Net registration network at full resolution: one :func:`unet_step` (``steps=1``: the
+    paper's 2D network, state-dict keys ``block.net.*``) or ``steps`` of them composed (:func:`chain`; each step
+    registers the previous steps' warped moving image to the fixed one; keys ``block.first.*``, ``block.second.*``
+    for two). Every step starts at the identity, so does the chain.
+
+    Raises:
+        ValueError: ``steps`` not an integer >= 1.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
+    args = (spatial_dims, in_channels, encoder_channels, decoder_channels)
+    return RegistrationNet(chain(*[unet_step(*args) for _ in range(steps)]))
 
 
 def multistep_registration(

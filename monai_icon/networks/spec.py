@@ -35,6 +35,8 @@ ALLOWED_PREFIXES = ("monai_icon.networks.", "monai.networks.", "torch.nn.")
 FACTORIES: dict[str, frozenset[str]] = {
     "monai_icon.networks.multistep_registration": frozenset({"coarse_weights"}),  # the file carries the weights
     "monai_icon.networks.multistep.multistep_registration": frozenset({"coarse_weights"}),
+    "monai_icon.networks.unet_registration": frozenset(),  # one U-Net step or several composed
+    "monai_icon.networks.multistep.unet_registration": frozenset(),
     "monai_icon.networks.pretrained.build": frozenset(),  # a published architecture by kind (fine-tuned models)
 }
 _CONFIG_SYNTAX = ("$", "@", "%")
