@@ -270,3 +270,17 @@ def test_every_bundle_folder_is_a_complete_bundle_and_configs_holds_no_bundle():
         assert metadata["name"] and metadata["version"], folder.name
     assert not list((ROOT / "configs").rglob("metadata.json"))
     assert not list((ROOT / "configs").rglob("logging.conf"))
+
+
+def test_default_network_is_two_unets_and_one_step_yaml_gives_the_papers_single_unet(tmp_path):
+    """The bundle trains two composed U-Nets by default (keys ``block.first``/``block.second``, as the shipped model);
+    ``--network_def#block "%configs/one_step.yaml#block"`` trains the paper's single U-Net (keys ``block.net``)."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    bundle("run", "--config_file", TRAIN, "--bundle_root", str(two), "--epochs", "1", *SMALL)
+    bundle("run", "--config_file", TRAIN, "--bundle_root", str(one), "--epochs", "1", *SMALL,
+           "--network_def#block", f"%{CONFIGS / 'one_step.yaml'}#block")
+    keys_two = torch.load(models(two) / "model.pt", weights_only=True).keys()
+    keys_one = torch.load(models(one) / "model.pt", weights_only=True).keys()
+    assert {k.split(".")[1] for k in keys_two} == {"first", "second"}
+    assert {k.split(".")[1] for k in keys_one} == {"net"}
+    assert keys_two == torch.load(SHIPPED, weights_only=True).keys()
