@@ -177,10 +177,9 @@ def test_verify_metadata_net_in_out_and_torchscript_export(trained, tmp_path):
            "--meta_file", meta, "--config_file", str(CONFIGS / "inference.json"), "--key_in_ckpt", "",
            "--use_trace", "True", "--input_shape", "[1, 2, 28, 28]")
     scripted = torch.jit.load(str(ts))
-    from monai_icon.networks import DisplacementField, RegistrationNet
-    from monai_icon.networks.nets import UNet
+    from monai_icon.networks import unet_registration
 
-    eager = RegistrationNet(DisplacementField(UNet(2)))
+    eager = unet_registration(2, steps=2)  # the bundle's network
     eager.load_state_dict(torch.load(models(root) / "model.pt", weights_only=True))
     eager.eval()
     x = torch.rand(1, 2, 28, 28)

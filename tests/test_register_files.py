@@ -458,15 +458,14 @@ def test_2d_files_register_with_the_2d_bundle_and_its_itk_transform(tmp_path, su
     from PIL import Image
 
     from monai_icon.data import load_mnist_fives
-    from monai_icon.networks import DisplacementField
-    from monai_icon.networks.nets import UNet
+    from monai_icon.networks import unet_registration
 
     bundle = tmp_path / "bundle"
     (bundle / "models").mkdir(parents=True)
     shutil.copytree(ROOT / "bundle" / "mnist_icon" / "configs", bundle / "configs")
     torch.manual_seed(0)
-    network = RegistrationNet(DisplacementField(UNet(2)))
-    torch.nn.init.normal_(network.block.net.out.weight, std=0.02)
+    network = unet_registration(2, steps=2)  # the bundle's network: two U-Nets composed
+    torch.nn.init.normal_(network.block.first.net.out.weight, std=0.02)
     torch.save(network.state_dict(), bundle / "models" / "model.pt")
     images = (load_mnist_fives()[[0, 7]] * 255).round().astype(np.uint8)
     paths = []
