@@ -534,10 +534,9 @@ def test_label_supervised_instance_optimisation(tmp_path, capsys):
     assert "label_weight > 0 needs fixed_label" in capsys.readouterr().err
 
 
-def test_coarse_to_fine_residual_from_the_cli_with_an_instance_optimisation_loss_of_ones_choice(tmp_path, capsys):
-    """``--io-levels`` (residual mode) with the similarity and lambda of instance optimisation chosen on the command
-    line: a two-voxel shift of a ball is recovered better than without instance optimisation, and the summary
-    reports the folds of the final map."""
+def _shifted_balls_and_identity_model(tmp_path, spatial_size):
+    """Two 24x24x12 files of a soft ball shifted by two voxels, and a model file of a tiny identity network on
+    ``spatial_size`` (no intensity normalisation)."""
     shape, affine = (24, 24, 12), np.diag([2.0, 2.0, 3.0, 1.0])
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(np.float32)
 
@@ -550,8 +549,15 @@ def test_coarse_to_fine_residual_from_the_cli_with_an_instance_optimisation_loss
     spec = {"_target_": "monai_icon.networks.multistep_registration", "coarse_steps": 1,
             "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
     network = multistep_registration(coarse_steps=1, encoder_channels=(4, 8), decoder_channels=(8, 4))
-    model_file = save_registration_model(tmp_path / "m.pt", network, spec, spatial_size=(24, 24, 12),
-                                         percentiles=None)
+    return fixed, moving, save_registration_model(tmp_path / "m.pt", network, spec, spatial_size=spatial_size,
+                                                  percentiles=None)
+
+
+def test_coarse_to_fine_residual_from_the_cli_with_an_instance_optimisation_loss_of_ones_choice(tmp_path, capsys):
+    """``--io-levels`` (residual mode) with the similarity and lambda of instance optimisation chosen on the command
+    line: a two-voxel shift of a ball is recovered better than without instance optimisation, and the summary
+    reports the folds of the final map."""
+    fixed, moving, model_file = _shifted_balls_and_identity_model(tmp_path, (24, 24, 12))
     errors = {}
     for steps in (0, 60):
         out = tmp_path / f"w{steps}.nii.gz"
@@ -627,20 +633,7 @@ def test_cli_fine_similarity_on_coarse_fields_and_the_lncc_window(tmp_path, caps
     """``--io-size`` with ``--io-field-size`` (and ``--io-fine-steps``) and ``--lncc-kernel`` from the command line:
     a shifted ball is recovered better than without instance optimisation, the summary counts folds on the field
     grid, a different LNCC window gives a different result, and bad windows or a non-LNCC similarity are refused."""
-    shape, affine = (24, 24, 12), np.diag([2.0, 2.0, 3.0, 1.0])
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(np.float32)
-
-    def ball(centre):
-        r = np.sqrt(((grid - np.reshape(centre, (3, 1, 1, 1))) ** 2 * np.reshape([1, 1, 2.25], (3, 1, 1, 1))).sum(0))
-        return 1.0 / (1.0 + np.exp(r - 6.0))
-
-    fixed = _save(tmp_path / "f.nii.gz", ball((12, 12, 6)), affine)
-    moving = _save(tmp_path / "m.nii.gz", ball((10, 13, 6)), affine)
-    spec = {"_target_": "monai_icon.networks.multistep_registration", "coarse_steps": 1,
-            "encoder_channels": [4, 8], "decoder_channels": [8, 4]}
-    network = multistep_registration(coarse_steps=1, encoder_channels=(4, 8), decoder_channels=(8, 4))
-    model_file = save_registration_model(tmp_path / "m.pt", network, spec, spatial_size=(12, 12, 6),
-                                         percentiles=None)
+    fixed, moving, model_file = _shifted_balls_and_identity_model(tmp_path, (12, 12, 6))
     base = ["register", "--fixed", str(fixed), "--moving", str(moving), "--model", str(model_file),
             "--similarity", "lncc", "--lmbda", "2", "--regularizer", "gradicon"]
     fine = ["--io-steps", "60", "--io-mode", "residual", "--io-levels", "3", "--io-lr", "5e-3",
