@@ -317,14 +317,13 @@ def register_images(
     num_classes = None
     if label_weight > 0 and fixed_label is not None and moving_label is not None:
         num_classes = int(max(float(fixed_label.max()), float(moving_label.max()))) + 1
-    loss = ICONLoss(model.similarity, model.lmbda, model.regularizer, spatial_dims=model.spatial_dims,
-                    label_weight=label_weight if num_classes else 0.0, num_classes=num_classes,
-                    compute_folds=False)  # instance optimisation does not read the folds of its steps
     for name, size in (("io_size", io_size), ("io_field_size", io_field_size)):
         if size is not None and (io_mode != "residual" or len(size) != model.spatial_dims):
             raise ValueError(f"{name} ({size}) needs io_mode='residual' and {model.spatial_dims} sizes.")
-    if io_field_size is not None:
-        loss.regularizer_size = tuple(int(v) for v in io_field_size)
+    loss = ICONLoss(model.similarity, model.lmbda, model.regularizer, spatial_dims=model.spatial_dims,
+                    label_weight=label_weight if num_classes else 0.0, num_classes=num_classes,
+                    regularizer_size=None if io_field_size is None else tuple(int(v) for v in io_field_size),
+                    compute_folds=False)  # instance optimisation does not read the folds of its steps
     if io_steps > 0 and io_mode == "residual":
         loss_images = None
         if io_size is not None:

@@ -198,7 +198,7 @@ def residual_instance_optimise(
         composed = ComposedMap(phi, DisplacementMap(residual))
         if not sample_network_maps:
             return composed
-        return DisplacementMap(composed.grid(shape) - identity_grid(shape, residual.device, residual.dtype))
+        return DisplacementMap(composed.grid(shape) - identity)
 
     history = []
     with torch.enable_grad():
