@@ -215,3 +215,40 @@ def test_training_reads_mask_files_binarised_and_masks_loss_and_inputs(tmp_path)
                       "--val_pairs", "1", "--epochs", "1", "--architecture#encoder_channels", "[4,8]",
                       "--architecture#decoder_channels", "[8,4]", "--use_masks", "true", check=False)
     assert proc.returncode != 0 and "mask" in proc.stdout + proc.stderr
+
+
+def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
+    """The single-stage recipe (docs/knee3d.md, stop 19): the coarse steps on 2x pooled inputs, the loss on the
+    full-resolution images, the regulariser on the steps' own grid, the composed map resampled there, LNCC with
+    its own window; the exported model runs the same network for `monai-icon register`."""
+    from monai.bundle import ConfigParser
+
+    from monai_icon.apps.cli import main
+    from monai_icon.networks import Downsample
+
+    write_synthetic_knees(tmp_path / "knees", num_subjects=4, shape=(32, 32, 16), spacing=(4.2, 4.2, 7.5))
+    write_datalist(build_knee_datalist(tmp_path / "knees", 0.3, num_test_pairs=1, relative_to=tmp_path),
+                   tmp_path / "datalist.json")
+    options = {"--datalist": str(tmp_path / "datalist.json"), "--output_root": str(tmp_path / "runs"),
+               "--full_size": "[16,16,8]", "--image_size": "[16,16,8]", "--coarse_factor": "2",
+               "--regularizer_size": "[8,8,4]", "--architecture#resample_coarse": "true", "--similarity": "lncc",
+               "--lncc_kernel": "3", "--regularizer": "gradicon", "--iterations_per_epoch": "2", "--batch_size": "2",
+               "--val_pairs": "1", "--epochs": "1", "--architecture#encoder_channels": "[4,8]",
+               "--architecture#decoder_channels": "[8,4]"}
+    bundle_run(["common.yaml", "stage1.yaml"], *[item for pair in options.items() for item in pair])
+    exported = tmp_path / "runs" / "stage1" / "models" / "registration_model.pt"
+    model = load_registration_model(exported)
+    assert model.spatial_size == (16, 16, 8) and model.similarity == "lncc"
+    block = model.network.block
+    assert isinstance(block, Downsample) and block.factor == 2 and block.resample is True
+    images = sorted((tmp_path / "knees").glob("*_image.nii.gz"))
+    assert main(["register", "--fixed", str(images[0]), "--moving", str(images[1]), "--model", str(exported),
+                 "--warped", str(tmp_path / "w.nii.gz"), "--fixed-side", "LEFT", "--moving-side", "RIGHT"]) == 0
+    # the options reach the objects the bundle builds
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "stage1.yaml")])
+    parser.update({"regularizer_size": [8, 8, 4], "similarity": "lncc", "lncc_kernel": 5})
+    loss = parser.get_parsed_content("loss")
+    assert loss.regularizer_size == (8, 8, 4) and loss.similarity.kernel_size == 5
+    assert parser.get_parsed_content("channels_last") is True  # channels-last training by default (faster 3D steps)
+    assert parser["train"]["trainer"]["channels_last"] == "$monai_icon.config.as_bool(@channels_last, 'channels_last')"

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Warp
 
 from conftest import FixedDisplacementNet, smooth_random_field
@@ -113,6 +114,44 @@ def test_downsample_runs_child_at_low_resolution_and_map_is_continuous(shape):
     # evaluating at off-grid points is well defined and equals the child's map
     x = torch.rand(1, len(shape), 50)
     assert torch.allclose(phi(x), DisplacementMap(coarse_disp)(x))
+
+
+@pytest.mark.parametrize("shape", [(15, 10), (9, 7, 11)])
+def test_downsample_resample_is_the_composition_sampled_on_the_coarse_grid(shape):
+    torch.manual_seed(0)
+    coarse_shape = tuple((n + 1) // 2 for n in shape)
+    fields = [smooth_random_field(1, coarse_shape, 0.05) for _ in range(2)]
+
+    class Net(torch.nn.Module):
+        def __init__(self, field):
+            super().__init__()
+            self.field = field
+
+        def forward(self, a, b):
+            return self.field
+
+    def model(resample):
+        steps = TwoStep(DisplacementField(Net(fields[0])), DisplacementField(Net(fields[1])))
+        return Downsample(steps, factor=2, resample=resample)
+
+    a, b = torch.rand(1, 1, *shape), torch.rand(1, 1, *shape)
+    exact, resampled = model(False)(a, b), model(True)(a, b)
+    assert isinstance(exact, ComposedMap) and isinstance(resampled, DisplacementMap)
+    # the same map at the coarse grid points (where it was sampled) ...
+    coarse = identity_grid(coarse_shape)
+    assert torch.allclose(resampled(coarse), exact(coarse), atol=1e-6)
+    # ... linear in between: on the fine grid, the coarse-grid composition interpolated, not the exact composition
+    expected = F.interpolate(exact.grid(coarse_shape) - coarse, size=shape, mode="bilinear" if len(shape) == 2
+                             else "trilinear", align_corners=True) + identity_grid(shape)
+    assert torch.allclose(resampled.grid(shape), expected, atol=1e-6)
+    assert not torch.allclose(resampled.grid(shape), exact.grid(shape), atol=1e-6)
+    # gradients reach both steps' outputs through the resampled map
+    for field in fields:
+        field.requires_grad_(True)
+    model(True)(a, b).grid(shape).square().sum().backward()
+    assert all(field.grad is not None and field.grad.abs().sum() > 0 for field in fields)
+    with pytest.raises(ValueError, match="resample must be True or False"):
+        Downsample(DisplacementField(Net(fields[0])), resample="yes")
 
 
 def test_affine_block_and_map():

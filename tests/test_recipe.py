@@ -338,3 +338,37 @@ def test_residual_instance_optimisation_fine_steps_and_its_errors():
     masks = (torch.ones(1, 1, 32, 32), torch.ones(1, 1, 32, 32))
     with pytest.raises(ValueError, match="masks or labels"):
         residual_instance_optimise(net, moving, fixed, loss, steps=4, loss_images=fine, fine_steps=2, masks=masks)
+
+
+def test_residual_instance_optimisation_coarse_steps_pool_the_images_of_a_network_that_takes_them():
+    """A network whose inputs are already the fine images (its own grid finer than the residual fields'): the
+    coarse steps compare those images average-pooled onto the fields' grid, which is the run on pooled inputs."""
+    import torch.nn.functional as F
+
+    from monai_icon.engines.instance_optimisation import residual_instance_optimise
+    from monai_icon.networks.registration_net import register_pair
+
+    net = _net().eval()
+    torch.manual_seed(1)
+    fine = (torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32))
+    pooled = tuple(F.avg_pool2d(image, 2) for image in fine)
+    seen = []
+
+    class Recording(ICONLoss):
+        def forward(self, image_A, image_B, *args, **kwargs):
+            seen.append(tuple(image_A.shape[2:]))
+            return super().forward(image_A, image_B, *args, **kwargs)
+
+    loss = Recording("mse", 8.0, regularizer_size=(16, 16))
+    torch.manual_seed(0)
+    _, _, history = residual_instance_optimise(net, *fine, loss, steps=4, lr=1e-2, shape=(16, 16),
+                                               loss_images=fine, fine_steps=1)
+    assert seen == [(16, 16)] * 3 + [(32, 32)]
+    # the coarse steps are those of a refinement of the pooled images (the network's maps are functions: the same
+    # maps on both grids up to the network's own input, here the fine images in both runs)
+    seen.clear()
+    torch.manual_seed(0)
+    phi_AB, phi_BA = register_pair(net, *fine)
+    _, _, reference = residual_instance_optimise(lambda a, b: (phi_AB, phi_BA), *pooled, loss, steps=3, lr=1e-2,
+                                                 shape=(16, 16))
+    assert history[:3] == pytest.approx(reference, rel=1e-6)

@@ -66,7 +66,7 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
                              "differs from --io-size, e.g. the network grid: fine similarity, coarse fields")
     parser.add_argument("--io-fine-steps", type=int, default=None,
                         help="with --io-size: only the last this many steps compare the images on --io-size, the "
-                             "others on the network grid (default: all)")
+                             "others on the residual fields' grid (default: all)")
     parser.add_argument("--io-levels", type=int, default=1,
                         help="with --io-mode residual: residual fields on this many grids, each half the previous "
                              "one (coarse-to-fine; default 1)")

@@ -268,7 +268,8 @@ def register_images(
     compared on (default: ``io_size``, or the network grid), e.g. images compared at full resolution
     (``io_size``) while the fields stay on the network grid: finer similarity at a fraction of a finer field's cost.
     ``io_fine_steps``: with ``io_size``, only the last this many steps compare the images on ``io_size``, the
-    others on the network grid (default: all steps on ``io_size``).
+    others on the residual fields' grid (the network's inputs, or for a network that takes the finer images
+    itself, those average-pooled; default: all steps on ``io_size``).
     """
     if io_levels != 1 and io_mode != "residual":
         raise ValueError(f"io_levels ({io_levels}) needs io_mode='residual'.")

@@ -148,8 +148,10 @@ def residual_instance_optimise(
             (the coarse-to-fine idea of classical registration, all levels at once): far fewer steps for a
             smooth deformation than one free field (``levels=1``).
         fine_steps: with ``loss_images``: only the last ``fine_steps`` steps compare them; the steps before compare
-            the network's inputs (cheaper, coarser: coarse-to-fine in time). Default ``None``: every step uses
-            ``loss_images``. Not with ``masks`` or ``labels`` (they are on one grid).
+            the images on the residual grid ``shape`` (cheaper, coarser: coarse-to-fine in time): the network's
+            inputs when they are on that grid, else ``loss_images`` average-pooled onto it (a network that itself
+            takes the finer images). Default ``None``: every step uses ``loss_images``. Not with ``masks`` or
+            ``labels`` (they are on one grid).
         sample_network_maps: evaluate the network's maps once on the residual grid and use their linear
             interpolation from there (one interpolation per evaluation instead of one per network step: a
             multi-step model's chain is not re-evaluated at every point of every step); and in every step, compose
@@ -185,6 +187,8 @@ def residual_instance_optimise(
         check_image_pair(moving, fixed)
     shape = tuple(shape or moving.shape[2:])
     first_fine_step = steps - (steps if fine_steps is None else fine_steps)
+    if first_fine_step > 0 and tuple(coarse_images[0].shape[2:]) != shape:
+        coarse_images = (F.interpolate(moving, size=shape, mode="area"), F.interpolate(fixed, size=shape, mode="area"))
     if sample_network_maps:
         with torch.no_grad():
             identity = identity_grid(shape, moving.device)

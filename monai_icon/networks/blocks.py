@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 
-from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, Map
+from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, Map, identity_grid
 
 __all__ = ["check_image_pair", "RegistrationModule", "DisplacementField", "Affine", "TwoStep", "Downsample", "Frozen"]
 
@@ -183,23 +183,38 @@ class Downsample(RegistrationModule):
     Args:
         block: the registration block to run at low resolution.
         factor: integer pooling factor per spatial axis (2 halves the resolution).
+        resample: ``False`` (default): the block's map itself (for a multi-step block, its composition evaluated
+            exactly wherever it is queried). ``True``: that map sampled on the coarse grid and linearly
+            interpolated, one displacement field (:class:`~monai_icon.networks.maps.DisplacementMap`, exact at the
+            coarse grid points): a multi-step block's composition is then computed once on the coarse grid
+            instead of at every full-resolution point, which makes a loss on the full-resolution images cheaper
+            (one interpolation per point instead of one per step). A different map between the coarse points, so
+            a model trained with it must be run with it (it has no weights: state dicts are the same either way).
     """
 
-    def __init__(self, block: RegistrationModule, factor: int = 2, check_inputs: bool = True) -> None:
+    def __init__(self, block: RegistrationModule, factor: int = 2, check_inputs: bool = True,
+                 resample: bool = False) -> None:
         super().__init__(check_inputs)
         if int(factor) != factor or factor < 1:
             raise ValueError(f"factor must be a positive integer, got {factor}.")
+        if not isinstance(resample, bool):
+            raise ValueError(f"resample must be True or False, got {resample!r}.")
         self.block = block
         self.factor = int(factor)
+        self.resample = resample
 
     def _pool(self, image: torch.Tensor) -> torch.Tensor:
         pool = F.avg_pool2d if image.ndim == 4 else F.avg_pool3d
         return pool(image, kernel_size=self.factor, stride=self.factor, ceil_mode=True)
 
     def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:
-        if self.factor == 1:
-            return _child_map(self.block, image_A, image_B)
-        return _child_map(self.block, self._pool(image_A), self._pool(image_B))
+        if self.factor > 1:
+            image_A, image_B = self._pool(image_A), self._pool(image_B)
+        phi = _child_map(self.block, image_A, image_B)
+        if not self.resample:
+            return phi
+        shape = image_A.shape[2:]
+        return DisplacementMap(phi.grid(shape) - identity_grid(shape, image_A.device, phi.dtype))
 
 
 class Frozen(RegistrationModule):

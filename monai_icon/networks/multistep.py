@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from monai_icon.config import as_bool
 from monai_icon.networks.blocks import DisplacementField, Downsample, Frozen, RegistrationModule, TwoStep
 from monai_icon.networks.nets.unet import UNet
 from monai_icon.networks.registration_net import RegistrationNet
@@ -69,6 +70,7 @@ def multistep_registration(
     encoder_channels: Sequence[int] = (16, 32, 64, 256, 512),
     decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
     coarse_sigma: float = 0.0,
+    resample_coarse: bool | str = False,
 ) -> RegistrationNet:
     """The multi-step model of the module docstring.
 
@@ -81,6 +83,10 @@ def multistep_registration(
             are the same either way).
         coarse_sigma: Gaussian smoothing (voxels of their grid) of the coarse steps' displacements (0: none), a
             smooth output head that conditions early training (:class:`DisplacementField`); no weights of its own.
+        resample_coarse: the coarse steps' composed map sampled once on their grid and linearly interpolated
+            (:class:`Downsample` ``resample``): cheaper to evaluate on a finer grid (a loss on the full-resolution
+            images); a model trained with it must be run with it. Default ``False``: the exact composition. Config
+            strings such as ``"true"`` are accepted (:func:`monai_icon.config.as_bool`).
         coarse_weights: a stage-1 checkpoint (a ``multistep_registration(fine_steps=0)`` model with the same
             arguments) loaded strictly into the coarse steps.
 
@@ -91,7 +97,8 @@ def multistep_registration(
         raise ValueError(f"need coarse_steps >= 1 and fine_steps >= 0, got {coarse_steps} and {fine_steps}.")
     args = (spatial_dims, in_channels, encoder_channels, decoder_channels)
     coarse_blocks = [unet_step(*args, sigma=coarse_sigma) for _ in range(coarse_steps)]
-    coarse = RegistrationNet(Downsample(chain(*coarse_blocks), coarse_factor))
+    resample = as_bool(resample_coarse, "resample_coarse")
+    coarse = RegistrationNet(Downsample(chain(*coarse_blocks), coarse_factor, resample=resample))
     if coarse_weights is not None:
         load_weights(coarse, coarse_weights)
     if fine_steps == 0:
