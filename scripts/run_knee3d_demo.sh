@@ -14,7 +14,7 @@ bash scripts/setup.sh
 PY="${VENV:-.venv}/bin/python"
 DATA=${DATA:-knees}
 # the two-stage recipe (stage 1 on 32x32x16, stage 2 on 64x64x32); VARIANT=augmented changes these for DATA=real
-FULL="[64,64,32]"; EPOCHS=30; FINAL=stage2; TARGET=32; AUGMENT=()
+FULL="[64,64,32]"; EPOCHS=30; FINAL=stage2; TARGET=32; AUGMENT=(); BATCH=4; START=1; RECIPE_EXTRA=()
 if [ "$DATA" = real ]; then
   OUT=${OUT:-runs/t1head_demo}
   [ -f "$OUT/datalist.json" ] || "$PY" -c "
@@ -30,6 +30,14 @@ write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, 
     # the same lambda: it ends on 128 instead of 32
     FULL="[128,128,64]"; EPOCHS=12; FINAL=stage1; TARGET=128
     AUGMENT=(--augment_deform 1.5 --augment_gamma 1.25)
+  elif [ "${VARIANT:-}" = fine ]; then
+    # one stage whose two U-Net steps run on 2x pooled inputs (64x64x32) and whose loss compares the images at
+    # 128x128x64 (LNCC, window 5), GradICON on the steps' own grid, the composed map resampled there (cheaper);
+    # augmentation (3 voxels of the 128 grid = 1.5 of the steps' grid), batch 2, lambda 1 -> 4
+    FULL="[128,128,64]"; EPOCHS=${EPOCHS_FINE:-16}; FINAL=stage1; TARGET=4; BATCH=2
+    AUGMENT=(--augment_deform 3.0 --augment_gamma 1.25)
+    RECIPE_EXTRA=(--image_size "[128,128,64]" --coarse_factor 2 --regularizer_size "[64,64,32]"
+                  --architecture#resample_coarse true --similarity lncc --lncc_kernel 5 --regularizer gradicon)
   fi
 else
   OUT=${OUT:-runs/knee3d_demo}
@@ -41,7 +49,7 @@ else
   DATA_ARGS=()
 fi
 STAGE1_EPOCHS=${STAGE1_EPOCHS:-$EPOCHS}; LMBDA=${LMBDA:-$TARGET}  # stage-1 epochs and final lambda, overridable
-ARGS=(--datalist "$OUT/datalist.json" --output_root "$OUT" --full_size "$FULL" --batch_size 4
+ARGS=(--datalist "$OUT/datalist.json" --output_root "$OUT" --full_size "$FULL" --batch_size "$BATCH"
       --iterations_per_epoch 50 "${DATA_ARGS[@]}"
       --architecture#encoder_channels "[16,32,64,64,64]" --architecture#decoder_channels "[64,64,32,16,16]")
 # The recipe chosen on the T1 head's validation pairs (docs/knee3d.md): U-Nets of 1.4 M parameters each instead of
@@ -50,12 +58,14 @@ ARGS=(--datalist "$OUT/datalist.json" --output_root "$OUT" --full_size "$FULL" -
 RECIPE=(--val_pairs 6 --learning_rate 0.0005 --lr_schedule cosine --warmup_steps 100 --max_grad_norm 5)
 C=bundle/knee3d_icon/configs
 "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage1.yaml']" --epochs "$STAGE1_EPOCHS" "${ARGS[@]}" \
-  "${RECIPE[@]}" --lmbda_schedule continuation --lmbda_start 1 --lmbda_target "$LMBDA" --lmbda_ramp 0.5 "${AUGMENT[@]}" "$@"
+  "${RECIPE[@]}" --lmbda_schedule continuation --lmbda_start "$START" --lmbda_target "$LMBDA" --lmbda_ramp 0.5 \
+  "${AUGMENT[@]}" "${RECIPE_EXTRA[@]}" "$@"
 if [ "$FINAL" = stage2 ]; then
   "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage2.yaml']" --epochs 2 "${ARGS[@]}" \
     --val_pairs 6 --learning_rate 0.0002 "$@"
 fi
-"$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/$FINAL.yaml','$C/evaluate.yaml']" "${ARGS[@]}" "$@"  # all test pairs
+"$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/$FINAL.yaml','$C/evaluate.yaml']" "${ARGS[@]}" \
+  "${RECIPE_EXTRA[@]}" "$@"  # all test pairs
 # the test pairs registered as files, as a user would, with coarse-to-fine residual instance optimisation
 # (LNCC + GradICON, residual fields on 4 grids; chosen on the validation pairs): label Dice on each fixed image's
 # own grid before/after, folds and seconds per pair (runs/.../register_pairs/summary.json). On the T1 head (files of
