@@ -53,10 +53,12 @@ def variant_name(case: str, resample: bool, channels_last: bool) -> str:
     return ", ".join(parts)
 
 
-def make_step(shape, factor: int, resample: bool, channels_last: bool, batch: int, channels: dict | None = None):
-    """A closure running one training step (U-Nets of ``channels``, default the demo's); returns the loss value."""
+def make_step(shape, factor: int, resample: bool, channels_last: bool, batch: int, channels: dict | None = None,
+              device: str | torch.device = "cpu"):
+    """A closure running one training step (U-Nets of ``channels``, default the demo's) on ``device``; returns the
+    loss value (which waits for the device)."""
     torch.manual_seed(0)
-    net = multistep_registration(3, coarse_factor=factor, resample_coarse=resample, **(channels or SMALL))
+    net = multistep_registration(3, coarse_factor=factor, resample_coarse=resample, **(channels or SMALL)).to(device)
     with torch.no_grad():  # a non-trivial map, as after some training
         for name, p in net.named_parameters():
             if name.endswith("out.weight"):
@@ -64,7 +66,7 @@ def make_step(shape, factor: int, resample: bool, channels_last: bool, batch: in
     loss = ICONLoss(get_similarity("lncc", 3, kernel_size=5), 4.0, "gradicon", spatial_dims=3,
                     regularizer_size=tuple(-(-n // factor) for n in shape))  # the steps' own grid
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
-    a, b = torch.rand(batch, 1, *shape), torch.rand(batch, 1, *shape)
+    a, b = torch.rand(batch, 1, *shape, device=device), torch.rand(batch, 1, *shape, device=device)
     if channels_last:
         to_channels_last(net)
         a, b = channels_last_copy(a), channels_last_copy(b)
@@ -75,7 +77,7 @@ def make_step(shape, factor: int, resample: bool, channels_last: bool, batch: in
         out = loss(a, b, *register_pair(net, a, b))
         out.loss.backward()
         optimizer.step()
-        return float(out.loss)
+        return float(out.loss.detach())
 
     return step
 
@@ -85,10 +87,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu (default) or e.g. cuda")
     p.add_argument("--output", default=None, help="also write the markdown table to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    steps = [make_step(shape, f, r, cl, args.batch) for _, shape, f, r, cl in VARIANTS]
+    steps = [make_step(shape, f, r, cl, args.batch, device=args.device) for _, shape, f, r, cl in VARIANTS]
     first_loss = [step() for step in steps]  # warm-up round; the first step's loss
     times: list[list[float]] = [[] for _ in VARIANTS]
     for _ in range(args.repeats):
@@ -96,8 +99,9 @@ def main() -> None:
             start = time.perf_counter()
             step()
             times[i].append(time.perf_counter() - start)
-    lines = [f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, batch {args.batch}; medians of {args.repeats} rounds after one "
+    where = (torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda")
+             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    lines = [f"Device: {where}, torch {torch.__version__}, batch {args.batch}; medians of {args.repeats} rounds after one "
              "warm-up round.", "",
              "| step | images | s / step | / first of its case | first step's loss |", "|---|---|---|---|---|"]
     base = {}
@@ -105,7 +109,7 @@ def main() -> None:
         base.setdefault(case, i)
         ratio = statistics.median(t / s for t, s in zip(times[i], times[base[case]]))
         lines.append(f"| {variant_name(case, resample, channels_last)} | {'x'.join(map(str, shape))} | "
-                     f"{statistics.median(times[i]):.2f} | {ratio:.2f} | {first_loss[i]:.6f} |")
+                     f"{statistics.median(times[i]):.3f} | {ratio:.2f} | {first_loss[i]:.6f} |")
     table = "\n".join(lines)
     print(table)
     if args.output:

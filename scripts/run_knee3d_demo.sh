@@ -5,9 +5,11 @@
 # optimisation (label Dice before/after on each fixed grid) -> `monai-icon register` on one pair of files
 # (physical space, ITK transform). Uses a 64x64x32 network grid instead of the paper's 192x192x80 so that it fits a CPU.
 # Everything goes to runs/knee3d_demo (delete it to start over; reruns resume from the last checkpoints).
-# Set DATA=real to run the same on deformed copies of the embedded ITK T1 head volume (6 k-means labels).
-# VARIANT=augmented (DATA=real only) trains one stage on a 64x64x32 grid with augmentation instead (docs/knee3d.md,
-# stop 17: a better network alone, a worse refinement on top of it); OUT=... writes elsewhere.
+# Set DATA=real to run on deformed copies of the embedded ITK T1 head volume (6 k-means labels) with the recipe chosen
+# for it (docs/knee3d.md, stop 19): one stage whose two U-Net steps run on a 64x64x32 grid while the loss compares
+# the images at 128x128x64. VARIANT=twostage (DATA=real) runs the knees' two-stage recipe on it instead (stop 16),
+# VARIANT=augmented one stage on the 64x64x32 grid (stop 17); OUT=... writes elsewhere; EPOCHS_FINE=N trains the
+# default real recipe for N epochs of 50 steps (22: about 25 minutes here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -23,21 +25,24 @@ write_deformed_copies('$OUT/volumes', num_copies=16, deformation_mm=6.0, seed=0)
 write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, relative_to='$OUT', val_fraction=0.2, num_val_pairs=6), '$OUT/datalist.json')"
   # non-knee data: no side; every volume is brought to one canonical orientation (RAS), whatever its array order
   DATA_ARGS=(--target_side '$None' --axcodes RAS --num_classes 7 --label_names "{1: 'class1', 2: 'class2', 3: 'class3', 4: 'class4', 5: 'class5', 6: 'class6'}")
-  if [ "${VARIANT:-}" = augmented ]; then
+  VARIANT=${VARIANT:-fine}
+  if [ "$VARIANT" = augmented ]; then
     # one stage on a 64x64x32 grid (full_size 128x128x64 halved): the 32x32x16 stage 1 cannot see the 2 mm labels,
     # and a second stage at 128x128x64 does not fit the budget; every training image gets a new smooth random
     # deformation and intensity gamma per step (9 training volumes are memorised otherwise), which folds more at
     # the same lambda: it ends on 128 instead of 32
     FULL="[128,128,64]"; EPOCHS=12; FINAL=stage1; TARGET=128
     AUGMENT=(--augment_deform 1.5 --augment_gamma 1.25)
-  elif [ "${VARIANT:-}" = fine ]; then
+  elif [ "$VARIANT" = fine ]; then
     # one stage whose two U-Net steps run on 2x pooled inputs (64x64x32) and whose loss compares the images at
     # 128x128x64 (LNCC, window 5), GradICON on the steps' own grid, the composed map resampled there (cheaper);
-    # augmentation (3 voxels of the 128 grid = 1.5 of the steps' grid), batch 2, lambda 1 -> 4
-    FULL="[128,128,64]"; EPOCHS=${EPOCHS_FINE:-16}; FINAL=stage1; TARGET=4; BATCH=2
+    # augmentation (3 voxels of the 128 grid = 1.5 of the steps' grid), batch 2, lambda 1 -> 4; channels-last
+    FULL="[128,128,64]"; EPOCHS=${EPOCHS_FINE:-22}; FINAL=stage1; TARGET=4; BATCH=2
     AUGMENT=(--augment_deform 3.0 --augment_gamma 1.25)
     RECIPE_EXTRA=(--image_size "[128,128,64]" --coarse_factor 2 --regularizer_size "[64,64,32]"
                   --architecture#resample_coarse true --similarity lncc --lncc_kernel 5 --regularizer gradicon)
+  elif [ "$VARIANT" != twostage ]; then
+    echo "unknown VARIANT=$VARIANT (DATA=real: fine, twostage or augmented)" >&2; exit 2
   fi
 else
   OUT=${OUT:-runs/knee3d_demo}
