@@ -101,8 +101,8 @@ def main() -> None:
             times[i].append(time.perf_counter() - start)
     where = (torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda")
              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    lines = [f"Device: {where}, torch {torch.__version__}, batch {args.batch}; medians of {args.repeats} rounds after one "
-             "warm-up round.", "",
+    lines = [f"Device: {where}, torch {torch.__version__}, batch {args.batch}; medians of {args.repeats} rounds "
+             "after one warm-up round.", "",
              "| step | images | s / step | / first of its case | first step's loss |", "|---|---|---|---|---|"]
     base = {}
     for i, (case, shape, _, resample, channels_last) in enumerate(VARIANTS):
