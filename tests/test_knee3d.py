@@ -241,6 +241,7 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
     assert model.spatial_size == (16, 16, 8) and model.similarity == "lncc"
     block = model.network.block
     assert isinstance(block, Downsample) and block.factor == 2 and block.resample is True
+    assert torch.load(exported, weights_only=True)["network_def"]["resample_coarse"] is True  # a bool, not "true"
     images = sorted((tmp_path / "knees").glob("*_image.nii.gz"))
     assert main(["register", "--fixed", str(images[0]), "--moving", str(images[1]), "--model", str(exported),
                  "--warped", str(tmp_path / "w.nii.gz"), "--fixed-side", "LEFT", "--moving-side", "RIGHT"]) == 0
