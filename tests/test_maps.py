@@ -261,3 +261,14 @@ def test_precision_helpers():
         assert torch.is_autocast_enabled("cpu")
         with autocast_disabled("meta"):  # a device type autocast does not know: nothing to turn off
             pass
+
+
+def test_sampled_map_is_exact_at_its_grid_points_and_linear_between():
+    torch.manual_seed(0)
+    phi = ComposedMap(DisplacementMap(smooth_random_field(2, (9, 8))), DisplacementMap(smooth_random_field(2, (5, 6))))
+    sampled = phi.sampled((9, 8))
+    assert isinstance(sampled, DisplacementMap)
+    torch.testing.assert_close(sampled.grid((9, 8)), phi.grid((9, 8)))
+    torch.testing.assert_close(phi.sampled((9, 8), identity_grid((9, 8))).displacement, sampled.displacement)
+    x = torch.rand(2, 2, 40)
+    torch.testing.assert_close(sampled(x), DisplacementMap(phi.grid((9, 8)) - identity_grid((9, 8)))(x))

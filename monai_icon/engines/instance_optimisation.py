@@ -192,7 +192,7 @@ def residual_instance_optimise(
     if sample_network_maps:
         with torch.no_grad():
             identity = identity_grid(shape, moving.device)
-            phi_AB, phi_BA = (DisplacementMap(phi.grid(shape) - identity) for phi in (phi_AB, phi_BA))
+            phi_AB, phi_BA = (phi.sampled(shape, identity) for phi in (phi_AB, phi_BA))
     dims = moving.ndim - 2
     fields = [[torch.zeros(moving.shape[0], dims, *level_shape, device=moving.device, requires_grad=True)
                for level_shape in pyramid_shapes(shape, levels)] for _ in range(2)]
@@ -202,7 +202,7 @@ def residual_instance_optimise(
         composed = ComposedMap(phi, DisplacementMap(residual))
         if not sample_network_maps:
             return composed
-        return DisplacementMap(composed.grid(shape) - identity)
+        return composed.sampled(shape, identity)
 
     history = []
     with torch.enable_grad():

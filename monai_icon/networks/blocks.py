@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 
-from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, Map, identity_grid
+from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, Map
 
 __all__ = ["check_image_pair", "RegistrationModule", "DisplacementField", "Affine", "TwoStep", "Downsample", "Frozen"]
 
@@ -213,8 +213,7 @@ class Downsample(RegistrationModule):
         phi = _child_map(self.block, image_A, image_B)
         if not self.resample:
             return phi
-        shape = image_A.shape[2:]
-        return DisplacementMap(phi.grid(shape) - identity_grid(shape, image_A.device, phi.dtype))
+        return phi.sampled(image_A.shape[2:])
 
 
 class Frozen(RegistrationModule):

@@ -224,6 +224,14 @@ class Map:
         usable with ``monai.networks.blocks.Warp`` (see :func:`map_grid_to_ddf`)."""
         return map_grid_to_ddf(self.grid(shape))
 
+    def sampled(self, shape: Sequence[int], identity: torch.Tensor | None = None) -> DisplacementMap:
+        """The map sampled on the identity grid of ``shape`` as one displacement field: exact at the grid points,
+        linearly interpolated between them (a composition then costs one interpolation per query point).
+        ``identity``: ``identity_grid(shape)`` when the caller already has it (same device and dtype)."""
+        if identity is None:
+            identity = identity_grid(shape, self.device, self.dtype)
+        return DisplacementMap(self.grid(shape) - identity)
+
     def warp(
         self,
         image: torch.Tensor,
