@@ -69,6 +69,18 @@ def test_3d_folds_use_the_reference_far_corner_stencil():
     assert int((near_corner < 0).sum()) == 1  # the stencils disagree on this map
 
 
+def test_3d_determinant_equals_the_matrix_determinant_of_the_far_corner_differences():
+    """The written-out triple product equals det([a, b, c]) of the far-corner differences for a random map."""
+    torch.manual_seed(0)
+    grid = identity_grid((5, 6, 7)).repeat(2, 1, 1, 1, 1) + 0.1 * torch.randn(2, 3, 5, 6, 7)
+    far = grid[:, :, 1:, 1:, 1:]
+    a, b, c = far - grid[:, :, :-1, 1:, 1:], far - grid[:, :, 1:, :-1, 1:], far - grid[:, :, 1:, 1:, :-1]
+    matrix = torch.stack([a, b, c], dim=-1).movedim(1, -2)  # [B, *cells, 3 (component), 3 (difference)]
+    expected = torch.linalg.det(matrix.double()).float()
+    assert torch.allclose(jacobian_determinant(grid), expected, atol=1e-6)
+    assert bool((expected < 0).any()) and bool((expected > 0).any())  # both signs occur: a real check
+
+
 def test_folds_metric_accumulates_ddfs():
     shape = (8, 9)
     mirrored = identity_grid(shape).clone()
