@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from monai_icon.networks.nets import MLP, AffineNet, ConvOnly, EncoderDecoder, UNet
 
@@ -127,6 +128,60 @@ def test_displacement_field_smoothing_keeps_constant_fields_and_damps_noise():
     net = multistep_registration(3, 2, coarse_steps=2, coarse_factor=1, encoder_channels=(4, 8),
                                  decoder_channels=(8, 4), coarse_sigma=1.0)
     assert [m.sigma for m in net.modules() if isinstance(m, DisplacementField)] == [1.0, 1.0]
+
+
+def test_space_to_depth_keeps_every_voxel_and_averages_to_the_pooled_image():
+    """``space_to_depth``: channel ``c * f^D + k`` holds offset ``k`` (C order) of each coarse voxel; odd sizes are
+    replicate-padded like ``ceil_mode`` pooling, whose result is the mean over the ``f^D`` channels; 2D and 3D;
+    the fine image is recovered exactly (nothing lost)."""
+    from monai_icon.networks import space_to_depth
+
+    torch.manual_seed(0)
+    image = torch.rand(2, 2, 9, 8, 6)
+    coarse = space_to_depth(image, 2)
+    assert coarse.shape == (2, 16, 5, 4, 3)
+    padded = F.pad(image, (0, 0, 0, 0, 0, 1), mode="replicate")
+    assert torch.allclose(coarse.reshape(2, 2, 8, 5, 4, 3).mean(2), F.avg_pool3d(image, 2, ceil_mode=True), atol=1e-6)
+    assert torch.equal(coarse[1, 8 + 5, 2, 1, 0], padded[1, 1, 2 * 2 + 1, 2 * 1 + 0, 2 * 0 + 1])  # k = 5 = (1, 0, 1)
+    unfolded = coarse.reshape(2, 2, 2, 2, 2, 5, 4, 3).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(2, 2, 10, 8, 6)
+    assert torch.equal(unfolded, padded)
+    flat = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert space_to_depth(flat, 2)[0, :, 0, 0].tolist() == [0.0, 1.0, 4.0, 5.0]
+    with pytest.raises(ValueError, match="space_to_depth"):
+        space_to_depth(torch.rand(2, 4, 4), 2)
+
+
+def test_multistep_registration_unshuffled_coarse_inputs():
+    """``coarse_pool="unshuffle"``: the coarse U-Nets take ``in_channels * f^D`` channels, the model starts at the
+    identity, its map depends on detail that average pooling removes, a model file may name it; unknown pools are
+    refused."""
+    from monai_icon.networks import Downsample, multistep_registration
+    from monai_icon.networks.maps import identity_grid
+    from monai_icon.networks.nets import UNet
+    from monai_icon.networks.spec import build_network
+
+    kwargs = dict(coarse_factor=2, encoder_channels=(4, 8), decoder_channels=(8, 4), resample_coarse=True)
+    net = multistep_registration(3, 2, coarse_pool="unshuffle", **kwargs).eval()
+    assert [m.in_channels for m in net.modules() if isinstance(m, UNet)] == [16, 16]
+    assert net.block.pool == "unshuffle"
+    torch.manual_seed(0)
+    a, b = torch.rand(1, 1, 16, 16, 8), torch.rand(1, 1, 16, 16, 8)
+    with torch.no_grad():
+        assert torch.allclose(net.register(a, b).grid((16, 16, 8)), identity_grid((16, 16, 8)), atol=1e-6)
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        checker = (torch.arange(16)[:, None, None] + torch.arange(16)[None, :, None]
+                   + torch.arange(8)[None, None, :]) % 2
+        detail = a + 0.2 * (checker.float() - 0.5)  # same 2x average pool as a
+        assert torch.allclose(F.avg_pool3d(detail, 2), F.avg_pool3d(a, 2), atol=1e-6)
+        moved = net.register(detail, b).grid((16, 16, 8)) - net.register(a, b).grid((16, 16, 8))
+        assert float(moved.abs().max()) > 1e-4  # the network sees the fine detail
+        spec = {"_target_": "monai_icon.networks.multistep_registration", "coarse_pool": "unshuffle", **kwargs}
+        assert isinstance(build_network(spec).block, Downsample)
+    with pytest.raises(ValueError, match="coarse_pool"):
+        multistep_registration(3, 2, coarse_pool="max", **kwargs)
+    with pytest.raises(ValueError, match="pool"):
+        Downsample(net.block.block, 2, pool="nearest")
 
 
 def test_unet_registration_one_step_is_the_papers_network_and_more_steps_compose():

@@ -5,7 +5,9 @@
 """Maps (``maps``), registration blocks (``blocks``) and displacement networks (``nets``)."""
 
 from monai_icon.networks import blocks, maps, nets
-from monai_icon.networks.blocks import Affine, DisplacementField, Downsample, Frozen, RegistrationModule, TwoStep
+from monai_icon.networks.blocks import (
+    Affine, DisplacementField, Downsample, Frozen, RegistrationModule, TwoStep, space_to_depth,
+)
 from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, IdentityMap, Map
 from monai_icon.networks.multistep import chain, multistep_registration, unet_registration, unet_step
 from monai_icon.networks.registration_net import RegistrationNet, register_one_way, register_pair
@@ -20,6 +22,7 @@ __all__ = [
     "Affine",
     "TwoStep",
     "Downsample",
+    "space_to_depth",
     "Frozen",
     "unet_step",
     "chain",

@@ -21,7 +21,10 @@ from monai.networks.layers.convutils import gaussian_1d
 
 from monai_icon.networks.maps import AffineMap, ComposedMap, DisplacementMap, Map
 
-__all__ = ["check_image_pair", "RegistrationModule", "DisplacementField", "Affine", "TwoStep", "Downsample", "Frozen"]
+__all__ = [
+    "check_image_pair", "RegistrationModule", "DisplacementField", "Affine", "TwoStep", "Downsample", "Frozen",
+    "space_to_depth",
+]
 
 
 def check_image_pair(image_A: torch.Tensor, image_B: torch.Tensor, check_finite: bool = True) -> None:
@@ -173,6 +176,23 @@ class TwoStep(RegistrationModule):
         return ComposedMap(phi, psi)
 
 
+def space_to_depth(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[B, C, *N] -> [B, C * factor^D, *ceil(N / factor)]``: each ``factor^D`` block of voxels as channels of one
+    coarse voxel (channel ``c * factor^D + k``, offset ``k`` in C order; 2D or 3D). The image is replicate-padded
+    at the far end of each axis to a multiple of ``factor`` first, the coarse voxels of ``ceil_mode`` pooling."""
+    dims = image.ndim - 2
+    if dims not in (2, 3):
+        raise ValueError(f"space_to_depth takes [B, C, H, W] or [B, C, H, W, D] images, got {tuple(image.shape)}.")
+    pad = [(-n) % factor for n in image.shape[2:]]
+    if any(pad):
+        image = F.pad(image, [v for p in reversed(pad) for v in (0, p)], mode="replicate")
+    batch, channels, sizes = image.shape[0], image.shape[1], [n // factor for n in image.shape[2:]]
+    split = image.reshape(batch, channels, *[v for n in sizes for v in (n, factor)])
+    # [B, C, n0, f, n1, f, (n2, f)] -> [B, C, f, f, (f), n0, n1, (n2)]
+    order = [0, 1] + [3 + 2 * d for d in range(dims)] + [2 + 2 * d for d in range(dims)]
+    return split.permute(order).reshape(batch, channels * factor**dims, *sizes)
+
+
 class Downsample(RegistrationModule):
     """Run ``block`` on images average-pooled by ``factor`` (``ceil_mode``); the map it returns is a function
     on ``[0, 1]^D`` and is evaluated at full-resolution points unchanged.
@@ -190,20 +210,34 @@ class Downsample(RegistrationModule):
             instead of at every full-resolution point, which makes a loss on the full-resolution images cheaper
             (one interpolation per point instead of one per step). A different map between the coarse points, so
             a model trained with it must be run with it (it has no weights: state dicts are the same either way).
+        pool: how the block's inputs are made coarse. ``"average"`` (default): average pooling, ``C`` channels in,
+            ``C`` out. ``"unshuffle"``: space-to-depth, every ``factor^D`` block of voxels becomes ``factor^D``
+            channels of one coarse voxel (``[B, C, *N] -> [B, C * factor^D, *N / factor]``, channel
+            ``c * factor^D + k`` holding offset ``k`` in C order; the image is first replicate-padded to a
+            multiple of ``factor``): nothing of the fine image is lost, so the block's networks (built for
+            ``C * factor^D`` input channels per image) see the detail a loss on the fine images compares, at the
+            coarse grid's cost. Their average over ``k`` is the average-pooled image.
     """
 
+    POOLS = ("average", "unshuffle")
+
     def __init__(self, block: RegistrationModule, factor: int = 2, check_inputs: bool = True,
-                 resample: bool = False) -> None:
+                 resample: bool = False, pool: str = "average") -> None:
         super().__init__(check_inputs)
         if int(factor) != factor or factor < 1:
             raise ValueError(f"factor must be a positive integer, got {factor}.")
         if not isinstance(resample, bool):
             raise ValueError(f"resample must be True or False, got {resample!r}.")
+        if pool not in self.POOLS:
+            raise ValueError(f"pool must be one of {self.POOLS}, got {pool!r}.")
         self.block = block
         self.factor = int(factor)
         self.resample = resample
+        self.pool = pool
 
     def _pool(self, image: torch.Tensor) -> torch.Tensor:
+        if self.pool == "unshuffle":
+            return space_to_depth(image, self.factor)
         pool = F.avg_pool2d if image.ndim == 4 else F.avg_pool3d
         return pool(image, kernel_size=self.factor, stride=self.factor, ceil_mode=True)
 

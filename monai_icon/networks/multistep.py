@@ -71,6 +71,7 @@ def multistep_registration(
     decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
     coarse_sigma: float = 0.0,
     resample_coarse: bool | str = False,
+    coarse_pool: str = "average",
 ) -> RegistrationNet:
     """The multi-step model of the module docstring.
 
@@ -87,6 +88,9 @@ def multistep_registration(
             (:class:`Downsample` ``resample``): cheaper to evaluate on a finer grid (a loss on the full-resolution
             images); a model trained with it must be run with it. Default ``False``: the exact composition. Config
             strings such as ``"true"`` are accepted (:func:`monai_icon.config.as_bool`).
+        coarse_pool: how the coarse steps' inputs are made coarse (:class:`Downsample` ``pool``): ``"average"``
+            (default, ``in_channels`` per step) or ``"unshuffle"`` (space-to-depth: the coarse steps' U-Nets take
+            ``in_channels * coarse_factor^spatial_dims`` channels and see every fine voxel at the coarse cost).
         coarse_weights: a stage-1 checkpoint (a ``multistep_registration(fine_steps=0)`` model with the same
             arguments) loaded strictly into the coarse steps.
 
@@ -95,10 +99,14 @@ def multistep_registration(
     """
     if coarse_steps < 1 or fine_steps < 0:
         raise ValueError(f"need coarse_steps >= 1 and fine_steps >= 0, got {coarse_steps} and {fine_steps}.")
+    if coarse_pool not in Downsample.POOLS:
+        raise ValueError(f"coarse_pool must be one of {Downsample.POOLS}, got {coarse_pool!r}.")
     args = (spatial_dims, in_channels, encoder_channels, decoder_channels)
-    coarse_blocks = [unet_step(*args, sigma=coarse_sigma) for _ in range(coarse_steps)]
+    coarse_in = in_channels * (coarse_factor**spatial_dims if coarse_pool == "unshuffle" else 1)
+    coarse_args = (spatial_dims, coarse_in, encoder_channels, decoder_channels)
+    coarse_blocks = [unet_step(*coarse_args, sigma=coarse_sigma) for _ in range(coarse_steps)]
     resample = as_bool(resample_coarse, "resample_coarse")
-    coarse = RegistrationNet(Downsample(chain(*coarse_blocks), coarse_factor, resample=resample))
+    coarse = RegistrationNet(Downsample(chain(*coarse_blocks), coarse_factor, resample=resample, pool=coarse_pool))
     if coarse_weights is not None:
         load_weights(coarse, coarse_weights)
     if fine_steps == 0:
