@@ -20,7 +20,9 @@ alike); reported: medians over ``--repeats`` rounds after one warm-up round, eac
 ratio to the first variant of its case, and the loss of the first step (same weights, data and jitter: equal
 up to rounding between layouts).
 
-    python benchmarks/step3d_bench.py [--repeats 5] [--batch 2] [--threads 2] [--output FILE]
+The last variant feeds the steps space-to-depth ("unshuffled") inputs (``coarse_pool="unshuffle"``).
+
+    python benchmarks/step3d_bench.py [--repeats 5] [--batch 2] [--threads 2] [--cases fine128] [--output FILE]
 """
 
 from __future__ import annotations
@@ -38,27 +40,30 @@ from monai_icon.losses.similarity import get_similarity
 from monai_icon.networks import multistep_registration
 
 SMALL = {"encoder_channels": [16, 32, 64, 64, 64], "decoder_channels": [64, 64, 32, 16, 16]}
-VARIANTS = [  # (case, images, coarse factor, resample, channels-last)
-    ("grid64", (64, 64, 32), 1, False, False),
-    ("grid64", (64, 64, 32), 1, False, True),
-    ("fine128", (128, 128, 64), 2, False, False),
-    ("fine128", (128, 128, 64), 2, False, True),
-    ("fine128", (128, 128, 64), 2, True, False),
-    ("fine128", (128, 128, 64), 2, True, True),
+VARIANTS = [  # (case, images, coarse factor, resample, channels-last, coarse pool)
+    ("grid64", (64, 64, 32), 1, False, False, "average"),
+    ("grid64", (64, 64, 32), 1, False, True, "average"),
+    ("fine128", (128, 128, 64), 2, False, False, "average"),
+    ("fine128", (128, 128, 64), 2, False, True, "average"),
+    ("fine128", (128, 128, 64), 2, True, False, "average"),
+    ("fine128", (128, 128, 64), 2, True, True, "average"),
+    ("fine128", (128, 128, 64), 2, True, True, "unshuffle"),
 ]
 
 
-def variant_name(case: str, resample: bool, channels_last: bool) -> str:
-    parts = [case] + (["resample"] if resample else []) + (["channels-last"] if channels_last else [])
+def variant_name(case: str, resample: bool, channels_last: bool, pool: str = "average") -> str:
+    parts = ([case] + (["resample"] if resample else []) + (["channels-last"] if channels_last else [])
+             + (["unshuffled inputs"] if pool == "unshuffle" else []))
     return ", ".join(parts)
 
 
 def make_step(shape, factor: int, resample: bool, channels_last: bool, batch: int, channels: dict | None = None,
-              device: str | torch.device = "cpu"):
+              device: str | torch.device = "cpu", pool: str = "average"):
     """A closure running one training step (U-Nets of ``channels``, default the demo's) on ``device``; returns the
     loss value (which waits for the device)."""
     torch.manual_seed(0)
-    net = multistep_registration(3, coarse_factor=factor, resample_coarse=resample, **(channels or SMALL)).to(device)
+    net = multistep_registration(3, coarse_factor=factor, resample_coarse=resample, coarse_pool=pool,
+                                 **(channels or SMALL)).to(device)
     with torch.no_grad():  # a non-trivial map, as after some training
         for name, p in net.named_parameters():
             if name.endswith("out.weight"):
@@ -89,11 +94,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu (default) or e.g. cuda")
     p.add_argument("--output", default=None, help="also write the markdown table to this file")
+    p.add_argument("--cases", default="grid64,fine128", help="comma-separated cases to run (default: all)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    steps = [make_step(shape, f, r, cl, args.batch, device=args.device) for _, shape, f, r, cl in VARIANTS]
+    cases = args.cases.split(",")
+    unknown = sorted(set(cases) - {v[0] for v in VARIANTS})
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; choose from grid64, fine128")
+    variants = [v for v in VARIANTS if v[0] in cases]
+    steps = [make_step(shape, f, r, cl, args.batch, device=args.device, pool=pool)
+             for _, shape, f, r, cl, pool in variants]
     first_loss = [step() for step in steps]  # warm-up round; the first step's loss
-    times: list[list[float]] = [[] for _ in VARIANTS]
+    times: list[list[float]] = [[] for _ in variants]
     for _ in range(args.repeats):
         for i, step in enumerate(steps):
             start = time.perf_counter()
@@ -105,10 +117,10 @@ def main() -> None:
              "after one warm-up round.", "",
              "| step | images | s / step | / first of its case | first step's loss |", "|---|---|---|---|---|"]
     base = {}
-    for i, (case, shape, _, resample, channels_last) in enumerate(VARIANTS):
+    for i, (case, shape, _, resample, channels_last, pool) in enumerate(variants):
         base.setdefault(case, i)
         ratio = statistics.median(t / s for t, s in zip(times[i], times[base[case]]))
-        lines.append(f"| {variant_name(case, resample, channels_last)} | {'x'.join(map(str, shape))} | "
+        lines.append(f"| {variant_name(case, resample, channels_last, pool)} | {'x'.join(map(str, shape))} | "
                      f"{statistics.median(times[i]):.3f} | {ratio:.2f} | {first_loss[i]:.6f} |")
     table = "\n".join(lines)
     print(table)

@@ -1,5 +1,6 @@
 """The benchmark scripts compare like with like (timings themselves are never asserted)."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -219,3 +220,7 @@ def test_step3d_bench_variants_compute_the_same_step():
         assert losses[(factor, resample, True)] == pytest.approx(losses[(factor, resample, False)], rel=1e-5)
     assert losses[(2, True, False)] == pytest.approx(losses[(2, False, False)], rel=0.05)
     assert step3d_bench.variant_name("fine128", True, True) == "fine128, resample, channels-last"
+    unshuffled = step3d_bench.make_step((16, 16, 8), 2, True, True, 2, tiny, pool="unshuffle")()
+    # near the identity either way: the same fine images compared, so nearly the same first loss
+    assert math.isfinite(unshuffled) and unshuffled == pytest.approx(losses[(2, True, True)], rel=0.05)
+    assert step3d_bench.variant_name("fine128", True, True, "unshuffle").endswith("unshuffled inputs")
