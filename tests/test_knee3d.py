@@ -253,6 +253,11 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
     assert loss.regularizer_size == (8, 8, 4) and loss.similarity.kernel_size == 5
     assert parser.get_parsed_content("channels_last") is True  # channels-last training by default (faster 3D steps)
     assert parser["train"]["trainer"]["channels_last"] == "$monai_icon.config.as_bool(@channels_last, 'channels_last')"
+    assert parser.get_parsed_content("network_def").block.pool == "average"  # the default coarse inputs
+    parser.update({"architecture#coarse_pool": "unshuffle", "architecture#encoder_channels": [4, 8],
+                   "architecture#decoder_channels": [8, 4], "coarse_factor": 2})
+    unshuffled = parser.get_parsed_content("network_def", instantiate=True)
+    assert unshuffled.block.pool == "unshuffle" and unshuffled.block.block.first.net.in_channels == 16
 
 
 def test_shipped_t1head_model_registers_held_out_demo_pairs(tmp_path):
