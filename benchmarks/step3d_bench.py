@@ -20,7 +20,8 @@ alike); reported: medians over ``--repeats`` rounds after one warm-up round, eac
 ratio to the first variant of its case, and the loss of the first step (same weights, data and jitter: equal
 up to rounding between layouts).
 
-The last variant feeds the steps space-to-depth ("unshuffled") inputs (``coarse_pool="unshuffle"``).
+The last two variants feed the steps space-to-depth ("unshuffled") inputs (``coarse_pool="unshuffle"``) and
+compose three U-Net steps instead of two.
 
     python benchmarks/step3d_bench.py [--repeats 5] [--batch 2] [--threads 2] [--cases fine128] [--output FILE]
 """
@@ -48,12 +49,13 @@ VARIANTS = [  # (case, images, coarse factor, resample, channels-last, coarse po
     ("fine128", (128, 128, 64), 2, True, False, "average"),
     ("fine128", (128, 128, 64), 2, True, True, "average"),
     ("fine128", (128, 128, 64), 2, True, True, "unshuffle"),
+    ("fine128", (128, 128, 64), 2, True, True, "3 steps"),
 ]
 
 
 def variant_name(case: str, resample: bool, channels_last: bool, pool: str = "average") -> str:
     parts = ([case] + (["resample"] if resample else []) + (["channels-last"] if channels_last else [])
-             + (["unshuffled inputs"] if pool == "unshuffle" else []))
+             + (["unshuffled inputs"] if pool == "unshuffle" else []) + (["3 steps"] if pool == "3 steps" else []))
     return ", ".join(parts)
 
 
@@ -62,8 +64,9 @@ def make_step(shape, factor: int, resample: bool, channels_last: bool, batch: in
     """A closure running one training step (U-Nets of ``channels``, default the demo's) on ``device``; returns the
     loss value (which waits for the device)."""
     torch.manual_seed(0)
-    net = multistep_registration(3, coarse_factor=factor, resample_coarse=resample, coarse_pool=pool,
-                                 **(channels or SMALL)).to(device)
+    steps = 3 if pool == "3 steps" else 2
+    net = multistep_registration(3, coarse_factor=factor, resample_coarse=resample, coarse_steps=steps,
+                                 coarse_pool="average" if pool == "3 steps" else pool, **(channels or SMALL)).to(device)
     with torch.no_grad():  # a non-trivial map, as after some training
         for name, p in net.named_parameters():
             if name.endswith("out.weight"):
