@@ -41,32 +41,33 @@ from monai_icon.losses.similarity import get_similarity
 from monai_icon.networks import multistep_registration
 
 SMALL = {"encoder_channels": [16, 32, 64, 64, 64], "decoder_channels": [64, 64, 32, 16, 16]}
-VARIANTS = [  # (case, images, coarse factor, resample, channels-last, coarse pool)
-    ("grid64", (64, 64, 32), 1, False, False, "average"),
-    ("grid64", (64, 64, 32), 1, False, True, "average"),
-    ("fine128", (128, 128, 64), 2, False, False, "average"),
-    ("fine128", (128, 128, 64), 2, False, True, "average"),
-    ("fine128", (128, 128, 64), 2, True, False, "average"),
-    ("fine128", (128, 128, 64), 2, True, True, "average"),
-    ("fine128", (128, 128, 64), 2, True, True, "unshuffle"),
-    ("fine128", (128, 128, 64), 2, True, True, "3 steps"),
+UNSHUFFLED, THREE_STEPS = {"coarse_pool": "unshuffle"}, {"coarse_steps": 3}
+VARIANTS = [  # (case, images, coarse factor, resample, channels-last, other multistep_registration arguments)
+    ("grid64", (64, 64, 32), 1, False, False, {}),
+    ("grid64", (64, 64, 32), 1, False, True, {}),
+    ("fine128", (128, 128, 64), 2, False, False, {}),
+    ("fine128", (128, 128, 64), 2, False, True, {}),
+    ("fine128", (128, 128, 64), 2, True, False, {}),
+    ("fine128", (128, 128, 64), 2, True, True, {}),
+    ("fine128", (128, 128, 64), 2, True, True, UNSHUFFLED),
+    ("fine128", (128, 128, 64), 2, True, True, THREE_STEPS),
 ]
+LABELS = {"coarse_pool": "{} inputs", "coarse_steps": "{} steps"}
 
 
-def variant_name(case: str, resample: bool, channels_last: bool, pool: str = "average") -> str:
-    parts = ([case] + (["resample"] if resample else []) + (["channels-last"] if channels_last else [])
-             + (["unshuffled inputs"] if pool == "unshuffle" else []) + (["3 steps"] if pool == "3 steps" else []))
+def variant_name(case: str, resample: bool, channels_last: bool, architecture: dict | None = None) -> str:
+    parts = [case] + (["resample"] if resample else []) + (["channels-last"] if channels_last else [])
+    parts += [LABELS.get(key, key + " {}").format(value) for key, value in (architecture or {}).items()]
     return ", ".join(parts)
 
 
 def make_step(shape, factor: int, resample: bool, channels_last: bool, batch: int, channels: dict | None = None,
-              device: str | torch.device = "cpu", pool: str = "average"):
+              device: str | torch.device = "cpu", architecture: dict | None = None):
     """A closure running one training step (U-Nets of ``channels``, default the demo's) on ``device``; returns the
-    loss value (which waits for the device)."""
+    loss value (which waits for the device). ``architecture``: more ``multistep_registration`` arguments."""
     torch.manual_seed(0)
-    steps = 3 if pool == "3 steps" else 2
-    net = multistep_registration(3, coarse_factor=factor, resample_coarse=resample, coarse_steps=steps,
-                                 coarse_pool="average" if pool == "3 steps" else pool, **(channels or SMALL)).to(device)
+    net = multistep_registration(3, coarse_factor=factor, resample_coarse=resample, **(channels or SMALL),
+                                 **(architecture or {})).to(device)
     with torch.no_grad():  # a non-trivial map, as after some training
         for name, p in net.named_parameters():
             if name.endswith("out.weight"):
@@ -105,8 +106,8 @@ def main() -> None:
     if unknown:
         p.error(f"unknown case(s) {unknown}; choose from grid64, fine128")
     variants = [v for v in VARIANTS if v[0] in cases]
-    steps = [make_step(shape, f, r, cl, args.batch, device=args.device, pool=pool)
-             for _, shape, f, r, cl, pool in variants]
+    steps = [make_step(shape, f, r, cl, args.batch, device=args.device, architecture=extra)
+             for _, shape, f, r, cl, extra in variants]
     first_loss = [step() for step in steps]  # warm-up round; the first step's loss
     times: list[list[float]] = [[] for _ in variants]
     for _ in range(args.repeats):
@@ -120,10 +121,10 @@ def main() -> None:
              "after one warm-up round.", "",
              "| step | images | s / step | / first of its case | first step's loss |", "|---|---|---|---|---|"]
     base = {}
-    for i, (case, shape, _, resample, channels_last, pool) in enumerate(variants):
+    for i, (case, shape, _, resample, channels_last, extra) in enumerate(variants):
         base.setdefault(case, i)
         ratio = statistics.median(t / s for t, s in zip(times[i], times[base[case]]))
-        lines.append(f"| {variant_name(case, resample, channels_last, pool)} | {'x'.join(map(str, shape))} | "
+        lines.append(f"| {variant_name(case, resample, channels_last, extra)} | {'x'.join(map(str, shape))} | "
                      f"{statistics.median(times[i]):.3f} | {ratio:.2f} | {first_loss[i]:.6f} |")
     table = "\n".join(lines)
     print(table)

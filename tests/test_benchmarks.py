@@ -220,7 +220,8 @@ def test_step3d_bench_variants_compute_the_same_step():
         assert losses[(factor, resample, True)] == pytest.approx(losses[(factor, resample, False)], rel=1e-5)
     assert losses[(2, True, False)] == pytest.approx(losses[(2, False, False)], rel=0.05)
     assert step3d_bench.variant_name("fine128", True, True) == "fine128, resample, channels-last"
-    unshuffled = step3d_bench.make_step((16, 16, 8), 2, True, True, 2, tiny, pool="unshuffle")()
+    unshuffled = step3d_bench.make_step((16, 16, 8), 2, True, True, 2, tiny, architecture=step3d_bench.UNSHUFFLED)()
     # near the identity either way: the same fine images compared, so nearly the same first loss
     assert math.isfinite(unshuffled) and unshuffled == pytest.approx(losses[(2, True, True)], rel=0.05)
-    assert step3d_bench.variant_name("fine128", True, True, "unshuffle").endswith("unshuffled inputs")
+    assert step3d_bench.variant_name("fine128", True, True, step3d_bench.UNSHUFFLED).endswith("unshuffle inputs")
+    assert step3d_bench.variant_name("fine128", True, True, step3d_bench.THREE_STEPS).endswith(", 3 steps")

@@ -179,17 +179,20 @@ class TwoStep(RegistrationModule):
 def space_to_depth(image: torch.Tensor, factor: int) -> torch.Tensor:
     """``[B, C, *N] -> [B, C * factor^D, *ceil(N / factor)]``: each ``factor^D`` block of voxels as channels of one
     coarse voxel (channel ``c * factor^D + k``, offset ``k`` in C order; 2D or 3D). The image is replicate-padded
-    at the far end of each axis to a multiple of ``factor`` first, the coarse voxels of ``ceil_mode`` pooling."""
+    at the far end of each axis to a multiple of ``factor`` first, the coarse voxels of ``ceil_mode`` pooling.
+    2D is ``torch.nn.functional.pixel_unshuffle``; PyTorch has no 3D one, which this extends."""
     dims = image.ndim - 2
     if dims not in (2, 3):
         raise ValueError(f"space_to_depth takes [B, C, H, W] or [B, C, H, W, D] images, got {tuple(image.shape)}.")
     pad = [(-n) % factor for n in image.shape[2:]]
     if any(pad):
         image = F.pad(image, [v for p in reversed(pad) for v in (0, p)], mode="replicate")
+    if dims == 2:
+        return F.pixel_unshuffle(image, factor)
     batch, channels, sizes = image.shape[0], image.shape[1], [n // factor for n in image.shape[2:]]
     split = image.reshape(batch, channels, *[v for n in sizes for v in (n, factor)])
-    # [B, C, n0, f, n1, f, (n2, f)] -> [B, C, f, f, (f), n0, n1, (n2)]
-    order = [0, 1] + [3 + 2 * d for d in range(dims)] + [2 + 2 * d for d in range(dims)]
+    # [B, C, n0, f, n1, f, n2, f] -> [B, C, f, f, f, n0, n1, n2]
+    order = [0, 1, 3, 5, 7, 2, 4, 6]
     return split.permute(order).reshape(batch, channels * factor**dims, *sizes)
 
 
