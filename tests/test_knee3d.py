@@ -224,7 +224,9 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
     from monai.bundle import ConfigParser
 
     from monai_icon.apps.cli import main
+    from monai_icon.losses import MapSupervisionLoss, MultiScaleSimilarity
     from monai_icon.networks import Downsample
+    from monai_icon.transforms import RandBatchAugmentd, RandSelfPaird
 
     write_synthetic_knees(tmp_path / "knees", num_subjects=4, shape=(32, 32, 16), spacing=(4.2, 4.2, 7.5))
     write_datalist(build_knee_datalist(tmp_path / "knees", 0.3, num_test_pairs=1, relative_to=tmp_path),
@@ -234,7 +236,9 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
                "--regularizer_size": "[8,8,4]", "--architecture#resample_coarse": "true", "--similarity": "lncc",
                "--lncc_kernel": "3", "--regularizer": "gradicon", "--iterations_per_epoch": "2", "--batch_size": "2",
                "--val_pairs": "1", "--epochs": "1", "--architecture#encoder_channels": "[4,8]",
-               "--architecture#decoder_channels": "[8,4]"}
+               "--architecture#decoder_channels": "[8,4]",
+               # known-map pairs with map supervision and a two-scale similarity run through the bundle too
+               "--self_pairs": "0.5", "--similarity_scales": "[1,2]", "--augment_deform": "1.0"}
     bundle_run(["common.yaml", "stage1.yaml"], *[item for pair in options.items() for item in pair])
     exported = tmp_path / "runs" / "stage1" / "models" / "registration_model.pt"
     model = load_registration_model(exported)
@@ -254,6 +258,15 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
     assert parser.get_parsed_content("channels_last") is True  # channels-last training by default (faster 3D steps)
     assert parser["train"]["trainer"]["channels_last"] == "$monai_icon.config.as_bool(@channels_last, 'channels_last')"
     assert parser.get_parsed_content("network_def").block.pool == "average"  # the default coarse inputs
+    assert parser.get_parsed_content("map_supervision") is None  # the paper's loss alone by default
+    parser.update({"self_pairs": 0.5, "augment_deform": 1.0, "similarity_scales": [1, 2, 4]})
+    augment = parser.get_parsed_content("augment")
+    known = [t for t in augment.transforms if isinstance(t, RandSelfPaird)]
+    assert len(augment.transforms) == 2 and isinstance(augment.transforms[0], RandBatchAugmentd)  # augment first
+    assert known[0].prob == 0.5 and known[0].deform == 4.0
+    assert isinstance(parser.get_parsed_content("map_supervision"), MapSupervisionLoss)
+    similarity = parser.get_parsed_content("loss").similarity
+    assert isinstance(similarity, MultiScaleSimilarity) and similarity.factors == (1, 2, 4)
     parser.update({"architecture#coarse_pool": "unshuffle", "architecture#encoder_channels": [4, 8],
                    "architecture#decoder_channels": [8, 4], "coarse_factor": 2})
     unshuffled = parser.get_parsed_content("network_def", instantiate=True)

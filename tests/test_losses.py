@@ -322,3 +322,30 @@ def test_icon_loss_regularizer_size_sets_the_regularizers_grid():
     for bad in ((6,), (6, 1), (6.0, 5), (True, 5)):
         with pytest.raises(ValueError, match="regularizer_size"):
             ICONLoss("mse", 1.0, regularizer_size=bad)
+
+
+def test_multiscale_similarity_sums_the_similarity_of_pooled_pairs():
+    import torch.nn.functional as F
+
+    from monai_icon.losses import MultiScaleSimilarity, get_similarity, per_pair
+
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 1, 16, 12, 10), torch.rand(2, 1, 16, 12, 10)
+    lncc = get_similarity("lncc", 3, kernel_size=3)
+    value = MultiScaleSimilarity(lncc, (1, 2, 4), (1.0, 0.5, 0.25))(a, b)
+    expected = (per_pair(lncc(a, b), 2) + 0.5 * per_pair(lncc(F.avg_pool3d(a, 2), F.avg_pool3d(b, 2)), 2)
+                + 0.25 * per_pair(lncc(F.avg_pool3d(a, 4), F.avg_pool3d(b, 4)), 2))
+    assert value.shape == (2,) and torch.allclose(value, expected)
+    assert torch.allclose(MultiScaleSimilarity(lncc, (1,))(a, b), per_pair(lncc(a, b), 2))
+    assert torch.allclose(MultiScaleSimilarity(lncc, (1, 2))(a, a), torch.full((2,), -2.0), atol=1e-4)
+    pred = a.clone().requires_grad_(True)
+    MultiScaleSimilarity(get_similarity("mse"), (1, 2), reduction="mean")(pred, b).backward()
+    assert pred.grad is not None and float(pred.grad.abs().sum()) > 0
+    for kwargs, match in (({"factors": (0,)}, "factors"), ({"factors": (1, 2), "weights": (1.0,)}, "weights"),
+                          ({"reduction": "max"}, "reduction")):
+        with pytest.raises(ValueError, match=match):
+            MultiScaleSimilarity(lncc, **kwargs)
+    with pytest.raises(ValueError, match="shape"):
+        MultiScaleSimilarity(lncc)(a, b[..., :8])
+    with pytest.raises(ValueError, match="pooled"):
+        MultiScaleSimilarity(lncc, (1, 32))(a, b)

@@ -19,10 +19,12 @@ from torch.optim import Optimizer
 from monai_icon.engines.keys import RegKeys
 from monai_icon.engines.prepare_batch import PrepareRegistrationBatch
 from monai_icon.losses.icon import ICONLoss
+from monai_icon.losses.map_supervision import MapSupervisionLoss
 from monai_icon.networks.maps import map_grid_to_ddf
 from monai_icon.networks.registration_net import register_pair
+from monai_icon.transforms.self_pair import TARGET_MAP, TARGET_WEIGHT
 
-__all__ = ["ICONTrainer", "channels_last_copy", "to_channels_last"]
+__all__ = ["ICONTrainer", "MAP_ERROR", "channels_last_copy", "known_maps", "to_channels_last"]
 
 
 def batch_masks(batchdata: dict[str, Any], like: torch.Tensor, device: Any = None,
@@ -56,6 +58,23 @@ def channels_last_copy(tensor: torch.Tensor) -> torch.Tensor:
     ``torch.channels_last_3d`` for ``[B, C, D, H, W]``, unchanged otherwise (same values, same type)."""
     formats = {4: torch.channels_last, 5: torch.channels_last_3d}
     return tensor.contiguous(memory_format=formats[tensor.ndim]) if tensor.ndim in formats else tensor
+
+
+MAP_ERROR = "map_error"
+
+
+def known_maps(batchdata: dict[str, Any], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch's known maps ``[B, D, *N]`` (``target_map``) and their weights ``[B]`` (``target_weight``, or
+    ``None``) on ``like``'s device and dtype, checked against ``like`` (``phi_AB`` on the images' grid)."""
+    if TARGET_MAP not in batchdata:
+        raise ValueError(f"map supervision needs known maps in the batch ({TARGET_MAP!r}): put a "
+                         "monai_icon.transforms.RandSelfPaird into the trainer's augment.")
+    target = torch.as_tensor(batchdata[TARGET_MAP]).to(device=like.device, dtype=like.dtype)
+    if target.shape != like.shape:
+        raise ValueError(f"the known maps {tuple(target.shape)} do not match phi_AB on the images' grid "
+                         f"{tuple(like.shape)}.")
+    weight = batchdata.get(TARGET_WEIGHT)
+    return target, None if weight is None else torch.as_tensor(weight).to(device=like.device, dtype=like.dtype)
 
 
 def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
@@ -103,6 +122,11 @@ class ICONTrainer(SupervisedTrainer):
             batch's tensors are moved to ``device`` (e.g. :class:`~monai_icon.transforms.RandBatchAugmentd`: a random
             affine per image, drawn and applied on the device for the whole batch at once). Masks and labels must be
             its followers if the batch carries them.
+        map_supervision: a :class:`~monai_icon.losses.MapSupervisionLoss`: the batches (after ``augment``) must carry
+            known maps ``target_map`` ``[B, D, *N]`` and weights ``target_weight`` ``[B]``
+            (:class:`~monai_icon.transforms.RandSelfPaird` in ``augment``), and ``map_supervision_weight`` times its
+            value on ``phi_AB`` (on the images' grid) is added to the ICON loss. ``None``: the ICON loss alone.
+        map_supervision_weight: its weight (>= 0; handlers may change ``engine.map_supervision_weight``).
         Other arguments: as ``monai.engines.SupervisedTrainer``.
     """
 
@@ -133,6 +157,8 @@ class ICONTrainer(SupervisedTrainer):
         channels_last: bool = False,
         mask_inputs: bool = False,
         augment: Callable | None = None,
+        map_supervision: MapSupervisionLoss | None = None,
+        map_supervision_weight: float = 1.0,
     ) -> None:
         if not isinstance(loss_function, ICONLoss):
             raise ValueError(f"loss_function must be a monai_icon.losses.ICONLoss, got {type(loss_function).__name__}.")
@@ -173,6 +199,13 @@ class ICONTrainer(SupervisedTrainer):
         if augment is not None and not callable(augment):
             raise TypeError(f"augment must be a callable batch transform, got {type(augment).__name__}.")
         self.augment = augment
+        if map_supervision is not None and not isinstance(map_supervision, MapSupervisionLoss):
+            raise TypeError(f"map_supervision must be a monai_icon.losses.MapSupervisionLoss, got "
+                            f"{type(map_supervision).__name__}.")
+        if not map_supervision_weight >= 0:
+            raise ValueError(f"map_supervision_weight must be >= 0, got {map_supervision_weight}.")
+        self.map_supervision = map_supervision
+        self.map_supervision_weight = float(map_supervision_weight)
 
     def _iteration(self, engine: ICONTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -195,8 +228,10 @@ class ICONTrainer(SupervisedTrainer):
         masks = batch_masks(batchdata, moving, engine.state.device, engine.non_blocking)
         if masks[0] is not None and engine.mask_inputs:
             moving, fixed = moving * masks[0], fixed * masks[1]
-        if engine.compile:  # MetaTensor subclasses trip torch.compile (pytorch/pytorch#117026)
-            moving, fixed = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (moving, fixed))
+        # plain tensors from here on: every operation on a MetaTensor goes through its Python __torch_function__ and
+        # copies its metadata (4 % of the T1-head demo's CPU step); torch.compile rejects the subclass too
+        # (pytorch/pytorch#117026). Nothing after this point reads the metadata.
+        moving, fixed = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (moving, fixed))
         if engine.channels_last:
             moving, fixed = (channels_last_copy(x) for x in (moving, fixed))
         engine.state.output = {RegKeys.MOVING: moving, RegKeys.FIXED: fixed}
@@ -207,9 +242,15 @@ class ICONTrainer(SupervisedTrainer):
             phi_AB, phi_BA = register_pair(engine.network, moving, fixed)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             result = loss_function(moving, fixed, phi_AB, phi_BA, *labels, *masks)
+            total = result.loss
+            if engine.map_supervision is not None:
+                target, weight = known_maps(batchdata, result.phi_AB_grid)
+                map_error = engine.map_supervision(result.phi_AB_grid, target, weight)
+                total = total + engine.map_supervision_weight * map_error
+                engine.state.output[MAP_ERROR] = map_error.detach()
         engine.state.output.update(
             {
-                RegKeys.LOSS: result.loss,
+                RegKeys.LOSS: total,
                 RegKeys.SIMILARITY: result.similarity.detach(),
                 RegKeys.INVERSE_CONSISTENCY: result.inverse_consistency.detach(),
                 RegKeys.FOLDS: result.folds,
@@ -220,12 +261,12 @@ class ICONTrainer(SupervisedTrainer):
         )
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if scaler is not None:
-            scaler.scale(result.loss).backward()
+            scaler.scale(total).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             scaler.step(engine.optimizer)
             scaler.update()
         else:
-            result.loss.backward()
+            total.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

@@ -2,12 +2,13 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
-"""MONAI dictionary transforms: registration pairs, knee laterality, the OAI preprocessing pipeline and batch
-augmentation."""
+"""MONAI dictionary transforms: registration pairs, knee laterality, the OAI preprocessing pipeline, batch
+augmentation and pairs with a known map."""
 
 from monai_icon.transforms.augment import (
     RandBatchAugmentd,
     affine_warp,
+    chain_batch_transforms,
     random_affine_theta,
     random_smooth_displacement,
 )
@@ -20,12 +21,17 @@ from monai_icon.transforms.laterality import (
 )
 from monai_icon.transforms.oai import OAI_SPATIAL_SIZE, oai_pair_transforms, oai_preprocessing, oai_train_transforms
 from monai_icon.transforms.pair import EnsureSameShaped, Warpd
+from monai_icon.transforms.self_pair import TARGET_MAP, TARGET_WEIGHT, RandSelfPaird
 
 __all__ = [
     "RandBatchAugmentd",
     "affine_warp",
+    "chain_batch_transforms",
     "random_affine_theta",
     "random_smooth_displacement",
+    "RandSelfPaird",
+    "TARGET_MAP",
+    "TARGET_WEIGHT",
     "EnsureSameShaped",
     "Warpd",
     "HarmoniseLaterality",

@@ -18,15 +18,17 @@ GPU when the batch is there.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import Compose, MapTransform
 
-__all__ = ["random_affine_theta", "random_smooth_displacement", "affine_warp", "RandBatchAugmentd"]
+__all__ = [
+    "random_affine_theta", "random_smooth_displacement", "affine_warp", "RandBatchAugmentd", "chain_batch_transforms"
+]
 
 
 def _rotation(angles: torch.Tensor, spatial_dims: int) -> torch.Tensor:
@@ -217,3 +219,15 @@ class RandBatchAugmentd(MapTransform):
                                      f"({tuple(images.shape)}) in batch size and spatial shape.")
                 d[label_key] = affine_warp(labels.float(), theta, "nearest", displacement).to(labels.dtype)
         return d
+
+
+def chain_batch_transforms(*transforms: Callable | None) -> Callable | None:
+    """The batch transforms that are not ``None`` (disabled bundle components), applied in order: ``None`` if there
+    are none, the transform itself if there is one, else a MONAI ``Compose`` of them."""
+    present = [t for t in transforms if t is not None]
+    for t in present:
+        if not callable(t):
+            raise TypeError(f"a batch transform must be callable, got {type(t).__name__}.")
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else Compose(present)
