@@ -6,10 +6,11 @@
 # (physical space, ITK transform). Uses a 64x64x32 network grid instead of the paper's 192x192x80 so that it fits a CPU.
 # Everything goes to runs/knee3d_demo (delete it to start over; reruns resume from the last checkpoints).
 # Set DATA=real to run on deformed copies of the embedded ITK T1 head volume (6 k-means labels) with the recipe chosen
-# for it (docs/knee3d.md, stop 19): one stage whose two U-Net steps run on a 64x64x32 grid while the loss compares
-# the images at 128x128x64. VARIANT=twostage (DATA=real) runs the knees' two-stage recipe on it instead (stop 16),
-# VARIANT=augmented one stage on the 64x64x32 grid (stop 17); OUT=... writes elsewhere; EPOCHS_FINE=N trains the
-# default real recipe for N epochs of 50 steps (22: about 25 minutes here).
+# for it (docs/knee3d.md, stops 19 and 21): one stage whose two U-Net steps run on a 64x32x64 grid while the loss
+# compares the images at 128x64x128 (the volume reoriented to RAS is 128x62x128 voxels of 2x3x2 mm).
+# VARIANT=twostage (DATA=real) runs the knees' two-stage recipe on it instead (stop 16), VARIANT=augmented one stage
+# on the 64x32x64 grid (stop 17); OUT=... writes elsewhere; EPOCHS_FINE=N trains the default real recipe for N
+# epochs of 50 steps (24: about 24 minutes here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -27,21 +28,23 @@ write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, 
   DATA_ARGS=(--target_side '$None' --axcodes RAS --num_classes 7 --label_names "{1: 'class1', 2: 'class2', 3: 'class3', 4: 'class4', 5: 'class5', 6: 'class6'}")
   VARIANT=${VARIANT:-fine}
   if [ "$VARIANT" = augmented ]; then
-    # one stage on a 64x64x32 grid (full_size 128x128x64 halved): the 32x32x16 stage 1 cannot see the 2 mm labels,
-    # and a second stage at 128x128x64 does not fit the budget; every training image gets a new smooth random
+    # one stage on a 64x32x64 grid (full_size 128x64x128 halved): the 32x16x32 stage 1 cannot see the 2 mm labels,
+    # and a second stage at 128x64x128 does not fit the budget; every training image gets a new smooth random
     # deformation and intensity gamma per step (9 training volumes are memorised otherwise), which folds more at
     # the same lambda: it ends on 128 instead of 32
-    FULL="[128,128,64]"; EPOCHS=12; FINAL=stage1; TARGET=128
+    FULL="[128,64,128]"; EPOCHS=12; FINAL=stage1; TARGET=128
     AUGMENT=(--augment_deform 1.5 --augment_gamma 1.25)
   elif [ "$VARIANT" = fine ]; then
-    # one stage whose two U-Net steps run on 2x pooled inputs (64x64x32) and whose loss compares the images at
-    # 128x128x64 (LNCC, window 5), GradICON on the steps' own grid, the composed map resampled there (cheaper);
+    # one stage whose two U-Net steps run on 2x pooled inputs (64x32x64) and whose loss compares the images at
+    # 128x64x128 (LNCC, window 5), GradICON on the steps' own grid, the composed map resampled there (cheaper);
     # augmentation (3 voxels of the 128 grid = 1.5 of the steps' grid), batch 2, lambda 1 -> 4; channels-last
-    FULL="[128,128,64]"; EPOCHS=${EPOCHS_FINE:-22}; FINAL=stage1; TARGET=4; BATCH=2
+    FULL="[128,64,128]"; EPOCHS=${EPOCHS_FINE:-24}; FINAL=stage1; TARGET=4; BATCH=2
     AUGMENT=(--augment_deform 3.0 --augment_gamma 1.25)
-    RECIPE_EXTRA=(--image_size "[128,128,64]" --coarse_factor 2 --regularizer_size "[64,64,32]"
+    RECIPE_EXTRA=(--image_size "[128,64,128]" --coarse_factor 2 --regularizer_size "[64,32,64]"
                   --architecture#resample_coarse true --similarity lncc --lncc_kernel 5 --regularizer gradicon)
-  elif [ "$VARIANT" != twostage ]; then
+  elif [ "$VARIANT" = twostage ]; then
+    FULL="[64,32,64]"  # the knees' grid in the T1 head's reoriented (RAS) axis order
+  else
     echo "unknown VARIANT=$VARIANT (DATA=real: fine, twostage or augmented)" >&2; exit 2
   fi
 else
@@ -74,12 +77,12 @@ fi
 # the test pairs registered as files, as a user would, with coarse-to-fine residual instance optimisation
 # (LNCC + GradICON, residual fields on 4 grids; chosen on the validation pairs): label Dice on each fixed image's
 # own grid before/after, folds and seconds per pair (runs/.../register_pairs/summary.json). On the T1 head (files of
-# 128x128x62 voxels) the images are compared at full resolution (128x128x64) in the last 22 of 36 steps while the
-# residual fields stay on the 64x64x32 network grid (docs/knee3d.md, stop 18); the synthetic knees are written on
+# 128x128x62 voxels, 128x62x128 in RAS) the images are compared at full resolution (128x64x128) in the last 22 of 36
+# steps while the residual fields stay on the 64x32x64 network grid (docs/knee3d.md, stop 18); the synthetic knees are written on
 # the network grid, so their refinement stays there (50 steps).
 IO=(--io-steps 50 --io-mode residual --io-levels 4 --io-lr 0.003 --similarity lncc --regularizer gradicon --lmbda 4)
 if [ "$DATA" = real ]; then
-  IO=(--io-steps 36 --io-fine-steps 22 --io-size 128,128,64 --io-field-size 64,64,32 --io-mode residual
+  IO=(--io-steps 36 --io-fine-steps 22 --io-size 128,64,128 --io-field-size 64,32,64 --io-mode residual
       --io-levels 4 --io-lr 0.003 --similarity lncc --lncc-kernel 5 --regularizer gradicon --lmbda 4)
 fi
 "$PY" -m monai_icon register-pairs --datalist "$OUT/datalist.json" --key test_pairs \

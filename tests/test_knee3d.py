@@ -283,7 +283,7 @@ def test_shipped_t1head_model_registers_held_out_demo_pairs(tmp_path):
 
     model_file = ROOT / "bundle" / "knee3d_icon" / "models" / "t1head_registration_model.pt"
     model = load_registration_model(model_file)
-    assert model.spatial_size == (128, 128, 64) and isinstance(model.network.block, Downsample)
+    assert model.spatial_size == (128, 64, 128) and isinstance(model.network.block, Downsample)  # RAS: 128x62x128
     assert model.network.block.resample is True
     # the demo's data and split (scripts/run_knee3d_demo.sh, DATA=real)
     write_deformed_copies(tmp_path / "volumes", num_copies=16, deformation_mm=6.0, seed=0)

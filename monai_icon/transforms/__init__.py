@@ -12,6 +12,7 @@ from monai_icon.transforms.augment import (
     random_affine_theta,
     random_smooth_displacement,
 )
+from monai_icon.transforms.grid import check_network_grid, network_grid_spacing, reoriented_geometry
 from monai_icon.transforms.laterality import (
     HarmoniseLaterality,
     HarmoniseLateralityd,
@@ -34,6 +35,9 @@ __all__ = [
     "TARGET_WEIGHT",
     "EnsureSameShaped",
     "Warpd",
+    "check_network_grid",
+    "network_grid_spacing",
+    "reoriented_geometry",
     "HarmoniseLaterality",
     "HarmoniseLateralityd",
     "left_right_axis",
