@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 3D path end to end on CPU (about 25 minutes on 2 cores): synthetic knees -> datalist -> stage 1 (two
+# The 3D path end to end on CPU (about 25 minutes on 2 cores; DATA=real about 27): synthetic knees -> datalist -> stage 1 (two
 # U-Net steps at half resolution) -> stage 2 (stage 1 frozen + a full-resolution step) -> evaluation with
 # per-label Dice, folds and time per pair -> `monai-icon register-pairs` on the test pairs' files with instance
 # optimisation (label Dice before/after on each fixed grid) -> `monai-icon register` on one pair of files
@@ -10,7 +10,7 @@
 # compares the images at 128x64x128 (the volume reoriented to RAS is 128x62x128 voxels of 2x3x2 mm).
 # VARIANT=twostage (DATA=real) runs the knees' two-stage recipe on it instead (stop 16), VARIANT=augmented one stage
 # on the 64x32x64 grid (stop 17); OUT=... writes elsewhere; EPOCHS_FINE=N trains the default real recipe for N
-# epochs of 50 steps (24: about 24 minutes here).
+# epochs of 50 steps (24: about 25 minutes here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
