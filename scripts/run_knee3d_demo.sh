@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The 3D path end to end on CPU (about 25 minutes on 2 cores; DATA=real about 27): synthetic knees -> datalist -> stage 1 (two
-# U-Net steps at half resolution) -> stage 2 (stage 1 frozen + a full-resolution step) -> evaluation with
+# The 3D path end to end on CPU (about 25 minutes on 2 cores; DATA=real about 27): synthetic knees -> datalist ->
+# stage 1 (two U-Net steps at half resolution) -> stage 2 (stage 1 frozen + a full-resolution step) -> evaluation with
 # per-label Dice, folds and time per pair -> `monai-icon register-pairs` on the test pairs' files with instance
 # optimisation (label Dice before/after on each fixed grid) -> `monai-icon register` on one pair of files
 # (physical space, ITK transform). Uses a 64x64x32 network grid instead of the paper's 192x192x80 so that it fits a CPU.
