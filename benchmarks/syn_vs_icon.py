@@ -16,8 +16,8 @@ method's own reader; writing excluded). Folds of the ICON map are counted on the
 
     pip install antspyx       # a benchmark dependency only
     python benchmarks/syn_vs_icon.py --datalist runs/t1head_demo/datalist.json \\
-        --model runs/t1head_demo/stage2/models/registration_model.pt --out runs/syn_vs_icon [--no-syn] \
-        [--io-steps 50 [--io-mode residual [--io-size 128,128,64]]]
+        --model runs/t1head_demo/stage1/models/registration_model.pt --out runs/syn_vs_icon [--no-syn] \
+        [--io-steps 50 [--io-mode residual [--io-size 128,64,128]]]  # grids in the reoriented (RAS) axis order
 
 Writes ``<out>/results.json`` (per pair and means) and prints a Markdown table.
 """
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     p.add_argument("--io-lr", type=float, default=None, help="default 2e-5 (network) / 2e-3 (residual)")
     p.add_argument("--io-mode", choices=["network", "residual"], default="network")
     p.add_argument("--io-size", type=lambda t: [int(v) for v in t.split(",")], default=None,
-                   help="residual instance optimisation on this finer grid, e.g. 128,128,64")
+                   help="residual instance optimisation on this finer grid, e.g. 128,64,128")
     p.add_argument("--io-levels", type=int, default=1, help="residual fields on this many grids (coarse-to-fine)")
     p.add_argument("--io-field-size", type=lambda t: [int(v) for v in t.split(",")], default=None,
                    help="grid of the residual fields and the regulariser when the images are compared on --io-size")

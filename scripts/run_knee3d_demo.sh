@@ -37,11 +37,13 @@ write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, 
   elif [ "$VARIANT" = fine ]; then
     # one stage whose two U-Net steps run on 2x pooled inputs (64x32x64) and whose loss compares the images at
     # 128x64x128 (LNCC, window 5), GradICON on the steps' own grid, the composed map resampled there (cheaper);
-    # augmentation (3 voxels of the 128 grid = 1.5 of the steps' grid), batch 2, lambda 1 -> 4; channels-last
+    # augmentation (3 voxels of the 128 grid = 1.5 of the steps' grid), batch 2, lambda 1 -> 4; channels-last; the
+    # LNCC summed over the images and their 2x and 4x pooled copies (stop 21)
     FULL="[128,64,128]"; EPOCHS=${EPOCHS_FINE:-24}; FINAL=stage1; TARGET=4; BATCH=2
     AUGMENT=(--augment_deform 3.0 --augment_gamma 1.25)
     RECIPE_EXTRA=(--image_size "[128,64,128]" --coarse_factor 2 --regularizer_size "[64,32,64]"
-                  --architecture#resample_coarse true --similarity lncc --lncc_kernel 5 --regularizer gradicon)
+                  --architecture#resample_coarse true --similarity lncc --lncc_kernel 5 --regularizer gradicon
+                  --similarity_scales "[1,2,4]")
   elif [ "$VARIANT" = twostage ]; then
     FULL="[64,32,64]"  # the knees' grid in the T1 head's reoriented (RAS) axis order
   else

@@ -60,7 +60,7 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
                              "its maps (much faster per step)")
     parser.add_argument("--io-size", type=_ints,
                         help="with --io-mode residual: the finer grid the images are compared on (and, without "
-                             "--io-field-size, the residual optimised on), e.g. 128,128,64")
+                             "--io-field-size, the residual optimised on), in the model's axis order, e.g. 128,64,128")
     parser.add_argument("--io-field-size", type=_ints,
                         help="with --io-mode residual: the grid of the residual fields and the regulariser when it "
                              "differs from --io-size, e.g. the network grid: fine similarity, coarse fields")
