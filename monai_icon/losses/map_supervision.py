@@ -10,6 +10,7 @@ import torch
 from torch.nn.modules.loss import _Loss
 
 from monai_icon.losses._reduction import reduce
+from monai_icon.networks.maps import identity_grid
 
 __all__ = ["MapSupervisionLoss"]
 
@@ -44,8 +45,7 @@ class MapSupervisionLoss(_Loss):
         shape = phi.shape[2:]
         scale = torch.tensor([max(n - 1, 1) for n in shape], device=phi.device, dtype=phi.dtype)
         scale = scale.reshape(1, len(shape), *([1] * len(shape)))
-        identity = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n, device=phi.device, dtype=phi.dtype)
-                                                for n in shape], indexing="ij"))[None]
+        identity = identity_grid(shape, phi.device, phi.dtype)
         error = (((phi - target) * scale) ** 2).flatten(1).sum(1)
         size = (((target - identity) * scale) ** 2).flatten(1).sum(1)
         per_pair = error / size.clamp_min(self.epsilon * identity[0, 0].numel())

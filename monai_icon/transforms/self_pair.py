@@ -22,7 +22,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from monai_icon.networks.maps import identity_grid
+from monai_icon.networks.maps import identity_grid, interpolate
 from monai_icon.transforms.augment import _check_deformation, random_smooth_displacement
 
 __all__ = ["TARGET_MAP", "TARGET_WEIGHT", "RandSelfPaird"]
@@ -102,9 +102,8 @@ class RandSelfPaird(MapTransform):
         if not bool(selected.any()):
             return d
         index = selected.nonzero()[:, 0].to(moving.device)
-        grid = _sampling_grid(target[index])
-        warped = torch.nn.functional.grid_sample(moving[index].float(), grid, mode="bilinear", padding_mode="zeros",
-                                                 align_corners=True)
+        maps = target[index]
+        warped = interpolate(moving[index].float(), maps, padding_mode="zeros")
         if self.gamma > 1:
             powers = log_gamma[selected].exp().to(warped.device).reshape(-1, *([1] * (warped.ndim - 1)))
             warped = warped.clamp_min(0) ** powers
@@ -119,12 +118,6 @@ class RandSelfPaird(MapTransform):
                 raise ValueError(f"{moving_follower!r} ({tuple(source.shape)}) and {fixed_follower!r} "
                                  f"({tuple(old.shape)}) must match the images' batch and spatial shape.")
             new = old.clone()
-            new[index] = torch.nn.functional.grid_sample(source[index].float(), grid, mode="nearest",
-                                                         padding_mode="zeros", align_corners=True).to(old.dtype)
+            new[index] = interpolate(source[index].float(), maps, "nearest", "zeros").to(old.dtype)
             d[fixed_follower] = new
         return d
-
-
-def _sampling_grid(maps: torch.Tensor) -> torch.Tensor:
-    """``[B, D, *N]`` maps in ``[0, 1]`` units -> grid_sample's ``[B, *N, D]`` normalised x-first grid."""
-    return (2 * maps - 1).movedim(1, -1).flip(-1)
