@@ -48,8 +48,8 @@ class MapSupervisionLoss(_Loss):
         identity = identity_grid(shape, phi.device, phi.dtype)
         error = (((phi - target) * scale) ** 2).flatten(1).sum(1)
         size = (((target - identity) * scale) ** 2).flatten(1).sum(1)
-        per_pair = error / size.clamp_min(self.epsilon * identity[0, 0].numel())
-        per_pair = torch.where(size > self.epsilon * identity[0, 0].numel(), per_pair, torch.zeros_like(per_pair))
+        floor = self.epsilon * identity[0, 0].numel()
+        per_pair = torch.where(size > floor, error / size.clamp_min(floor), torch.zeros_like(error))
         if weight is not None:
             if weight.shape != per_pair.shape:
                 raise ValueError(f"weight must be [B] = {tuple(per_pair.shape)}, got {tuple(weight.shape)}.")

@@ -58,7 +58,10 @@ def network_grid_spacing(path: str | Path, spatial_size: Sequence[int],
                          axcodes: str | None) -> tuple[float, ...]:
     """Voxel spacing (mm) per axis of the image at ``path`` once reoriented to ``axcodes`` and resized to
     ``spatial_size`` (the preprocessing of :func:`~monai_icon.transforms.oai_preprocessing`)."""
-    shape, spacing = reoriented_geometry(path, axcodes)
+    return _resized_spacing(*reoriented_geometry(path, axcodes), spatial_size)
+
+
+def _resized_spacing(shape: Sequence[int], spacing: Sequence[float], spatial_size: Sequence[int]) -> tuple[float, ...]:
     if len(spatial_size) != len(shape):
         raise ValueError(f"spatial_size {tuple(spatial_size)} has {len(spatial_size)} axes, the image {len(shape)}.")
     return tuple(n * s / int(m) for n, s, m in zip(shape, spacing, spatial_size))
@@ -69,8 +72,8 @@ def check_network_grid(path: str | Path, spatial_size: Sequence[int], axcodes: s
     """Warn when resizing the image at ``path`` (reoriented to ``axcodes``) to ``spatial_size`` changes the voxel
     size of one axis ``max_stretch`` times more than that of another (e.g. one axis upsampled by 2 while another
     is pooled by 2): the grid was probably written for another array order. Returns the grid's spacing (mm)."""
-    shape, spacing = reoriented_geometry(path, axcodes)
-    grid = network_grid_spacing(path, spatial_size, axcodes)
+    shape, spacing = reoriented_geometry(path, axcodes)  # the header is read once
+    grid = _resized_spacing(shape, spacing, spatial_size)
     factors = np.asarray(grid) / np.asarray(spacing)
     if float(factors.max() / factors.min()) > max_stretch:
         suggestion = tuple(int(round(n / float(np.median(factors)))) for n in shape)
