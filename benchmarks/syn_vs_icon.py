@@ -18,6 +18,7 @@ method's own reader; writing excluded). Folds of the ICON map are counted on the
     python benchmarks/syn_vs_icon.py --datalist runs/t1head_demo/datalist.json \\
         --model runs/t1head_demo/stage1/models/registration_model.pt --out runs/syn_vs_icon [--no-syn] \
         [--io-steps 50 [--io-mode residual [--io-size 128,64,128]]]  # grids in the reoriented (RAS) axis order
+        [--symmetric --flip-axes 0 --passes 2]  # the network alone as a test-time ensemble, applied twice
 
 Writes ``<out>/results.json`` (per pair and means) and prints a Markdown table.
 """
@@ -99,6 +100,12 @@ def main(argv=None) -> dict:
     p.add_argument("--similarity", help="similarity of instance optimisation (default: the model's)")
     p.add_argument("--lmbda", type=float, help="inverse-consistency weight of instance optimisation")
     p.add_argument("--regularizer", choices=["icon", "gradicon"], help="of instance optimisation (default: model's)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="ICON with the test-time ensemble of phi_AB and the inverse of phi_BA (monai-icon register "
+                        "--symmetric)")
+    p.add_argument("--flip-axes", type=lambda t: [int(v) for v in t.split(",") if v], default=None,
+                   help="ICON's ensemble also on the images mirrored along these grid axes (e.g. 0: left-right, RAS)")
+    p.add_argument("--passes", type=int, default=1, help="ICON (or its ensemble) applied this many times, composed")
     p.add_argument("--no-syn", action="store_true", help="skip SyN (e.g. to add ICON settings to earlier results)")
     p.add_argument("--threads", type=int, default=2, help="threads for both methods")
     p.add_argument("--out", default="runs/syn_vs_icon")
@@ -125,6 +132,10 @@ def main(argv=None) -> dict:
         settings = (("similarity", args.similarity), ("lmbda", args.lmbda), ("regularizer", args.regularizer))
         overrides = {k: v for k, v in settings if v is not None}
         model = load_registration_model(args.model, **overrides)
+        if args.symmetric or args.flip_axes or args.passes != 1:
+            from monai_icon.networks import ensemble_network
+
+            model.network = ensemble_network(model.network, args.symmetric, args.flip_axes or [], passes=args.passes)
     rows: dict[str, list[dict]] = {}
     for i, pair in enumerate(pairs):
         fixed_label = _read_labels(pair["fixed_label"])

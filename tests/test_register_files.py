@@ -601,6 +601,28 @@ def test_register_pairs_cli_scores_labelled_pairs_before_and_after(tmp_path, cap
     assert "must hold a non-empty list of pairs" in capsys.readouterr().err
 
 
+def test_register_pairs_cli_test_time_ensemble(tmp_path, capsys):
+    """``--symmetric --flip-axes 0 --passes 2`` run the network as a test-time ensemble applied twice: on a model
+    whose maps are identities the ensemble is the identity too (the unregistered Dice, no folds), and flip axes
+    that the model's grid does not have exit 2 with one line naming them."""
+    from conftest import labelled_pairs_and_tiny_model
+
+    datalist, model = labelled_pairs_and_tiny_model(tmp_path, 2, (32, 32, 16))
+    out = tmp_path / "ensemble"
+    assert main(["register-pairs", "--datalist", str(datalist), "--key", "test_pairs", "--model", str(model),
+                 "--output-dir", str(out), "--symmetric", "--flip-axes", "0", "--passes", "2"]) == 0
+    capsys.readouterr()
+    mean = json.loads((out / "summary.json").read_text())["mean"]
+    assert mean["mean_dice"] == pytest.approx(mean["mean_dice_unregistered"], abs=1e-6)
+    assert mean["folds_percent"] == 0.0
+    assert main(["register-pairs", "--datalist", str(datalist), "--key", "test_pairs", "--model", str(model),
+                 "--output-dir", str(out), "--flip-axes", "3"]) == 2
+    assert "--flip-axes [3]" in capsys.readouterr().err
+    assert main(["register-pairs", "--datalist", str(datalist), "--key", "test_pairs", "--model", str(model),
+                 "--output-dir", str(out), "--passes", "0"]) == 2
+    assert "passes" in capsys.readouterr().err
+
+
 def test_instance_optimisation_compares_finer_images_than_its_fields(knee_files, tmp_path):
     """``io_field_size`` keeps the residual fields (and the regulariser's points) on the network grid while the
     images are compared on the finer ``io_size``: it registers the shifted knee like fields on the finer grid, its

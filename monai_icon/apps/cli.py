@@ -48,6 +48,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=_floats, help="map this intensity range to 0..1, e.g. -1000,1000 for CT")
     parser.add_argument("--percentiles", type=_floats,
                         help="map these intensity percentiles to 0..1, e.g. 0,99 (MRI)")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="test-time ensemble: average the network's moving-to-fixed map with the inverse of its "
+                             "fixed-to-moving one (twice the network evaluations)")
+    parser.add_argument("--flip-axes", type=_ints, default=None,
+                        help="test-time ensemble: also register the images mirrored along these axes of the model's "
+                             "grid and average (e.g. 0: left-right for RAS models of heads); one more network "
+                             "evaluation per axis and direction")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="apply the network (or its --symmetric/--flip-axes ensemble) this many times, each to the "
+                             "moving image warped by the maps so far, and compose the maps (default 1)")
 
 
 def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +112,14 @@ def _load_model(args: argparse.Namespace, device):
         if isinstance(kernel, bool) or kernel < 3 or kernel % 2 != 1:
             raise ValueError(f"--lncc-kernel must be an odd number >= 3, got {kernel}.")
         model.similarity = get_similarity("lncc", model.spatial_dims, kernel_size=kernel)
+    if args.symmetric or args.flip_axes or args.passes != 1:
+        from monai_icon.networks import ensemble_network
+
+        flips = args.flip_axes or []
+        if any(a < 0 or a >= model.spatial_dims for a in flips):
+            raise ValueError(f"--flip-axes {flips} must be axes of the model's {model.spatial_dims}D grid "
+                             f"(0 .. {model.spatial_dims - 1}).")
+        model.network = ensemble_network(model.network, args.symmetric, flips, passes=args.passes)
     return model
 
 

@@ -306,6 +306,43 @@ class DisplacementMap(Map):
             displacement = F.interpolate(displacement, size=shape, mode=mode, align_corners=True)
         return identity_grid(shape, self.device, self.dtype) + displacement
 
+    def inverse(self, iterations: int = 20) -> DisplacementMap:
+        """The inverse map on the same grid, by the fixed-point iteration ``v <- -u(x + v)`` (``u`` this map's
+        displacement, ``v`` the inverse's): ``phi^-1(x) = x + v(x)`` solves ``phi(phi^-1(x)) = x`` at the grid
+        points. It converges where the map is invertible and its displacement changes by less than one voxel per
+        voxel (a map without folds, e.g. an inverse-consistent network's); each iteration costs one interpolation
+        of the field at its own grid points.
+
+        Args:
+            iterations: fixed-point iterations (>= 1; the error shrinks geometrically, by the displacement's largest
+                derivative per iteration).
+        """
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be a positive integer, got {iterations!r}.")
+        identity = identity_grid(self.displacement.shape[2:], self.device, self.dtype)
+        inverse = -self.displacement
+        for _ in range(iterations):
+            inverse = -interpolate(self.displacement, identity + inverse)
+        return DisplacementMap(inverse)
+
+    def flipped(self, axes: Sequence[int]) -> DisplacementMap:
+        """This map conjugated by the reflection ``R`` of ``axes`` (``x_a -> 1 - x_a``): ``R o phi o R``, exact
+        on the same grid. If ``phi`` registers the flipped images ``A o R`` and ``B o R``, the result registers
+        ``A`` and ``B`` (``A o R o phi o R ~ B``).
+
+        Args:
+            axes: spatial axes (``0 .. spatial_dims - 1``, array order), each at most once.
+        """
+        axes = [int(a) for a in axes]
+        if len(set(axes)) != len(axes) or any(a < 0 or a >= self.spatial_dims for a in axes):
+            raise ValueError(f"axes must be distinct spatial axes in [0, {self.spatial_dims}), got {axes}.")
+        if not axes:
+            return self
+        displacement = self.displacement.flip([a + 2 for a in axes])
+        sign = torch.ones(self.spatial_dims, device=self.device, dtype=self.dtype)
+        sign[axes] = -1.0
+        return DisplacementMap(displacement * sign.reshape(1, -1, *([1] * self.spatial_dims)))
+
 
 class AffineMap(Map):
     """``phi(x) = M x + t`` in ``[0, 1]`` coordinates.

@@ -1,0 +1,147 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Test-time ensembling of a registration block: several estimates of ``phi_AB`` from one network, averaged.
+
+An inverse-consistent network gives two estimates of ``phi_AB`` per pair: its ``phi_AB`` and the inverse of its
+``phi_BA``. Images reflected along an axis of (near) mirror symmetry, such as the left-right axis of a head, give
+two more: the network's maps of the reflected pair, reflected back. Their errors are partly independent, so their
+mean is closer to the true map than any one of them (``docs/knee3d.md``, stop 22). Applied again to the moving
+image warped by the mean map (``passes``), the ensemble corrects what the first pass left. No weights of its own:
+a trained block is wrapped at inference (:func:`ensemble_network`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from monai_icon.networks.blocks import RegistrationModule, TwoStep, _child_map, check_image_pair
+from monai_icon.networks.maps import DisplacementMap, Map
+from monai_icon.networks.registration_net import RegistrationNet
+
+__all__ = ["TestTimeEnsemble", "ensemble_network"]
+
+
+class TestTimeEnsemble(RegistrationModule):
+    """``phi_AB`` averaged over test-time estimates of one registration block.
+
+    The estimates: the block's ``phi_AB``; with ``symmetric``, the inverse of its ``phi_BA``
+    (:meth:`~monai_icon.networks.maps.DisplacementMap.inverse`); with ``flip_axes``, the same on the images reflected
+    along each of those axes, reflected back (:meth:`~monai_icon.networks.maps.DisplacementMap.flipped`). Their
+    displacements are averaged on one grid: the block's own when it returns a
+    :class:`~monai_icon.networks.maps.DisplacementMap` (e.g. ``Downsample(resample=True)``: the network's field
+    grid), else the images' grid. The result is a ``DisplacementMap`` on that grid.
+
+    Costs ``(1 + len(flip_axes))`` block evaluations per direction; :meth:`forward_both` reuses them for both
+    directions.
+
+    Args:
+        block: a trained registration block (any module ``(image_A, image_B) -> Map``).
+        symmetric: add the inverse of the block's map in the other direction.
+        flip_axes: spatial axes (array order of the network's grid, ``0 .. D - 1``) to reflect the images along,
+            one extra estimate (or two, with ``symmetric``) per axis. Only for axes along which the anatomy is
+            close to mirror-symmetric (the left-right axis of brains in RAS order: 0).
+        inverse_iterations: fixed-point iterations of each inverse.
+        check_inputs: validate the pair (shapes, finiteness) on ``forward``.
+    """
+
+    __test__ = False  # not a pytest test class despite its name
+
+    def __init__(
+        self,
+        block: nn.Module,
+        symmetric: bool = True,
+        flip_axes: Sequence[int] = (),
+        inverse_iterations: int = 20,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__(check_inputs)
+        if not isinstance(symmetric, bool):
+            raise ValueError(f"symmetric must be True or False, got {symmetric!r}.")
+        flips = [int(a) for a in flip_axes]
+        if len(set(flips)) != len(flips) or any(a < 0 for a in flips):
+            raise ValueError(f"flip_axes must be distinct non-negative spatial axes, got {list(flip_axes)}.")
+        if isinstance(inverse_iterations, bool) or not isinstance(inverse_iterations, int) or inverse_iterations < 1:
+            raise ValueError(f"inverse_iterations must be a positive integer, got {inverse_iterations!r}.")
+        self.block = block
+        self.symmetric = symmetric
+        self.flip_axes = tuple(flips)
+        self.inverse_iterations = inverse_iterations
+
+    def _sampled(self, phi: Map, image: torch.Tensor) -> DisplacementMap:
+        return phi if isinstance(phi, DisplacementMap) else phi.sampled(image.shape[2:])
+
+    def _estimates(self, image_A: torch.Tensor, image_B: torch.Tensor, both: bool) -> list[list[DisplacementMap]]:
+        """``[[phi_AB estimates], [phi_BA estimates]]`` (the second empty unless ``both``)."""
+        spatial_dims = image_A.ndim - 2
+        if any(a >= spatial_dims for a in self.flip_axes):
+            raise ValueError(f"flip_axes {self.flip_axes} must be spatial axes of {spatial_dims}D images "
+                             f"(0 .. {spatial_dims - 1}).")
+        estimates: list[list[DisplacementMap]] = [[], []]
+        for axes in [()] + [(a,) for a in self.flip_axes]:
+            dims = [a + 2 for a in axes]
+            A, B = (image_A.flip(dims), image_B.flip(dims)) if dims else (image_A, image_B)
+            ab = self._sampled(_child_map(self.block, A, B), A).flipped(axes)
+            ba = (self._sampled(_child_map(self.block, B, A), B).flipped(axes)
+                  if self.symmetric or both else None)
+            estimates[0].append(ab)
+            if self.symmetric and ba is not None:
+                estimates[0].append(ba.inverse(self.inverse_iterations))
+            if both and ba is not None:
+                estimates[1].append(ba)
+                if self.symmetric:
+                    estimates[1].append(ab.inverse(self.inverse_iterations))
+        return estimates
+
+    @staticmethod
+    def _mean(estimates: list[DisplacementMap]) -> DisplacementMap:
+        shapes = {tuple(e.displacement.shape) for e in estimates}
+        if len(shapes) != 1:
+            raise ValueError(f"the block's estimates are on different grids {sorted(shapes)}; it must return maps "
+                             "on one grid for images of one shape.")
+        return DisplacementMap(torch.stack([e.displacement for e in estimates]).mean(0))
+
+    def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> DisplacementMap:
+        return self._mean(self._estimates(image_A, image_B, both=False)[0])
+
+    def forward_both(self, image_A: torch.Tensor, image_B: torch.Tensor) -> tuple[Map, Map]:
+        """``(phi_AB, phi_BA)`` from one set of block evaluations."""
+        if self.check_inputs:
+            check_image_pair(image_A, image_B)
+        ab, ba = self._estimates(image_A, image_B, both=True)
+        return self._mean(ab), self._mean(ba)
+
+
+def ensemble_network(
+    network: nn.Module, symmetric: bool = True, flip_axes: Sequence[int] = (), inverse_iterations: int = 20,
+    passes: int = 1,
+) -> RegistrationNet:
+    """A :class:`~monai_icon.networks.RegistrationNet` (or a bare registration block) wrapped so that its maps are
+    :class:`TestTimeEnsemble` means; the weights are shared with ``network`` (nothing is copied).
+
+    Args:
+        network: the trained network.
+        symmetric, flip_axes, inverse_iterations: of :class:`TestTimeEnsemble`.
+        passes: with ``passes > 1`` the ensemble is applied again to the moving image warped by the maps so far and
+            the maps are composed (:class:`~monai_icon.networks.blocks.TwoStep` with shared weights: ``phi_1 o phi_2
+            o ...``), each pass correcting what the previous ones left; ``passes`` times the cost.
+
+    Raises:
+        ValueError: a network that is neither a ``RegistrationNet`` nor a ``RegistrationModule``, or ``passes < 1``.
+    """
+    block = network.block if isinstance(network, RegistrationNet) else network
+    if not isinstance(block, RegistrationModule):
+        raise ValueError(f"test-time ensembling needs a RegistrationNet or a RegistrationModule, got "
+                         f"{type(network).__name__}.")
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"passes must be a positive integer, got {passes!r}.")
+    ensemble: RegistrationModule = TestTimeEnsemble(block, symmetric, flip_axes, inverse_iterations)
+    combined = ensemble
+    for _ in range(passes - 1):
+        combined = TwoStep(combined, ensemble, check_inputs=False)
+    combined.check_inputs = True
+    return RegistrationNet(combined)
