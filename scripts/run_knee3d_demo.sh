@@ -76,6 +76,14 @@ if [ "$FINAL" = stage2 ]; then
 fi
 "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/$FINAL.yaml','$C/evaluate.yaml']" "${ARGS[@]}" \
   "${RECIPE_EXTRA[@]}" "$@"  # all test pairs
+if [ "$DATA" = real ]; then
+  # the network alone on the test pairs' files, as a test-time ensemble (its map averaged with the inverse of its
+  # map in the other direction, and both on the images mirrored left-right), applied twice (stop 22: chosen on the
+  # validation pairs; under 1 s per pair)
+  "$PY" -m monai_icon register-pairs --datalist "$OUT/datalist.json" --key test_pairs \
+    --model "$OUT/$FINAL/models/registration_model.pt" --output-dir "$OUT/register_pairs_network" \
+    --symmetric --flip-axes 0 --passes 2
+fi
 # the test pairs registered as files, as a user would, with coarse-to-fine residual instance optimisation
 # (LNCC + GradICON, residual fields on 4 grids; chosen on the validation pairs): label Dice on each fixed image's
 # own grid before/after, folds and seconds per pair (runs/.../register_pairs/summary.json). On the T1 head (files of

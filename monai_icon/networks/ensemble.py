@@ -45,7 +45,9 @@ class TestTimeEnsemble(RegistrationModule):
         flip_axes: spatial axes (array order of the network's grid, ``0 .. D - 1``) to reflect the images along,
             one extra estimate (or two, with ``symmetric``) per axis. Only for axes along which the anatomy is
             close to mirror-symmetric (the left-right axis of brains in RAS order: 0).
-        inverse_iterations: fixed-point iterations of each inverse.
+        inverse_iterations: fixed-point iterations of each inverse (default 6: the error shrinks by the
+            displacement's largest derivative per iteration, well below 1 for a network's smooth maps; on the T1-head
+            validation pairs 3, 6, 10 and 20 give the same Dice to 1e-5).
         check_inputs: validate the pair (shapes, finiteness) on ``forward``.
     """
 
@@ -56,7 +58,7 @@ class TestTimeEnsemble(RegistrationModule):
         block: nn.Module,
         symmetric: bool = True,
         flip_axes: Sequence[int] = (),
-        inverse_iterations: int = 20,
+        inverse_iterations: int = 6,
         check_inputs: bool = True,
     ) -> None:
         super().__init__(check_inputs)
@@ -117,7 +119,7 @@ class TestTimeEnsemble(RegistrationModule):
 
 
 def ensemble_network(
-    network: nn.Module, symmetric: bool = True, flip_axes: Sequence[int] = (), inverse_iterations: int = 20,
+    network: nn.Module, symmetric: bool = True, flip_axes: Sequence[int] = (), inverse_iterations: int = 6,
     passes: int = 1,
 ) -> RegistrationNet:
     """A :class:`~monai_icon.networks.RegistrationNet` (or a bare registration block) wrapped so that its maps are
