@@ -141,6 +141,28 @@ def test_evaluation_writes_per_pair_csv_and_summary(knee_runs):
     assert list(out.glob("test_*.png"))
 
 
+def test_evaluation_with_the_test_time_ensemble(knee_runs, tmp_path):
+    """evaluate.yaml's test-time ensemble options wrap the trained network (weights loaded into it) in
+    ``ensemble_network``: the evaluation runs and reports the same metrics, with Dice different from the plain
+    network's; a bad option is refused."""
+    root, logs = knee_runs
+    options = ["--datalist", str(root / "datalist.json"), "--output_root", str(root / "runs"), "--full_size",
+               "[16,16,8]", "--architecture#encoder_channels", "[4,8]", "--architecture#decoder_channels", "[8,4]",
+               "--similarity", "lncc"]
+    plain = (root / "runs" / "stage2" / "eval" / "metrics.csv").read_text()
+    log = bundle_run(["common.yaml", "stage2.yaml", "evaluate.yaml"], *options, "--test_time_symmetric", "true",
+                     "--test_time_flip_axes", "[0]", "--test_time_passes", "2")
+    assert "evaluation on 2 test pairs" in log
+    ensemble = (root / "runs" / "stage2" / "eval" / "metrics.csv").read_text()
+
+    def dice(text):
+        return float(next(line.split(",")[1] for line in text.splitlines() if line.startswith("val_label_dice,")))
+
+    assert dice(ensemble) != dice(plain)
+    with pytest.raises(AssertionError, match=r"flip_axes \(7,\) must be spatial axes of 3D images"):
+        bundle_run(["common.yaml", "stage2.yaml", "evaluate.yaml"], *options, "--test_time_flip_axes", "[7]")
+
+
 def test_exported_model_registers_files_with_the_cli(knee_runs, tmp_path):
     from monai_icon.apps.cli import main
 
