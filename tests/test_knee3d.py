@@ -97,6 +97,7 @@ def knee_runs(tmp_path_factory):
         "--architecture#decoder_channels": "[8,4]",
         "--fold_threshold": "-1",
         "--similarity": "lncc",  # MSE is the default; the option is exercised here
+        "--augment_flip": "0.5",  # mirrored training pairs (off by default), exercised here
     }
     common = [item for pair in options.items() for item in pair]
     logs = {"stage1": bundle_run(["common.yaml", "stage1.yaml"], *common)}
@@ -193,6 +194,33 @@ def test_augmentation_is_off_by_default_and_moves_labels_and_masks_with_their_im
     assert isinstance(augment, RandBatchAugmentd) and augment.deform == 1.5 and augment.gamma == 1.25
     assert augment.follow == {"moving_label": "moving_image", "fixed_label": "fixed_image",
                               "moving_mask": "moving_image", "fixed_mask": "fixed_image"}
+
+
+def test_pair_flip_mirrors_both_images_of_a_pair_together():
+    """``augment_flip``: off by default; on, MONAI's RandFlipd mirrors the moving and fixed images (and labels) of a
+    pair along the chosen axis together, in about that share of the pairs, never one image alone."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import RandFlipd
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "stage1.yaml")])
+    assert parser.get_parsed_content("pair_flip") is None
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "stage1.yaml")])
+    parser.update({"augment_flip": 0.5, "augment_flip_axes": [1]})
+    flip = parser.get_parsed_content("pair_flip")
+    assert isinstance(flip, RandFlipd)
+    image = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)
+    flipped_count = 0
+    for _ in range(40):
+        item = flip({"moving_image": image.clone(), "fixed_image": image + 100, "moving_label": image.clone(),
+                     "pair_id": "x"})
+        moving_flipped = torch.equal(item["moving_image"], image.flip(2))
+        assert moving_flipped or torch.equal(item["moving_image"], image)
+        assert torch.equal(item["fixed_image"], (image + 100).flip(2) if moving_flipped else image + 100)
+        assert torch.equal(item["moving_label"], item["moving_image"])
+        flipped_count += moving_flipped
+    assert 8 <= flipped_count <= 32
 
 
 def test_training_reads_mask_files_binarised_and_masks_loss_and_inputs(tmp_path):
