@@ -132,10 +132,9 @@ def main(argv=None) -> dict:
         settings = (("similarity", args.similarity), ("lmbda", args.lmbda), ("regularizer", args.regularizer))
         overrides = {k: v for k, v in settings if v is not None}
         model = load_registration_model(args.model, **overrides)
-        if args.symmetric or args.flip_axes or args.passes != 1:
-            from monai_icon.networks import ensemble_network
+        from monai_icon.networks import ensemble_network
 
-            model.network = ensemble_network(model.network, args.symmetric, args.flip_axes or [], passes=args.passes)
+        model.network = ensemble_network(model.network, args.symmetric, args.flip_axes or [], passes=args.passes)
     rows: dict[str, list[dict]] = {}
     for i, pair in enumerate(pairs):
         fixed_label = _read_labels(pair["fixed_label"])

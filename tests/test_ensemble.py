@@ -145,6 +145,8 @@ def test_passes_correct_what_the_first_pass_leaves():
     torch.testing.assert_close(exact_net.register(image_A, image_B).grid(shape), exact, atol=2e-3, rtol=0)
     with pytest.raises(ValueError, match="passes"):
         ensemble_network(_Translation(), passes=0)
+    plain = RegistrationNet(_Translation())
+    assert ensemble_network(plain, symmetric=False, flip_axes=[], passes=1) is plain  # nothing requested
 
 
 def test_ensemble_refuses_bad_options():

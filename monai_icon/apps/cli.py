@@ -112,14 +112,13 @@ def _load_model(args: argparse.Namespace, device):
         if isinstance(kernel, bool) or kernel < 3 or kernel % 2 != 1:
             raise ValueError(f"--lncc-kernel must be an odd number >= 3, got {kernel}.")
         model.similarity = get_similarity("lncc", model.spatial_dims, kernel_size=kernel)
-    if args.symmetric or args.flip_axes or args.passes != 1:
-        from monai_icon.networks import ensemble_network
+    from monai_icon.networks import ensemble_network
 
-        flips = args.flip_axes or []
-        if any(a < 0 or a >= model.spatial_dims for a in flips):
-            raise ValueError(f"--flip-axes {flips} must be axes of the model's {model.spatial_dims}D grid "
-                             f"(0 .. {model.spatial_dims - 1}).")
-        model.network = ensemble_network(model.network, args.symmetric, flips, passes=args.passes)
+    flips = args.flip_axes or []
+    if any(a < 0 or a >= model.spatial_dims for a in flips):
+        raise ValueError(f"--flip-axes {flips} must be axes of the model's {model.spatial_dims}D grid "
+                         f"(0 .. {model.spatial_dims - 1}).")
+    model.network = ensemble_network(model.network, args.symmetric, flips, passes=args.passes)
     return model
 
 

@@ -88,12 +88,13 @@ class TestTimeEnsemble(RegistrationModule):
             dims = [a + 2 for a in axes]
             A, B = (image_A.flip(dims), image_B.flip(dims)) if dims else (image_A, image_B)
             ab = self._sampled(_child_map(self.block, A, B), A).flipped(axes)
-            ba = (self._sampled(_child_map(self.block, B, A), B).flipped(axes)
-                  if self.symmetric or both else None)
             estimates[0].append(ab)
-            if self.symmetric and ba is not None:
+            if not (self.symmetric or both):
+                continue
+            ba = self._sampled(_child_map(self.block, B, A), B).flipped(axes)
+            if self.symmetric:
                 estimates[0].append(ba.inverse(self.inverse_iterations))
-            if both and ba is not None:
+            if both:
                 estimates[1].append(ba)
                 if self.symmetric:
                     estimates[1].append(ab.inverse(self.inverse_iterations))
@@ -121,9 +122,11 @@ class TestTimeEnsemble(RegistrationModule):
 def ensemble_network(
     network: nn.Module, symmetric: bool = True, flip_axes: Sequence[int] = (), inverse_iterations: int = 6,
     passes: int = 1,
-) -> RegistrationNet:
+) -> nn.Module:
     """A :class:`~monai_icon.networks.RegistrationNet` (or a bare registration block) wrapped so that its maps are
-    :class:`TestTimeEnsemble` means; the weights are shared with ``network`` (nothing is copied).
+    :class:`TestTimeEnsemble` means; the weights are shared with ``network`` (nothing is copied). With nothing
+    requested (not ``symmetric``, no ``flip_axes``, one pass) the network is returned as it is (a bare block in a
+    ``RegistrationNet``), whatever its type.
 
     Args:
         network: the trained network.
@@ -135,12 +138,14 @@ def ensemble_network(
     Raises:
         ValueError: a network that is neither a ``RegistrationNet`` nor a ``RegistrationModule``, or ``passes < 1``.
     """
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"passes must be a positive integer, got {passes!r}.")
+    if not symmetric and not list(flip_axes) and passes == 1:  # nothing to ensemble
+        return RegistrationNet(network) if isinstance(network, RegistrationModule) else network
     block = network.block if isinstance(network, RegistrationNet) else network
     if not isinstance(block, RegistrationModule):
         raise ValueError(f"test-time ensembling needs a RegistrationNet or a RegistrationModule, got "
                          f"{type(network).__name__}.")
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise ValueError(f"passes must be a positive integer, got {passes!r}.")
     ensemble: RegistrationModule = TestTimeEnsemble(block, symmetric, flip_axes, inverse_iterations)
     combined = ensemble
     for _ in range(passes - 1):
