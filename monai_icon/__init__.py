@@ -9,13 +9,15 @@ Sub-packages follow the data flow: ``data`` -> ``networks`` (maps, blocks, nets)
 space (the ``monai-icon`` command line); ``config`` reads settings given on command lines.
 """
 
-from monai_icon import apps, config, data, engines, handlers, losses, metrics, networks, reporting, transforms
+from monai_icon import (apps, config, cpu_allocator, data, engines, handlers, losses, metrics, networks, reporting,
+                        transforms)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "apps",
     "config",
+    "cpu_allocator",
     "data",
     "transforms",
     "networks",

@@ -15,7 +15,7 @@ from typing import Any
 
 from monai.utils import str2bool
 
-__all__ = ["as_bool", "choose"]
+__all__ = ["as_bool", "as_count", "choose"]
 
 
 def as_bool(value: bool | int | str, name: str = "setting") -> bool:
@@ -28,6 +28,15 @@ def as_bool(value: bool | int | str, name: str = "setting") -> bool:
         return str2bool(value)
     except ValueError:
         raise ValueError(f"{name} must be true or false, got {value!r}.") from None
+
+
+def as_count(value: int | str, name: str = "setting", minimum: int = 1) -> int:
+    """``value`` as an integer ``>= minimum`` (an int or a string of one, e.g. from a command line); anything else
+    (a bool, a fraction, a smaller number, text) is a ``ValueError`` naming ``name``."""
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if text is None or not text.lstrip("+-").isdigit() or int(text) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(text)
 
 
 def choose(value: str, name: str, **options: Any) -> Any:

@@ -30,3 +30,12 @@ def test_trainer_refuses_a_string_for_a_switch(name):
     net = DisplacementField(UNet(2, encoder_channels=(8,), decoder_channels=(8,)))
     with pytest.raises(TypeError, match=f"{name} must be a bool, got 'false'"):
         ICONTrainer("cpu", 1, [], net, torch.optim.SGD(net.parameters(), 1e-3), ICONLoss("mse", 1.0), **{name: "false"})
+
+
+def test_as_count():
+    from monai_icon.config import as_count
+
+    assert as_count(3, "n") == 3 and as_count(" 4 ", "n") == 4 and as_count("0", "n", minimum=0) == 0
+    for bad in (0, "0", -2, 1.5, "1.5", True, "two", None):
+        with pytest.raises(ValueError, match="val_interval must be an integer >= 1"):
+            as_count(bad, "val_interval")

@@ -288,8 +288,11 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
                "--val_pairs": "1", "--epochs": "1", "--architecture#encoder_channels": "[4,8]",
                "--architecture#decoder_channels": "[8,4]",
                # known-map pairs with map supervision and a two-scale similarity run through the bundle too
-               "--self_pairs": "0.5", "--similarity_scales": "[1,2]", "--augment_deform": "1.0"}
-    bundle_run(["common.yaml", "stage1.yaml"], *[item for pair in options.items() for item in pair])
+               "--self_pairs": "0.5", "--similarity_scales": "[1,2]", "--augment_deform": "1.0",
+               # validation every 2 epochs: the single epoch is still validated once training ends
+               "--val_interval": "2"}
+    log = bundle_run(["common.yaml", "stage1.yaml"], *[item for pair in options.items() for item in pair])
+    assert log.count("ICONEvaluator - INFO - Epoch[1] Complete") == 1 and "label Dice (mean over labels)" in log
     exported = tmp_path / "runs" / "stage1" / "models" / "registration_model.pt"
     model = load_registration_model(exported)
     assert model.spatial_size == (16, 16, 8) and model.similarity == "lncc"
@@ -309,6 +312,16 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
     assert parser["train"]["trainer"]["channels_last"] == "$monai_icon.config.as_bool(@channels_last, 'channels_last')"
     assert parser.get_parsed_content("network_def").block.pool == "average"  # the default coarse inputs
     assert parser.get_parsed_content("map_supervision") is None  # the paper's loss alone by default
+    assert parser.get_parsed_content("tune_cpu_allocator") is True  # glibc keeps freed blocks for reuse
+    handler = next(i for i, h in enumerate(parser["train"]["handler_list"]) if isinstance(h, dict)
+                   and h.get("_target_", "").endswith("ValidationHandler"))
+    parser.update({"val_interval": "3"})
+    assert parser.get_parsed_content(f"train#handler_list#{handler}#interval") == 3
+    parser.update({"val_interval": 0})
+    with pytest.raises(RuntimeError) as err:  # MONAI's config parser wraps the ValueError
+        parser.get_parsed_content(f"train#handler_list#{handler}#interval")
+    assert "val_interval must be an integer >= 1" in str(err.value.__cause__)
+    parser.update({"val_interval": 1})
     parser.update({"self_pairs": 0.5, "augment_deform": 1.0, "similarity_scales": [1, 2, 4]})
     augment = parser.get_parsed_content("augment")
     known = [t for t in augment.transforms if isinstance(t, RandSelfPaird)]

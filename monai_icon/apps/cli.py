@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_icon.cpu_allocator import tune_cpu_allocator
+
 __all__ = ["build_parser", "main"]
 
 
@@ -232,6 +234,8 @@ def _register_pairs(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("register", "register-pairs"):  # many large CPU tensors per step: reuse their memory
+        tune_cpu_allocator()
     try:
         if args.command == "register":
             from monai_icon.apps.register import register_files
