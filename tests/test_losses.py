@@ -349,3 +349,88 @@ def test_multiscale_similarity_sums_the_similarity_of_pooled_pairs():
         MultiScaleSimilarity(lncc)(a, b[..., :8])
     with pytest.raises(ValueError, match="pooled"):
         MultiScaleSimilarity(lncc, (1, 32))(a, b)
+
+
+def _blob_pair(shape=(32, 24, 40), seed=0):
+    """Two images that are zero outside a smaller box (a flat background), and smooth maps in both directions
+    (displacement fields on a coarser grid, with gradients)."""
+    torch.manual_seed(seed)
+    images = []
+    for _ in range(2):
+        x = torch.zeros(2, 1, *shape)
+        x[:, :, 9:21, 6:15, 10:27] = torch.rand(2, 1, 12, 9, 17) + 0.5
+        images.append(x)
+    fields = [(0.01 * torch.randn(2, 3, 8, 6, 10)).requires_grad_() for _ in range(2)]
+    return images, fields
+
+
+def test_foreground_box_bounds_the_foreground_with_its_margin():
+    from monai_icon.losses.icon import foreground_box
+
+    (a, b), _ = _blob_pair()
+    assert foreground_box([a, b], 0.1, margin=0, multiple=1) == (slice(9, 21), slice(6, 15), slice(10, 27))
+    # widened by 3 voxels, corners moved outwards onto multiples of 4, clamped to the grid
+    assert foreground_box([a, b], 0.1, margin=3, multiple=4) == (slice(4, 24), slice(0, 20), slice(4, 32))
+    assert foreground_box([a, b], 0.1, margin=30) == (slice(0, 32), slice(0, 24), slice(0, 40))
+    c = torch.zeros_like(a)
+    c[1, 0, 30, 2, 0] = 1.0  # one bright voxel of one image of the batch widens the box
+    assert foreground_box([a, c], 0.1, margin=0, multiple=1) == (slice(9, 31), slice(2, 15), slice(0, 27))
+    assert foreground_box([torch.ones(1, 1, 5, 6, 7)], 0.5) == (slice(0, 5), slice(0, 6), slice(0, 7))  # constant
+    # the range is each image's own: an offset background (e.g. normalised intensities) is still background
+    assert foreground_box([a - 3.0], 0.1, margin=0, multiple=1) == (slice(9, 21), slice(6, 15), slice(10, 27))
+    for bad in ({"threshold": 1.0}, {"threshold": -0.1}, {"threshold": 0.1, "margin": -1},
+                {"threshold": 0.1, "multiple": 0}):
+        with pytest.raises(ValueError):
+            foreground_box([a], **bad)
+    with pytest.raises(ValueError, match="one grid"):
+        foreground_box([a, a[..., :5]], 0.1)
+
+
+@pytest.mark.parametrize("similarity", ["lncc", "mse", "multiscale"])
+def test_foreground_crop_of_the_similarity_is_exact_on_a_flat_background(similarity):
+    """On images whose background is flat (zero), the similarity computed in the foreground box only gives the
+    whole grid's loss and gradients when the box's margin covers the maps' motion plus the LNCC window at the
+    coarsest scale (window radius 2 x pooling 4 = 8 voxels for the multi-scale similarity)."""
+    from monai_icon.losses import MultiScaleSimilarity, get_similarity
+
+    (a, b), fields = _blob_pair()
+    sim = {"lncc": "lncc", "mse": "mse",
+           "multiscale": MultiScaleSimilarity(get_similarity("lncc", 3, kernel_size=5), (1, 2, 4))}[similarity]
+    values, margin = [], 10 if similarity == "multiscale" else 5
+    for threshold in (None, 0.05):
+        loss = ICONLoss(sim, 2.0, "gradicon", spatial_dims=3, foreground_threshold=threshold,
+                        foreground_margin=margin)
+        for f in fields:
+            f.grad = None
+        torch.manual_seed(1)  # the regulariser's jitter
+        out = loss(a, b, DisplacementMap(fields[0]), DisplacementMap(fields[1]))
+        out.loss.backward()
+        values.append((out.loss.detach(), out.similarity, out.warped_A, out.warped_B, out.phi_AB_grid.detach(),
+                       fields[0].grad.clone(), fields[1].grad.clone()))
+    full, cropped = values
+    assert full[1].abs() > 1e-3  # a real similarity, not an empty one
+    for x, y in zip(full, cropped):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
+
+
+def test_foreground_crop_scales_by_the_box_share_and_keeps_masks():
+    (a, b), fields = _blob_pair()
+    noisy_a, noisy_b = a + 0.01 * torch.rand_like(a), b + 0.01 * torch.rand_like(b)  # a background that is not flat
+    phis = DisplacementMap(fields[0].detach()), DisplacementMap(fields[1].detach())
+    crop = ICONLoss("mse", 1.0, spatial_dims=3, foreground_threshold=0.2, foreground_margin=0, foreground_multiple=1,
+                    reduction="none")
+    box = (slice(None), slice(None), slice(9, 21), slice(6, 15), slice(10, 27))
+    share = (12 * 9 * 17) / (32 * 24 * 40)
+    warped_A, warped_B = phis[0].warp(noisy_a, noisy_b.shape[2:]), phis[1].warp(noisy_b, noisy_a.shape[2:])
+    expected = (((warped_A - noisy_b) ** 2)[box].flatten(1).mean(1) + ((warped_B - noisy_a) ** 2)[box].flatten(1)
+                .mean(1)) * share
+    torch.testing.assert_close(crop(noisy_a, noisy_b, *phis).similarity, expected, rtol=1e-5, atol=1e-7)
+    # with masks the box also covers the masks' support, and the masked mean keeps its own normalisation
+    mask = torch.zeros_like(a)
+    mask[:, :, 2:30, 2:22, 2:38] = 1.0
+    masked_full = ICONLoss("mse", 1.0, spatial_dims=3, reduction="none")(noisy_a, noisy_b, *phis, mask_A=mask,
+                                                                           mask_B=mask)
+    masked_crop = crop(noisy_a, noisy_b, *phis, mask_A=mask, mask_B=mask)
+    torch.testing.assert_close(masked_crop.similarity, masked_full.similarity, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="foreground threshold"):
+        ICONLoss("mse", 1.0, spatial_dims=3, foreground_threshold=1.5)
