@@ -308,10 +308,6 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
     parser.update({"regularizer_size": [8, 8, 4], "similarity": "lncc", "lncc_kernel": 5})
     loss = parser.get_parsed_content("loss")
     assert loss.regularizer_size == (8, 8, 4) and loss.similarity.kernel_size == 5
-    assert loss.foreground_threshold is None  # the similarity on the whole grid by default
-    parser.update({"foreground_threshold": 0.05, "foreground_margin": 12})
-    loss = parser.get_parsed_content("loss", lazy=False)
-    assert loss.foreground_threshold == 0.05 and loss.foreground_margin == 12
     assert parser.get_parsed_content("channels_last") is True  # channels-last training by default (faster 3D steps)
     assert parser["train"]["trainer"]["channels_last"] == "$monai_icon.config.as_bool(@channels_last, 'channels_last')"
     assert parser.get_parsed_content("network_def").block.pool == "average"  # the default coarse inputs

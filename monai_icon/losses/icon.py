@@ -23,7 +23,7 @@ from monai_icon.networks.blocks import check_image_pair
 from monai_icon.networks.maps import Map, interpolate, one_hot_labels
 from monai_icon.precision import at_least_float32, autocast_disabled
 
-__all__ = ["REGULARIZERS", "ICONLossOutput", "ICONLoss", "foreground_box", "icon_loss"]
+__all__ = ["REGULARIZERS", "ICONLossOutput", "ICONLoss", "icon_loss"]
 
 REGULARIZERS = ("icon", "gradicon")
 
@@ -83,51 +83,6 @@ def _check_companions(image: torch.Tensor, first: tuple[str, torch.Tensor | None
                              f"got {tuple(tensor.shape)}.")
 
 
-def foreground_box(
-    images: Sequence[torch.Tensor], threshold: float, margin: int = 8, multiple: int = 4
-) -> tuple[slice, ...]:
-    """The bounding box of the voxels that any image of a batch shows as foreground, widened by a margin.
-
-    A voxel is foreground in an image (and channel) when it lies above ``min + threshold * (max - min)`` of that
-    image. The box's corners are widened by ``margin`` voxels, moved outwards onto multiples of ``multiple`` and
-    clamped to the grid (so that the box of an image pooled by a divisor of ``multiple`` is a box of the pooled
-    image). An image with no foreground (constant) gives the whole grid.
-
-    Args:
-        images: tensors ``[B, C, *N]`` on one grid ``N`` (e.g. the moving and the fixed batch).
-        threshold: fraction of each image's intensity range, in ``[0, 1)``.
-        margin: voxels added on every side, ``>= 0``.
-        multiple: corners on multiples of this many voxels (the far corner may be the grid's end), ``>= 1``.
-
-    Returns:
-        one ``slice`` per spatial axis.
-    """
-    if not 0 <= threshold < 1:
-        raise ValueError(f"the foreground threshold must lie in [0, 1), got {threshold}.")
-    if margin < 0 or multiple < 1:
-        raise ValueError(f"margin must be >= 0 and multiple >= 1, got {margin} and {multiple}.")
-    shape = tuple(images[0].shape[2:])
-    if any(tuple(x.shape[2:]) != shape for x in images):
-        raise ValueError(f"the images must share one grid, got {[tuple(x.shape) for x in images]}.")
-    foreground = torch.zeros(shape, dtype=torch.bool, device=images[0].device)
-    with torch.no_grad():
-        for x in images:
-            flat = x.detach().flatten(2)
-            low, high = flat.amin(dim=2), flat.amax(dim=2)
-            level = (low + threshold * (high - low)).reshape(*low.shape, *([1] * len(shape)))
-            foreground |= ((x.detach() > level) & (high > low).reshape(level.shape)).flatten(0, 1).any(dim=0)
-    box = []
-    for axis, size in enumerate(shape):
-        others = tuple(a for a in range(len(shape)) if a != axis)
-        hit = torch.nonzero(foreground.any(dim=others) if others else foreground).flatten()
-        if hit.numel() == 0:
-            return tuple(slice(0, n) for n in shape)
-        start = max(0, (int(hit[0]) - margin) // multiple * multiple)
-        stop = min(size, -(-(int(hit[-1]) + 1 + margin) // multiple) * multiple)
-        box.append(slice(start, stop))
-    return tuple(box)
-
-
 class ICONLoss(_Loss):
     """Symmetric similarity plus ``lmbda`` times an inverse consistency regulariser.
 
@@ -159,20 +114,6 @@ class ICONLoss(_Loss):
             loses nothing; the regulariser is a mean over points, so its scale does not depend on this grid. Do
             not go coarser than the maps' grid: measured in 3D instance optimisation with GradICON, fields on a
             64x64x32 grid regularised at 32x32x16 points folded 24 % of their cells.
-        foreground_threshold: ``None`` (default): the similarity is computed on the whole grid. A fraction in
-            ``[0, 1)``: only inside :func:`foreground_box` of the batch's images (and masks), i.e. where either
-            image is above that fraction of its intensity range, widened by ``foreground_margin`` voxels; voxels
-            outside count as zero similarity (the box's mean is scaled by its share of the grid, so ``lmbda`` keeps
-            its meaning), which is exact for per-voxel similarities (MSE, LNCC, MIND and their multi-scale sums)
-            where the background is flat, as in skull-stripped or zero-padded volumes. It saves the warps and the
-            similarity over the background: on the T1-head demo's 128x64x128 images the box is about 45 % of the
-            grid. Not for global similarities (MI).
-        foreground_margin: voxels added to every side of the foreground box (default 8); it must cover how far the
-            maps move the foreground plus the similarity's window radius (times the largest pooling factor of a
-            multi-scale similarity: LNCC window 5 at factors 1, 2, 4 reaches 8 voxels), or the box cuts off some
-            of the similarity around the foreground's edge.
-        foreground_multiple: the box's corners lie on multiples of this (default 4: the largest pooling factor of
-            a multi-scale similarity, so that its pooled boxes are boxes of the pooled images).
         compute_folds: count the folds of ``phi_AB`` on the images' grid for the output's ``folds`` (default). ``False``
             skips that count (``folds`` is then NaN per pair) where nobody reads it and the grid is large, e.g. in
             every step of instance optimisation on full-resolution images.
@@ -200,9 +141,6 @@ class ICONLoss(_Loss):
         num_classes: int | None = None,
         regularizer_size: Sequence[int] | None = None,
         compute_folds: bool = True,
-        foreground_threshold: float | None = None,
-        foreground_margin: int = 8,
-        foreground_multiple: int = 4,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if spatial_dims not in (2, 3):
@@ -215,12 +153,6 @@ class ICONLoss(_Loss):
             regularizer_size = sizes
         self.regularizer_size = regularizer_size
         self.compute_folds = bool(compute_folds)
-        if foreground_threshold is not None:
-            foreground_box([torch.zeros((1, 1) + (1,) * spatial_dims)], float(foreground_threshold),
-                           int(foreground_margin), int(foreground_multiple))  # checks the three values
-            foreground_threshold = float(foreground_threshold)
-        self.foreground_threshold = foreground_threshold
-        self.foreground_margin, self.foreground_multiple = int(foreground_margin), int(foreground_multiple)
         if lmbda < 0:
             raise ValueError(f"lmbda must be >= 0, got {lmbda}.")
         self.spatial_dims = spatial_dims
@@ -257,14 +189,6 @@ class ICONLoss(_Loss):
             return self._evaluate(at_least_float32(image_A), at_least_float32(image_B), phi_AB, phi_BA, label_A,
                                   label_B, masks)
 
-    def _box(self, image_A: torch.Tensor, image_B: torch.Tensor,
-              masks: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[slice, ...]:
-        """Index of the batch's foreground box (:func:`foreground_box`; masks' support included) in ``[B, C, *N]``."""
-        images = [image_A, image_B] + ([] if masks is None else [(m > 0).float() for m in masks])
-        box = foreground_box(images, float(self.foreground_threshold), self.foreground_margin,  # type: ignore[arg-type]
-                             self.foreground_multiple)
-        return (slice(None), slice(None), *box)
-
     @staticmethod
     def _masked(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Per-pair mean of per-voxel similarity values ``[2B, K, *N]`` weighted by masks ``[2B, 1, *N]``."""
@@ -292,28 +216,17 @@ class ICONLoss(_Loss):
                   masks: tuple[torch.Tensor, torch.Tensor] | None = None) -> ICONLossOutput:
         batch, shape = image_A.shape[0], image_A.shape[2:]
         grid_AB, grid_BA = phi_AB.grid(shape), phi_BA.grid(shape)
-        if self.foreground_threshold is None:
-            warped_A, warped_B = interpolate(image_A, grid_AB), interpolate(image_B, grid_BA)
-            pred, target, weights, share = torch.cat([warped_A, warped_B]), torch.cat([image_B, image_A]), masks, 1.0
-        else:
-            box = self._box(image_A, image_B, masks)
-            pred = torch.cat([interpolate(image_A, grid_AB[box]), interpolate(image_B, grid_BA[box])])
-            target = torch.cat([image_B[box], image_A[box]])
-            weights = None if masks is None else (masks[0][box], masks[1][box])
-            share = 1.0 if masks is not None else pred[0, 0].numel() / image_A[0, 0].numel()
-            with torch.no_grad():  # the outputs' warped images, on the whole grid (no gradient needed)
-                warped_A, warped_B = interpolate(image_A, grid_AB.detach()), interpolate(image_B, grid_BA.detach())
+        warped_A, warped_B = interpolate(image_A, grid_AB), interpolate(image_B, grid_BA)
         del grid_BA  # full-size and not needed below: free it before the regulariser's evaluations
         # before the regulariser, whose saved tensors would add to its peak
         folds = (count_folds(grid_AB.detach()) if self.compute_folds
                  else torch.full((batch,), float("nan"), device=grid_AB.device))
         # both directions in one call (similarities are per pair): sim(A o phi_AB, B) + sim(B o phi_BA, A)
-        both = self.similarity(pred, target)
-        del pred, target
-        if weights is None:
-            similarity = per_pair(both, 2 * batch).reshape(2, batch).sum(dim=0) * share
+        both = self.similarity(torch.cat([warped_A, warped_B]), torch.cat([image_B, image_A]))
+        if masks is None:
+            similarity = per_pair(both, 2 * batch).reshape(2, batch).sum(dim=0)
         else:
-            similarity = self._masked(both, torch.cat([weights[1], weights[0]])).reshape(2, batch).sum(dim=0)
+            similarity = self._masked(both, torch.cat([masks[1], masks[0]])).reshape(2, batch).sum(dim=0)
         regularizer_shape = self.regularizer_size or tuple(shape)
         regularization = per_pair(torch.as_tensor(self.regularizer(phi_AB, phi_BA, regularizer_shape)), batch)
         total = similarity + self.lmbda * regularization
