@@ -290,12 +290,23 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
                # known-map pairs with map supervision and a two-scale similarity run through the bundle too
                "--self_pairs": "0.5", "--similarity_scales": "[1,2]", "--augment_deform": "1.0",
                # validation every 2 epochs: the single epoch is still validated once training ends
-               "--val_interval": "2"}
+               "--val_interval": "2",
+               "--ema_momentum": "0.5"}  # a moving average of the weights, exported beside them
     log = bundle_run(["common.yaml", "stage1.yaml"], *[item for pair in options.items() for item in pair])
     assert log.count("ICONEvaluator - INFO - Epoch[1] Complete") == 1 and "label Dice (mean over labels)" in log
     exported = tmp_path / "runs" / "stage1" / "models" / "registration_model.pt"
     model = load_registration_model(exported)
     assert model.spatial_size == (16, 16, 8) and model.similarity == "lncc"
+    # the moving average: its own model file, in the resume checkpoint too, with weights between the two last steps'
+    averaged = load_registration_model(exported.with_name("registration_model_ema.pt"))
+    assert averaged.spatial_size == model.spatial_size
+    final, mean = model.network.state_dict(), averaged.network.state_dict()
+    assert any(not torch.equal(final[k], mean[k]) for k in final if final[k].is_floating_point())
+    resume = torch.load(next((tmp_path / "runs" / "stage1" / "models" / "checkpoints").glob("*.pt")),
+                        weights_only=True)
+    assert set(resume) >= {"network", "optimizer", "trainer", "ema_network"}
+    for k in final:  # the checkpoint's average is the exported one
+        torch.testing.assert_close(resume["ema_network"][k].float(), mean[k].float())
     block = model.network.block
     assert isinstance(block, Downsample) and block.factor == 2 and block.resample is True
     assert torch.load(exported, weights_only=True)["network_def"]["resample_coarse"] is True  # a bool, not "true"
