@@ -11,8 +11,8 @@ then computed by one function (:func:`label_dice`) for the unregistered pair, IC
 as ``monai-icon register`` runs it, optionally with instance optimisation) and SyN
 (``ants.registration(fixed, moving, "SyN")`` with its defaults, labels by ``genericLabel``). Time per pair is
 the registration call's wall-clock on this machine, measured the same way for both (files already loaded by the
-method's own reader; writing excluded). Folds of the ICON map are counted on the network grid (the metric of
-``monai_icon.metrics``).
+method's own reader; writing excluded; one process, glibc's allocator tuned as the CLI tunes it). Folds of the
+ICON map are counted on the network grid (the metric of ``monai_icon.metrics``).
 
     pip install antspyx       # a benchmark dependency only
     python benchmarks/syn_vs_icon.py --datalist runs/t1head_demo/datalist.json \\
@@ -114,7 +114,10 @@ def main(argv=None) -> dict:
 
     import torch
 
+    from monai_icon.cpu_allocator import tune_cpu_allocator
+
     torch.set_num_threads(args.threads)
+    tune_cpu_allocator()  # as `monai-icon register` runs (one process: SyN's allocations are served the same way)
     datalist_path = Path(args.datalist)
     pairs = json.loads(datalist_path.read_text())[args.key][: args.pairs]
     base = datalist_path.parent

@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-__all__ = ["at_least_float32", "autocast_disabled"]
+__all__ = ["at_least_float32", "autocast_disabled", "cpu_bfloat16_fast", "resolve_cpu_amp"]
 
 
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -32,3 +32,20 @@ def autocast_disabled(device: torch.device | str) -> contextlib.AbstractContextM
     if not torch.amp.is_autocast_available(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
+
+
+def cpu_bfloat16_fast() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), whose matrix units run bfloat16
+    convolutions faster than float32 ones; without them oneDNN emulates bfloat16 and it is slower."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if callable(check) else False
+
+
+def resolve_cpu_amp(setting: bool | str) -> bool:
+    """A ``cpu_amp`` setting as a bool: ``True`` / ``False`` (or their strings, as ``monai_icon.config.as_bool``
+    reads them), or ``"auto"`` for :func:`cpu_bfloat16_fast`."""
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        return cpu_bfloat16_fast()
+    from monai_icon.config import as_bool
+
+    return as_bool(setting, "cpu_amp")

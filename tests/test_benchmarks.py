@@ -225,3 +225,14 @@ def test_step3d_bench_variants_compute_the_same_step():
     assert math.isfinite(unshuffled) and unshuffled == pytest.approx(losses[(2, True, True)], rel=0.05)
     assert step3d_bench.variant_name("fine128", True, True, step3d_bench.UNSHUFFLED).endswith("unshuffle inputs")
     assert step3d_bench.variant_name("fine128", True, True, step3d_bench.THREE_STEPS).endswith(", 3 steps")
+
+
+def test_allocator_bench_measures_each_setting_in_its_own_process():
+    import allocator_bench
+
+    from monai_icon.cpu_allocator import _glibc
+
+    tuned = allocator_bench.measure("tuned", 1, 1, (16, 16, 8))
+    default = allocator_bench.measure("default", 1, 1, (16, 16, 8))
+    assert tuned["applied"] is (_glibc() is not None) and default["applied"] is False
+    assert tuned["step"] > 0 and default["step"] > 0 and tuned["faults"] >= 0

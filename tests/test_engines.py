@@ -1,3 +1,4 @@
+import math
 import json
 from types import SimpleNamespace
 
@@ -271,3 +272,36 @@ def test_gradient_clip_handler_bounds_the_step_gradient():
     assert len(norms) == 2 and max(norms) <= 1e-4 * (1 + 1e-4)
     with pytest.raises(ValueError, match="max_norm"):
         GradientClipHandler(0.0)
+
+
+def test_cpu_amp_runs_the_network_in_bfloat16_and_the_loss_in_float32(monkeypatch):
+    from monai_icon import precision
+
+    torch.manual_seed(0)
+    net = RegistrationNet(DisplacementField(UNet(2, encoder_channels=(8, 16), decoder_channels=(16, 8))))
+    conv_dtypes, loss_dtypes = set(), set()
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda m, i, o: conv_dtypes.add(o.dtype))
+    loss = ICONLoss("mse", 16)
+    loss.register_forward_hook(lambda m, i, o: loss_dtypes.add(o.loss.dtype))
+    trainer = ICONTrainer("cpu", 1, _loader(n=4), net, torch.optim.Adam(net.parameters(), 1e-3), loss, cpu_amp=True)
+    trainer.run()
+    assert conv_dtypes == {torch.bfloat16} and loss_dtypes == {torch.float32}
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in net.parameters())
+    assert math.isfinite(trainer.state.output[0]["loss"])
+    # off by default; "auto" follows the CPU (bfloat16 only with AMX tiles); on other devices it is ignored
+    plain = ICONTrainer("cpu", 1, _loader(n=4), net, torch.optim.Adam(net.parameters()), ICONLoss("mse", 16))
+    assert plain.cpu_amp is False
+    for fast in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda fast=fast: fast)
+        assert precision.resolve_cpu_amp("auto") is fast and precision.cpu_bfloat16_fast() is fast
+        auto = ICONTrainer("cpu", 1, _loader(n=4), net, torch.optim.Adam(net.parameters()), ICONLoss("mse", 16),
+                           cpu_amp="auto")
+        assert auto.cpu_amp is fast
+    assert precision.resolve_cpu_amp("false") is False and precision.resolve_cpu_amp("TRUE") is True
+    with pytest.raises(ValueError, match="cpu_amp"):
+        precision.resolve_cpu_amp("sometimes")
+    meta = ICONTrainer("meta", 1, _loader(n=4), net, torch.optim.Adam(net.parameters()), ICONLoss("mse", 16),
+                       cpu_amp=True)
+    assert meta.cpu_amp is False

@@ -22,6 +22,7 @@ from monai_icon.losses.icon import ICONLoss
 from monai_icon.losses.map_supervision import MapSupervisionLoss
 from monai_icon.networks.maps import map_grid_to_ddf
 from monai_icon.networks.registration_net import register_pair
+from monai_icon.precision import resolve_cpu_amp
 from monai_icon.transforms.self_pair import TARGET_MAP, TARGET_WEIGHT
 
 __all__ = ["ICONTrainer", "MAP_ERROR", "channels_last_copy", "known_maps", "to_channels_last"]
@@ -105,6 +106,11 @@ class ICONTrainer(SupervisedTrainer):
             training: the labels enter the loss only, never the network).
         prepare_batch: defaults to :class:`~monai_icon.engines.PrepareRegistrationBatch`.
         amp: mixed precision on CUDA devices (ignored with a warning-free fallback on CPU).
+        cpu_amp: on a CPU device, run the network's forward pass under ``torch.autocast("cpu", torch.bfloat16)``
+            (the loss stays float32: :class:`~monai_icon.losses.ICONLoss` turns autocast off inside); ``"auto"``:
+            only where the CPU has AMX tiles (:func:`monai_icon.precision.cpu_bfloat16_fast`), whose bfloat16 matrix
+            units make the 3D T1-head step about 10 % faster; elsewhere bfloat16 convolutions are slower than
+            float32. Ignored on other devices. Default ``False``.
         compile: ``torch.compile`` the network and the loss function in place (``nn.Module.compile``, so
             attributes such as the loss's ``lmbda`` stay settable by handlers and state-dict keys are unchanged);
             MetaTensor inputs are passed on as plain tensors. The loss compiles into a single graph; a changing
@@ -148,6 +154,7 @@ class ICONTrainer(SupervisedTrainer):
         metric_cmp_fn: Callable | None = None,
         train_handlers: Sequence | None = None,
         amp: bool = False,
+        cpu_amp: bool | str = False,
         decollate: bool = True,
         optim_set_to_none: bool = False,
         to_kwargs: dict | None = None,
@@ -195,6 +202,7 @@ class ICONTrainer(SupervisedTrainer):
         )
         self.compile = compile
         self.channels_last = channels_last
+        self.cpu_amp = torch.device(device).type == "cpu" and resolve_cpu_amp(cpu_amp)
         self.mask_inputs = bool(mask_inputs)
         if augment is not None and not callable(augment):
             raise TypeError(f"augment must be a callable batch transform, got {type(augment).__name__}.")
@@ -238,7 +246,9 @@ class ICONTrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         scaler = engine.scaler if engine.amp else None
-        with torch.autocast("cuda", enabled=scaler is not None, **engine.amp_kwargs):
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if engine.cpu_amp
+                    else torch.autocast("cuda", enabled=scaler is not None, **engine.amp_kwargs))
+        with autocast:
             phi_AB, phi_BA = register_pair(engine.network, moving, fixed)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             result = loss_function(moving, fixed, phi_AB, phi_BA, *labels, *masks)
