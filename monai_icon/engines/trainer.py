@@ -202,7 +202,7 @@ class ICONTrainer(SupervisedTrainer):
         )
         self.compile = compile
         self.channels_last = channels_last
-        self.cpu_amp = torch.device(device).type == "cpu" and resolve_cpu_amp(cpu_amp)
+        self.cpu_amp = resolve_cpu_amp(cpu_amp) and torch.device(device).type == "cpu"  # the value checked anywhere
         self.mask_inputs = bool(mask_inputs)
         if augment is not None and not callable(augment):
             raise TypeError(f"augment must be a callable batch transform, got {type(augment).__name__}.")
