@@ -15,6 +15,7 @@ from monai_icon.networks.maps import (
     identity_grid,
     interpolate,
     map_grid_to_ddf,
+    resize_linear,
 )
 from monai_icon.networks.nets import AffineNet, UNet
 
@@ -272,3 +273,54 @@ def test_sampled_map_is_exact_at_its_grid_points_and_linear_between():
     torch.testing.assert_close(phi.sampled((9, 8), identity_grid((9, 8))).displacement, sampled.displacement)
     x = torch.rand(2, 2, 40)
     torch.testing.assert_close(sampled(x), DisplacementMap(phi.grid((9, 8)) - identity_grid((9, 8)))(x))
+
+
+@pytest.mark.parametrize(
+    "shape,size",
+    [((9,), (17,)), ((6, 7), (11, 3)), ((5, 4, 6), (9, 8, 13)), ((5, 1, 6), (2, 4, 1)), ((3, 4, 5), (3, 9, 5))],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_resize_linear_equals_interpolate_with_aligned_corners(shape, size, dtype):
+    """The separable matrix products give F.interpolate(align_corners=True)'s values and gradients, up- and
+    downsampling, with axes of size 1 on either side and axes left as they are."""
+    torch.manual_seed(0)
+    mode = ("linear", "bilinear", "trilinear")[len(shape) - 1]
+    field = torch.randn(2, 3, *shape, dtype=dtype, requires_grad=True)
+    weights = torch.randn(2, 3, *size, dtype=dtype)
+    got = resize_linear(field, size)
+    (grad,) = torch.autograd.grad((got * weights).sum(), field)
+    expected = F.interpolate(field, size=size, mode=mode, align_corners=True)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), field)
+    assert got.shape == (2, 3, *size) and got.dtype == dtype
+    tol = 5e-6 if dtype == torch.float32 else 1e-12  # values of order 1: a few float32 roundings
+    torch.testing.assert_close(got, expected, atol=tol, rtol=0)
+    torch.testing.assert_close(grad, expected_grad, atol=tol * 10, rtol=0)
+    assert resize_linear(field, shape) is field  # nothing to resize
+
+
+def test_resize_linear_keeps_float32_under_reduced_precision_settings():
+    field = torch.rand(1, 3, 5, 6, 7) * 0.1
+    size = (17, 11, 13)
+    expected = F.interpolate(field.double(), size=size, mode="trilinear", align_corners=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = resize_linear(field, size)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-7, rtol=0)  # bfloat16 products would be ~1e-4 off
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # products may then run in bfloat16: PyTorch's kernel instead
+        got = resize_linear(field, size)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(got, F.interpolate(field, size=size, mode="trilinear", align_corners=True))
+    half = field.bfloat16()  # half precision: PyTorch's kernel, in that precision
+    assert torch.equal(resize_linear(half, size), F.interpolate(half, size=size, mode="trilinear", align_corners=True))
+
+
+def test_resize_linear_errors_name_the_problem():
+    with pytest.raises(ValueError, match="spatial axes"):
+        resize_linear(torch.zeros(2, 3), (4,))
+    with pytest.raises(ValueError, match="needs 3 sizes"):
+        resize_linear(torch.zeros(1, 3, 4, 4, 4), (8, 8))
+    with pytest.raises(ValueError, match="positive"):
+        resize_linear(torch.zeros(1, 3, 4, 4, 4), (8, 0, 8))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.networks.blocks import check_image_pair
-from monai_icon.networks.maps import ComposedMap, DisplacementMap, Map, identity_grid
+from monai_icon.networks.maps import ComposedMap, DisplacementMap, Map, identity_grid, resize_linear
 from monai_icon.networks.registration_net import register_pair
 
 __all__ = [
@@ -232,9 +232,7 @@ def multilevel_field(fields: Sequence[torch.Tensor], shape: Sequence[int]) -> to
     shape = tuple(int(s) for s in shape)
     total: torch.Tensor | None = None
     for field in fields:
-        if tuple(field.shape[2:]) != shape:
-            mode = "bilinear" if field.ndim == 4 else "trilinear"
-            field = F.interpolate(field, size=shape, mode=mode, align_corners=True)
+        field = resize_linear(field, shape)
         total = field if total is None else total + field
     if total is None:
         raise ValueError("multilevel_field needs at least one field.")

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform
 
+from monai_icon.networks.maps import resize_linear
+
 __all__ = [
     "random_affine_theta", "random_smooth_displacement", "affine_warp", "RandBatchAugmentd", "chain_batch_transforms"
 ]
@@ -125,8 +127,7 @@ def random_smooth_displacement(
     coarse = torch.randn(batch, dims, *([control_points] * dims), generator=generator, dtype=torch.float64)
     coarse = coarse * magnitude * torch.tensor([2 / max(n - 1, 1) for n in spatial_size],
                                                dtype=torch.float64).reshape(1, dims, *([1] * dims))
-    fine = F.interpolate(coarse.to(device=device, dtype=dtype), size=tuple(spatial_size),
-                         mode="bilinear" if dims == 2 else "trilinear", align_corners=True)
+    fine = resize_linear(coarse.to(device=device, dtype=dtype), tuple(spatial_size))
     return fine.flip(1).movedim(1, -1)  # channel d = axis 2 + d -> grid_sample's x-first last dimension
 
 
