@@ -127,8 +127,8 @@ def resize_linear(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     nonzero weights per row), applied axis by axis as matrix products: the same values up to rounding (about
     1e-7 relative in float32), and 2-3 times faster than PyTorch's CPU kernel forward, 4-6 times backward
     (``docs/benchmarks.md``); under ``torch.autocast`` they stay float32 (as autocast keeps ``F.interpolate`` on
-    CPU). Elsewhere (other devices, half-precision dtypes, or with ``torch.set_float32_matmul_precision`` below "highest",
-    which would compute the products in reduced precision) it is ``F.interpolate`` itself.
+    CPU). Elsewhere (other devices, half-precision dtypes, or ``torch.set_float32_matmul_precision`` below
+    "highest", which would compute the products in reduced precision) it is ``F.interpolate`` itself.
 
     Args:
         field: ``[B, C, *N]`` with 1 to 3 spatial axes.
