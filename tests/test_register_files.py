@@ -184,6 +184,15 @@ def test_model_file_and_bundle_folder_round_trip(tmp_path):
     assert not model.network.training
     for k, v in network.state_dict().items():
         assert torch.equal(model.network.state_dict()[k], v)
+    # on CPU a 3D model's convolution weights are channels-last (faster oneDNN convolutions), with the same maps
+    conv_weights = [m.weight for m in model.network.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in conv_weights)
+    standard = load_registration_model(path, channels_last=False)
+    assert all(m.weight.is_contiguous() for m in standard.network.modules() if isinstance(m, torch.nn.Conv3d))
+    images = torch.rand(2, 1, 1, 16, 16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.network(*images)[0].grid((16, 16, 8)),
+                                   standard.network(*images)[0].grid((16, 16, 8)), atol=1e-6, rtol=0)
     bundle = tmp_path / "bundle"
     (bundle / "configs").mkdir(parents=True)
     (bundle / "models").mkdir()
