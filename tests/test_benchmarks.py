@@ -236,3 +236,16 @@ def test_allocator_bench_measures_each_setting_in_its_own_process():
     default = allocator_bench.measure("default", 1, 1, (16, 16, 8))
     assert tuned["applied"] is (_glibc() is not None) and default["applied"] is False
     assert tuned["step"] > 0 and default["step"] > 0 and tuned["faults"] >= 0
+
+
+def test_resample_bench_compares_resizings_against_float64_and_layouts_by_value():
+    import resample_bench
+
+    rows = resample_bench.bench({"small": resample_bench.resize_case((3, 4, 5), (7, 9, 4))}, rounds=1)
+    assert [r["variant"] for r in rows] == ["F.interpolate", "resize_linear"]
+    assert rows[0]["ratio"] == 1.0 and all(r["ms"] > 0 for r in rows)
+    assert all(r["max_diff"] < 1e-5 for r in rows)  # both against the float64 reference
+    model = ROOT / "bundle/knee3d_icon/models/t1head_registration_model.pt"
+    maps = resample_bench.inference_case(model)
+    assert set(maps) == {"standard", "channels-last"}
+    torch.testing.assert_close(maps["channels-last"](), maps["standard"](), atol=1e-6, rtol=0)
