@@ -313,6 +313,11 @@ def test_resize_linear_keeps_float32_under_reduced_precision_settings():
     finally:
         torch.set_float32_matmul_precision(previous)
     assert torch.equal(got, F.interpolate(field, size=size, mode="trilinear", align_corners=True))
+    holed = field.clone()
+    holed[0, 1, 2, 3, 4] = float("nan")  # a product would spread it along whole rows; the kernel keeps it local
+    got = resize_linear(holed, size)
+    assert torch.equal(got.isnan(), F.interpolate(holed, size=size, mode="trilinear", align_corners=True).isnan())
+    assert 0 < int(got.isnan().sum()) <= 6**3  # a neighbourhood (whole rows of the channel: over 2,000)
     half = field.bfloat16()  # half precision: PyTorch's kernel, in that precision
     assert torch.equal(resize_linear(half, size), F.interpolate(half, size=size, mode="trilinear", align_corners=True))
 

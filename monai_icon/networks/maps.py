@@ -124,11 +124,13 @@ def resize_linear(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     align_corners=True)``, i.e. of the field's linear interpolant at the points of ``identity_grid(size)``.
 
     On CPU, in float32 / float64, linear interpolation is a product of one 1D interpolation matrix per axis (two
-    nonzero weights per row), applied axis by axis as matrix products: the same values up to rounding (about
-    1e-7 relative in float32), and 2-3 times faster than PyTorch's CPU kernel forward, 4-6 times backward
+    nonzero weights per row), applied axis by axis as matrix products: the same values up to rounding (closer to
+    a float64 reference than PyTorch's float32 kernel, which places its source points in float32: 5e-7 against
+    1.2e-5 at 64x32x64 -> 128x64x128), about 3 times faster forward and backward together
     (``docs/benchmarks.md``); under ``torch.autocast`` they stay float32 (as autocast keeps ``F.interpolate`` on
-    CPU). Elsewhere (other devices, half-precision dtypes, or ``torch.set_float32_matmul_precision`` below
-    "highest", which would compute the products in reduced precision) it is ``F.interpolate`` itself.
+    CPU). Elsewhere (other devices, half-precision dtypes, ``torch.set_float32_matmul_precision`` below
+    "highest", which would compute the products in reduced precision, or fields with non-finite values, which a
+    product would spread along whole rows) it is ``F.interpolate`` itself.
 
     Args:
         field: ``[B, C, *N]`` with 1 to 3 spatial axes.
@@ -147,7 +149,8 @@ def resize_linear(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         return field
     fast = (field.device.type == "cpu" and not torch.compiler.is_compiling()
             and (field.dtype == torch.float64
-                 or (field.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest")))
+                 or (field.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"))
+            and bool(torch.isfinite(field).all()))
     if not fast:
         mode = ("linear", "bilinear", "trilinear")[spatial_dims - 1]
         return F.interpolate(field, size=size, mode=mode, align_corners=True)
