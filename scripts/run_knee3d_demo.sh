@@ -41,7 +41,7 @@ write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, 
     # LNCC summed over the images and their 2x and 4x pooled copies (stop 21)
     # (stop 23) validation every 4 epochs (each costs ~6 s of steps) and, on CPUs with AMX tiles, the networks'
     # forward pass in bfloat16 (12 % faster steps there; float32 elsewhere): 26 epochs fit the time of 24
-    FULL="[128,64,128]"; EPOCHS=${EPOCHS_FINE:-27}; FINAL=stage1; TARGET=4; BATCH=2
+    FULL="[128,64,128]"; EPOCHS=${EPOCHS_FINE:-26}; FINAL=stage1; TARGET=4; BATCH=2
     AUGMENT=(--augment_deform 3.0 --augment_gamma 1.25)
     RECIPE_EXTRA=(--image_size "[128,64,128]" --coarse_factor 2 --regularizer_size "[64,32,64]"
                   --architecture#resample_coarse true --similarity lncc --lncc_kernel 5 --regularizer gradicon
