@@ -10,7 +10,7 @@
 # compares the images at 128x64x128 (the volume reoriented to RAS is 128x62x128 voxels of 2x3x2 mm).
 # VARIANT=twostage (DATA=real) runs the knees' two-stage recipe on it instead (stop 16), VARIANT=augmented one stage
 # on the 64x32x64 grid (stop 17); OUT=... writes elsewhere; EPOCHS_FINE=N trains the default real recipe for N
-# epochs of 50 steps (26 by default: 26.7 minutes of training on a 2-core Xeon with AMX, docs/knee3d.md stop 23).
+# epochs of 50 steps (26 by default: 26.0 minutes of training on a 2-core Xeon with AMX, docs/knee3d.md stop 24).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
