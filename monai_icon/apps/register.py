@@ -66,6 +66,7 @@ from monai_icon.engines.instance_optimisation import (
     residual_instance_optimise,
     restored_weights,
 )
+from monai_icon.engines.trainer import to_channels_last
 from monai_icon.networks import pretrained
 from monai_icon.networks.maps import Map, one_hot_labels
 from monai_icon.networks.registration_net import register_one_way
@@ -230,7 +231,7 @@ def load_registration_model(
     if channels_last is None:
         channels_last = device.type == "cpu" and model.spatial_dims == 3
     if channels_last:
-        model.network.to(memory_format=torch.channels_last_3d if model.spatial_dims == 3 else torch.channels_last)
+        to_channels_last(model.network)
     return model
 
 
