@@ -176,7 +176,7 @@ def load_registration_model(
             ``unigradicon``, ``multigradicon``); its network, grid and preprocessing come with it.
         channels_last: keep the convolution weights in PyTorch's channels-last memory format
             (``torch.channels_last_3d`` in 3D), which oneDNN's CPU convolutions run faster (the T1-head model's
-            maps: 1.45x faster on a 2-core Xeon, the same values to 2e-7; ``docs/benchmarks.md``). Default
+            maps of a pair: 0.82x the time on a 2-core Xeon, the same values to 2e-7; ``docs/benchmarks.md``). Default
             ``None``: on CPU for 3D models; the values do not depend on it.
         spatial_size, overrides: replace settings (e.g. ``window=(-1000, 1000)`` for CT with uniGradICON).
 

@@ -157,8 +157,7 @@ def resize_linear(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     with autocast_disabled(field.device):
         out = field
         batch_channels = out.shape[0] * out.shape[1]
-        for axis in range(spatial_dims):  # the last axis first: its products need no reshaping
-            axis = spatial_dims - 1 - axis
+        for axis in reversed(range(spatial_dims)):  # the last axis first: its products need no reshaping
             n_in, n_out = out.shape[2 + axis], size[axis]
             if n_in == n_out:
                 continue
