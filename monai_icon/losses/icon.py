@@ -62,12 +62,10 @@ def _make_regularizer(
     key = str(regularizer).lower()
     if key in ("icon", "inverse_consistency"):
         return InverseConsistencyLoss(sigma=sigma, epsilon=epsilon, reduction="none", point_fraction=point_fraction)
-    if point_fraction != 1.0:
-        raise ValueError("point_fraction applies to 'icon' only.")
     if key in ("gradicon", "gradient_inverse_consistency"):
         if epsilon:
             raise ValueError("epsilon (approximate inverse consistency noise) applies to 'icon' only, not 'gradicon'.")
-        return GradientInverseConsistencyLoss(sigma=sigma, reduction="none")
+        return GradientInverseConsistencyLoss(sigma=sigma, reduction="none", point_fraction=point_fraction)
     raise ValueError(f"unknown regularizer {regularizer!r}; choose one of {REGULARIZERS} or pass a callable.")
 
 
@@ -106,8 +104,9 @@ class ICONLoss(_Loss):
             label maps, MONAI's ``DiceLoss`` between the linearly warped one-hot moving labels and the fixed labels,
             both directions (``A``'s labels by ``phi_AB`` against ``B``'s, and vice versa). 0 (default): off.
         num_classes: label classes including background (required with ``label_weight > 0``).
-        point_fraction: ``"icon"`` only: evaluate the inverse consistency at a random fraction of the jittered grid
-            points (an unbiased estimate at that fraction of the cost; 1 = all, the paper).
+        point_fraction: evaluate the regulariser (``"icon"`` or ``"gradicon"``) at a random fraction of the jittered
+            grid points, drawn afresh each step (an unbiased estimate at that fraction of the cost; 1 = all, the
+            paper).
         regularizer_size: the grid whose jittered points the regulariser is evaluated at (default ``None``: the
             images' grid). When the maps are displacement fields on a coarser grid than the images (e.g. instance
             optimisation comparing finer images than the fields it optimises), their own grid costs less and
