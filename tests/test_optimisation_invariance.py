@@ -169,6 +169,31 @@ def test_shifted_filtering_equals_monai_separable_filtering(kernel_type, shape):
         shifted_filtering(x, (1.0, 1.0, 1.0), len(shape) - 1)
 
 
+@pytest.mark.parametrize("radius", [1, 2, 3, 4])
+@pytest.mark.parametrize("weight", [1.0, 0.25])
+def test_shifted_filtering_box_path_equals_separable_filtering(radius, weight):
+    """A box kernel (equal taps, LNCC's rectangular window) takes the pairwise-sum path on axes longer than the
+    kernel and the generic path on shorter ones: the same values as MONAI's convolution either way (axes of length
+    2 r, 2 r + 1, 2 r + 2 and longer; one tap weight scales once per axis), contiguous output, and the input is
+    left untouched."""
+    from monai.networks.layers import separable_filtering
+
+    from monai_icon.losses.similarity import shifted_filtering
+
+    torch.manual_seed(radius)
+    length = 2 * radius + 1
+    taps = (weight,) * length
+    kernel = torch.full((length,), weight, dtype=torch.float64)
+    for shape in [(2, 3, length, length + 1, 2 * radius), (1, 5, 17, length + 9, 13), (3, 2, 2 * radius + 2, 4)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        before = x.clone()
+        ours = shifted_filtering(x, taps, len(shape) - 2)
+        ref = separable_filtering(x, [kernel] * (len(shape) - 2))
+        assert ours.shape == ref.shape and ours.is_contiguous()
+        assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12), (shape, float((ours - ref).abs().max()))
+        assert torch.equal(x, before)
+
+
 def test_stacked_lncc_uses_no_convolution_on_any_device(monkeypatch):
     """The LNCC's filtering is elementwise on every device: cuDNN runs float32 convolutions in TF32 by default,
     which would round the local sums whose differences the LNCC takes (no convolution may be called; shapes are

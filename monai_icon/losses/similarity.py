@@ -29,7 +29,10 @@ def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: in
     sums of squares magnify). On CPU it is also several times faster for the few-channel, many-voxel tensors of the
     LNCC (64 x 5 x 128 x 128 by a 7-tap box, 2 threads: about 100 ms by MONAI's depthwise convolution, about 15 ms
     here), because each shift is one vectorised pass over contiguous memory, and no padded copy is made (a shift
-    adds into the part of the output it overlaps).
+    adds into the part of the output it overlaps). A box kernel (all taps equal, the LNCC's rectangular window)
+    is summed along each axis longer than the kernel as ``r`` sums of neighbouring pairs plus one value
+    (``r + 2`` passes instead of ``2 r + 1``: the demo's 5-voxel window at 4 x 5 x 128 x 64 x 128 in 0.77x the
+    time), and scaled once at the end.
 
     Args:
         x: ``[B, C, *N]`` with ``spatial_dims`` spatial axes.
@@ -40,14 +43,51 @@ def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: in
     if x.ndim != spatial_dims + 2:
         raise ValueError(f"expected x of shape [B, C] + {spatial_dims} spatial axes, got shape {tuple(x.shape)}.")
     radius = len(taps) // 2
+    # a box (e.g. LNCC's rectangular kernel): pairwise sums, then one scaling; under torch.compile the generic
+    # shifts, which it fuses anyway (the box path writes through a strided out=, which it does not trace)
+    box = radius > 0 and all(t == taps[0] for t in taps) and not torch.compiler.is_compiling()
+    box_axes = 0
     for axis in range(2, 2 + spatial_dims):
         size = x.shape[axis]
+        if box and size > 2 * radius:
+            x = _box_sum(x, axis, radius)
+            box_axes += 1
+            continue
         out = x * taps[radius]
         for offset in range(1, min(radius, size - 1) + 1):  # out[i] += taps[r + o] x[i + o] + taps[r - o] x[i - o]
             out.narrow(axis, 0, size - offset).add_(x.narrow(axis, offset, size - offset), alpha=taps[radius + offset])
             out.narrow(axis, offset, size - offset).add_(x.narrow(axis, 0, size - offset), alpha=taps[radius - offset])
         x = out
+    if box_axes and taps[0] != 1.0:
+        x = x * taps[0] ** box_axes
     return x
+
+
+def _box_sum(x: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
+    """``out[i] = sum(x[i - radius : i + radius + 1])`` along ``axis`` (zeros outside), for ``x.shape[axis] >
+    2 radius``, in ``radius + 2`` passes over the tensor instead of ``2 radius + 1``.
+
+    With the sums of neighbouring pairs ``q[k] = x[k] + x[k + 1]`` (``x`` zero outside), each window is ``radius``
+    pairs and one single value: ``out[i] = sum_m q[i - radius + 2 m] + x[i + radius]`` for ``m < radius``. The
+    pairs are written once into a buffer padded so that every pair term covers the whole output.
+    """
+    size = x.shape[axis]
+    padded = list(x.shape)
+    padded[axis] = size + 2 * radius - 2  # q[k] for k in [-radius, size + radius - 3], at slot k + radius
+    pairs = x.new_empty(padded)
+    torch.add(x.narrow(axis, 0, size - 1), x.narrow(axis, 1, size - 1), out=pairs.narrow(axis, radius, size - 1))
+    pairs.narrow(axis, radius - 1, 1).copy_(x.narrow(axis, 0, 1))  # q[-1] = x[0]
+    if radius > 1:
+        pairs.narrow(axis, 0, radius - 1).zero_()  # q[k] = 0 for k < -1
+        pairs.narrow(axis, size + radius - 1, 1).copy_(x.narrow(axis, size - 1, 1))  # q[size - 1] = x[size - 1]
+        pairs.narrow(axis, size + radius, radius - 2).zero_()  # q[k] = 0 for k > size - 1
+        out = torch.add(pairs.narrow(axis, 0, size), pairs.narrow(axis, 2, size))
+        for m in range(2, radius):
+            out.add_(pairs.narrow(axis, 2 * m, size))
+    else:
+        out = pairs  # radius 1: the single pair term is the whole buffer
+    out.narrow(axis, 0, size - radius).add_(x.narrow(axis, radius, size - radius))
+    return out
 
 
 def _lncc_terms(sums: torch.Tensor, channels: int, kernel_vol: torch.Tensor, floor: torch.Tensor):
