@@ -39,6 +39,10 @@ class _PreActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(F.leaky_relu(self.norm(x), self.negative_slope))
+        # channels truncated before the resampling and zero-padded after it (both commute with nearest upsampling
+        # and average pooling, so the values are the same): no channel is resampled only to be dropped
+        if x.shape[1] > self.out_ch:
+            x = match_channels(x, self.out_ch)
         if self.up:
             shortcut = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
