@@ -249,3 +249,15 @@ def test_resample_bench_compares_resizings_against_float64_and_layouts_by_value(
     maps = resample_bench.inference_case(model)
     assert set(maps) == {"standard", "channels-last"}
     torch.testing.assert_close(maps["channels-last"](), maps["standard"](), atol=1e-6, rtol=0)
+
+
+def test_loop_bench_parses_variants_with_and_without_a_source():
+    import loop_bench
+
+    assert loop_bench.parse_variant('base={}') == ("base", None, {})
+    parsed = loop_bench.parse_variant('q@/tmp/wt={"ic_point_fraction": 0.25}')
+    assert parsed == ("q", "/tmp/wt", {"ic_point_fraction": 0.25})
+    for bad in ("base", "base=[1]", "base={"):
+        with pytest.raises(ValueError):
+            loop_bench.parse_variant(bad)
+    assert loop_bench.DEMO["similarity_scales"] == [1, 2, 4] and loop_bench.DEMO["image_size"] == [128, 64, 128]
