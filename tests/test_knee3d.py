@@ -291,7 +291,8 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
                "--self_pairs": "0.5", "--similarity_scales": "[1,2]", "--augment_deform": "1.0",
                # validation every 2 epochs: the single epoch is still validated once training ends
                "--val_interval": "2",
-               "--ema_momentum": "0.5"}  # a moving average of the weights, exported beside them
+               "--ema_momentum": "0.5",  # a moving average of the weights, exported beside them
+               "--ic_point_fraction": "0.5"}  # GradICON at a random half of its points (the demo: a quarter)
     log = bundle_run(["common.yaml", "stage1.yaml"], *[item for pair in options.items() for item in pair])
     assert log.count("ICONEvaluator - INFO - Epoch[1] Complete") == 1 and "label Dice (mean over labels)" in log
     exported = tmp_path / "runs" / "stage1" / "models" / "registration_model.pt"
@@ -316,9 +317,11 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
     # the options reach the objects the bundle builds
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "stage1.yaml")])
-    parser.update({"regularizer_size": [8, 8, 4], "similarity": "lncc", "lncc_kernel": 5})
+    parser.update({"regularizer_size": [8, 8, 4], "similarity": "lncc", "lncc_kernel": 5, "regularizer": "gradicon",
+                   "ic_point_fraction": 0.25})
     loss = parser.get_parsed_content("loss")
     assert loss.regularizer_size == (8, 8, 4) and loss.similarity.kernel_size == 5
+    assert loss.regularizer.point_fraction == 0.25
     assert parser.get_parsed_content("channels_last") is True  # channels-last training by default (faster 3D steps)
     assert parser["train"]["trainer"]["channels_last"] == "$monai_icon.config.as_bool(@channels_last, 'channels_last')"
     assert parser.get_parsed_content("network_def").block.pool == "average"  # the default coarse inputs
