@@ -31,7 +31,7 @@ def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: in
     here), because each shift is one vectorised pass over contiguous memory, and no padded copy is made (a shift
     adds into the part of the output it overlaps). A box kernel (all taps equal, the LNCC's rectangular window)
     is summed along each axis longer than the kernel as ``r`` sums of neighbouring pairs plus one value
-    (``r + 2`` passes instead of ``2 r + 1``: the demo's 5-voxel window at 4 x 5 x 128 x 64 x 128 in 0.77x the
+    (``r + 1`` passes instead of ``2 r + 1``: the demo's 5-voxel window at 4 x 5 x 128 x 64 x 128 in 0.77x the
     time), and scaled once at the end.
 
     Args:
@@ -65,7 +65,7 @@ def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: in
 
 def _box_sum(x: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
     """``out[i] = sum(x[i - radius : i + radius + 1])`` along ``axis`` (zeros outside), for ``x.shape[axis] >
-    2 radius``, in ``radius + 2`` passes over the tensor instead of ``2 radius + 1``.
+    2 radius``, in ``radius + 1`` passes over the tensor instead of ``2 radius + 1``.
 
     With the sums of neighbouring pairs ``q[k] = x[k] + x[k + 1]`` (``x`` zero outside), each window is ``radius``
     pairs and one single value: ``out[i] = sum_m q[i - radius + 2 m] + x[i + radius]`` for ``m < radius``. The
