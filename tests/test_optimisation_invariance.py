@@ -192,6 +192,12 @@ def test_shifted_filtering_box_path_equals_separable_filtering(radius, weight):
         assert ours.shape == ref.shape and ours.is_contiguous()
         assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12), (shape, float((ours - ref).abs().max()))
         assert torch.equal(x, before)
+    # an input that requires grad (autograd through the public function): the same values and gradients
+    leaf = torch.randn(2, 3, 11, length + 2, 9, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, 11, length + 2, 9, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((shifted_filtering(leaf, taps, 3) * weights).sum(), leaf)
+    (ref_grad,) = torch.autograd.grad((separable_filtering(leaf, [kernel] * 3) * weights).sum(), leaf)
+    assert torch.allclose(grad, ref_grad, rtol=1e-12, atol=1e-12)
 
 
 def test_stacked_lncc_uses_no_convolution_on_any_device(monkeypatch):

@@ -43,9 +43,10 @@ def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: in
     if x.ndim != spatial_dims + 2:
         raise ValueError(f"expected x of shape [B, C] + {spatial_dims} spatial axes, got shape {tuple(x.shape)}.")
     radius = len(taps) // 2
-    # a box (e.g. LNCC's rectangular kernel): pairwise sums, then one scaling; under torch.compile the generic
-    # shifts, which it fuses anyway (the box path writes through a strided out=, which it does not trace)
-    box = radius > 0 and all(t == taps[0] for t in taps) and not torch.compiler.is_compiling()
+    # a box (e.g. LNCC's rectangular kernel): pairwise sums, then one scaling. The box path writes through a strided
+    # out=, which autograd and torch.compile do not support: the generic shifts there (compile fuses them anyway)
+    recording = x.requires_grad and torch.is_grad_enabled()
+    box = radius > 0 and all(t == taps[0] for t in taps) and not recording and not torch.compiler.is_compiling()
     box_axes = 0
     for axis in range(2, 2 + spatial_dims):
         size = x.shape[axis]
