@@ -9,8 +9,10 @@
 # for it (docs/knee3d.md, stops 19 and 21): one stage whose two U-Net steps run on a 64x32x64 grid while the loss
 # compares the images at 128x64x128 (the volume reoriented to RAS is 128x62x128 voxels of 2x3x2 mm).
 # VARIANT=twostage (DATA=real) runs the knees' two-stage recipe on it instead (stop 16), VARIANT=augmented one stage
-# on the 64x32x64 grid (stop 17); OUT=... writes elsewhere; EPOCHS_FINE=N trains the default real recipe for N
-# epochs of 50 steps (28 by default: 25.6 minutes of training on a 2-core Xeon with AMX, docs/knee3d.md stop 25).
+# on the 64x32x64 grid (stop 17); OUT=... writes elsewhere; the default real recipe first trains WARM_EPOCHS epochs of
+# 50 steps (20 by default) with its loss on the images at half resolution (half the cost per step), then EPOCHS_FINE
+# (15 by default) with the loss on the full-resolution images, starting from those weights (docs/knee3d.md, stop 26;
+# about 25 minutes of training on a 2-core Xeon with AMX). WARM_EPOCHS=0 EPOCHS_FINE=28 is stop 25's recipe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -18,6 +20,7 @@ PY="${VENV:-.venv}/bin/python"
 DATA=${DATA:-knees}
 # the two-stage recipe (stage 1 on 32x32x16, stage 2 on 64x64x32); VARIANT=augmented changes these for DATA=real
 FULL="[64,64,32]"; EPOCHS=30; FINAL=stage2; TARGET=32; AUGMENT=(); BATCH=4; START=1; RECIPE_EXTRA=()
+WARM_RUN=0; WARM=()  # epochs of a warm-up stage with the loss at half resolution (DATA=real only)
 if [ "$DATA" = real ]; then
   OUT=${OUT:-runs/t1head_demo}
   [ -f "$OUT/datalist.json" ] || "$PY" -c "
@@ -43,11 +46,19 @@ write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, 
     # forward pass in bfloat16 (12 % faster steps there; float32 elsewhere): 26 epochs fit the time of 24
     # (stop 25) GradICON at a random quarter of its points each step (unbiased; 0.90x the step, the same validation
     # Dice): 28 epochs fit the time of 26
-    FULL="[128,64,128]"; EPOCHS=${EPOCHS_FINE:-28}; FINAL=stage1; TARGET=4; BATCH=2
+    # (stop 26) a warm-up stage first: the same network (the same two U-Nets on the same 64x32x64 grid) trained with
+    # its loss on the images resized to 64x32x64 (LNCC over them and their 2x pooled copies, the augmentation's 3
+    # voxels of the 128 grid = 1.5 of this one), lambda 1 -> 4, a constant rate after 100 warm-up steps: 0.5x the cost
+    # of a full-resolution step, and the first ~1,000 steps of learning do not need the fine images. The main stage
+    # then starts from its weights (init_weights) at lambda 4 with 50 warm-up steps (Adam's moments start anew)
+    FULL="[128,64,128]"; EPOCHS=${EPOCHS_FINE:-15}; FINAL=stage1; TARGET=4; BATCH=2; WARM_RUN=${WARM_EPOCHS:-20}
     AUGMENT=(--augment_deform 3.0 --augment_gamma 1.25)
-    RECIPE_EXTRA=(--image_size "[128,64,128]" --coarse_factor 2 --regularizer_size "[64,32,64]"
-                  --architecture#resample_coarse true --similarity lncc --lncc_kernel 5 --regularizer gradicon
-                  --similarity_scales "[1,2,4]" --val_interval 4 --cpu_amp auto --ic_point_fraction 0.25)
+    SHARED=(--regularizer_size "[64,32,64]" --architecture#resample_coarse true --similarity lncc --lncc_kernel 5
+            --regularizer gradicon --cpu_amp auto --ic_point_fraction 0.25)
+    RECIPE_EXTRA=("${SHARED[@]}" --image_size "[128,64,128]" --coarse_factor 2 --similarity_scales "[1,2,4]"
+                  --val_interval 4)
+    WARM=("${SHARED[@]}" --image_size "[64,32,64]" --coarse_factor 1 --similarity_scales "[1,2]" --augment_deform 1.5
+          --augment_gamma 1.25)
   elif [ "$VARIANT" = twostage ]; then
     FULL="[64,32,64]"  # the knees' grid in the T1 head's reoriented (RAS) axis order
   else
@@ -69,11 +80,20 @@ ARGS=(--datalist "$OUT/datalist.json" --output_root "$OUT" --full_size "$FULL" -
 # The recipe chosen on the T1 head's validation pairs (docs/knee3d.md): U-Nets of 1.4 M parameters each instead of
 # the paper's 17 M (twice the steps per minute, the same Dice), Adam 5e-4 with 100 warm-up steps and cosine decay,
 # gradients clipped at norm 5, lambda continuation 1 -> 32 over the first half; stage 1 for 1,500 steps.
-RECIPE=(--val_pairs 6 --learning_rate 0.0005 --lr_schedule cosine --warmup_steps 100 --max_grad_norm 5)
+RECIPE=(--val_pairs 6 --learning_rate 0.0005 --max_grad_norm 5)
+SCHEDULE=(--lr_schedule cosine --warmup_steps 100 --lmbda_schedule continuation --lmbda_start "$START"
+          --lmbda_target "$LMBDA" --lmbda_ramp 0.5)
 C=bundle/knee3d_icon/configs
+if [ "$WARM_RUN" -gt 0 ]; then
+  # the warm-up stage (runs/.../warm; validated once, at its end, on its own half-resolution grid)
+  "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage1.yaml']" --stage warm --epochs "$WARM_RUN" \
+    "${ARGS[@]}" "${RECIPE[@]}" --lr_schedule constant --warmup_steps 100 --lmbda_schedule continuation \
+    --lmbda_start "$START" --lmbda_target "$LMBDA" --lmbda_ramp 0.5 --val_interval "$WARM_RUN" "${WARM[@]}" "$@"
+  SCHEDULE=(--lr_schedule cosine --warmup_steps 50 --lmbda_schedule fixed --lmbda "$LMBDA"
+            --init_weights "$OUT/warm/models/model.pt")
+fi
 "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage1.yaml']" --epochs "$STAGE1_EPOCHS" "${ARGS[@]}" \
-  "${RECIPE[@]}" --lmbda_schedule continuation --lmbda_start "$START" --lmbda_target "$LMBDA" --lmbda_ramp 0.5 \
-  "${AUGMENT[@]}" "${RECIPE_EXTRA[@]}" "$@"
+  "${RECIPE[@]}" "${SCHEDULE[@]}" "${AUGMENT[@]}" "${RECIPE_EXTRA[@]}" "$@"
 if [ "$FINAL" = stage2 ]; then
   "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage2.yaml']" --epochs 2 "${ARGS[@]}" \
     --val_pairs 6 --learning_rate 0.0002 "$@"

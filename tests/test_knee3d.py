@@ -350,6 +350,52 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
     assert unshuffled.block.pool == "unshuffle" and unshuffled.block.block.first.net.in_channels == 16
 
 
+def test_a_warm_up_stage_at_half_resolution_starts_the_full_resolution_stage(tmp_path):
+    """The T1-head demo's two runs (scripts/run_knee3d_demo.sh, docs/knee3d.md stop 26): the network trained first
+    with its loss on images at half resolution (the same U-Nets on the same grid, ``coarse_factor`` 1), then on the
+    full-resolution images starting from those weights (``init_weights``)."""
+    from monai.bundle import ConfigParser
+
+    write_synthetic_knees(tmp_path / "knees", num_subjects=4, shape=(32, 32, 16), spacing=(4.2, 4.2, 7.5))
+    write_datalist(build_knee_datalist(tmp_path / "knees", 0.3, num_test_pairs=1, relative_to=tmp_path),
+                   tmp_path / "datalist.json")
+    shared = {"--datalist": str(tmp_path / "datalist.json"), "--output_root": str(tmp_path / "runs"),
+              "--full_size": "[16,16,8]", "--regularizer_size": "[8,8,4]", "--architecture#resample_coarse": "true",
+              "--similarity": "lncc", "--lncc_kernel": "3", "--regularizer": "gradicon", "--batch_size": "2",
+              "--iterations_per_epoch": "2", "--val_pairs": "1", "--epochs": "1",
+              "--architecture#encoder_channels": "[4,8]", "--architecture#decoder_channels": "[8,4]"}
+    warm = {"--stage": "warm", "--image_size": "[8,8,4]", "--coarse_factor": "1", "--similarity_scales": "[1,2]",
+            "--lr_schedule": "constant", "--warmup_steps": "1", "--lmbda_schedule": "continuation",
+            "--lmbda_target": "4"}
+    log = bundle_run(["common.yaml", "stage1.yaml"], *[x for pair in {**shared, **warm}.items() for x in pair])
+    assert "ICON 3D warm: last validation" in log
+    warm_file = tmp_path / "runs" / "warm" / "models" / "model.pt"
+    warm_weights = torch.load(warm_file, weights_only=True)
+    assert any(v.abs().sum() > 0 for k, v in warm_weights.items() if k.endswith("out.weight"))  # it trained
+    # the full-resolution stage, at learning rate 0: it must end with the warm-up stage's weights
+    main_stage = {"--image_size": "[16,16,8]", "--coarse_factor": "2", "--similarity_scales": "[1,2]",
+                  "--lmbda_schedule": "fixed", "--lmbda": "4", "--learning_rate": "0", "--init_weights": str(warm_file)}
+    log = bundle_run(["common.yaml", "stage1.yaml"], *[x for pair in {**shared, **main_stage}.items() for x in pair])
+    assert "ICON 3D stage1: last validation" in log
+    final = load_registration_model(tmp_path / "runs" / "stage1" / "models" / "registration_model.pt").network
+    assert final.block.factor == 2  # the same U-Nets, now on 2x pooled full-resolution images
+    parameters = dict(final.named_parameters())
+    assert set(parameters) <= set(warm_weights)
+    for name, value in parameters.items():
+        assert torch.equal(value.float(), warm_weights[name].float()), name
+    # a missing file is named before anything runs; no init_weights (the default) trains from scratch
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "stage1.yaml")])
+    parser.update({"architecture#encoder_channels": [4, 8], "architecture#decoder_channels": [8, 4]})
+    assert parser["init_weights"] is None
+    fresh = parser.get_parsed_content("network_def", instantiate=True)
+    assert all(float(v.abs().sum()) == 0 for k, v in fresh.state_dict().items() if k.endswith("out.weight"))
+    parser.update({"init_weights": str(tmp_path / "missing.pt")})
+    with pytest.raises(RuntimeError) as err:
+        parser.get_parsed_content("network_def", instantiate=True)
+    assert "missing.pt" in str(err.value.__cause__) and "init_weights" in str(err.value.__cause__)
+
+
 def test_shipped_t1head_model_registers_held_out_demo_pairs(tmp_path):
     """The 3D model shipped with the bundle (float16 weights; `DATA=real bash scripts/run_knee3d_demo.sh` trains it)
     loads as data and, network alone, raises the label Dice of two of the demo's test pairs (subjects it never
