@@ -81,14 +81,14 @@ ARGS=(--datalist "$OUT/datalist.json" --output_root "$OUT" --full_size "$FULL" -
 # the paper's 17 M (twice the steps per minute, the same Dice), Adam 5e-4 with 100 warm-up steps and cosine decay,
 # gradients clipped at norm 5, lambda continuation 1 -> 32 over the first half; stage 1 for 1,500 steps.
 RECIPE=(--val_pairs 6 --learning_rate 0.0005 --max_grad_norm 5)
-SCHEDULE=(--lr_schedule cosine --warmup_steps 100 --lmbda_schedule continuation --lmbda_start "$START"
-          --lmbda_target "$LMBDA" --lmbda_ramp 0.5)
+CONTINUATION=(--lmbda_schedule continuation --lmbda_start "$START" --lmbda_target "$LMBDA" --lmbda_ramp 0.5)
+SCHEDULE=(--lr_schedule cosine --warmup_steps 100 "${CONTINUATION[@]}")
 C=bundle/knee3d_icon/configs
 if [ "$WARM_RUN" -gt 0 ]; then
   # the warm-up stage (runs/.../warm; validated once, at its end, on its own half-resolution grid)
   "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage1.yaml']" --stage warm --epochs "$WARM_RUN" \
-    "${ARGS[@]}" "${RECIPE[@]}" --lr_schedule constant --warmup_steps 100 --lmbda_schedule continuation \
-    --lmbda_start "$START" --lmbda_target "$LMBDA" --lmbda_ramp 0.5 --val_interval "$WARM_RUN" "${WARM[@]}" "$@"
+    "${ARGS[@]}" "${RECIPE[@]}" --lr_schedule constant --warmup_steps 100 "${CONTINUATION[@]}" \
+    --val_interval "$WARM_RUN" "${WARM[@]}" "$@"
   SCHEDULE=(--lr_schedule cosine --warmup_steps 50 --lmbda_schedule fixed --lmbda "$LMBDA"
             --init_weights "$OUT/warm/models/model.pt")
 fi
