@@ -167,6 +167,9 @@ def test_adaptive_lambda_rule_and_state():
     assert other.lmbda == pytest.approx(11.2)
     with pytest.raises(ValueError, match="lmbda"):
         AdaptiveLambdaHandler(torch.nn.MSELoss())
+    engine.state.output = {"folds": torch.full((2,), float("nan"))}  # a loss built with compute_folds=False
+    with pytest.raises(ValueError, match="compute_folds=True"):
+        handler(engine)
 
 
 def test_prepare_batch_errors():
