@@ -12,7 +12,8 @@
 # on the 64x32x64 grid (stop 17); OUT=... writes elsewhere; the default real recipe first trains WARM_EPOCHS epochs of
 # 50 steps (20 by default) with its loss on the images at half resolution (half the cost per step), then EPOCHS_FINE
 # (15 by default) with the loss on the full-resolution images, starting from those weights (docs/knee3d.md, stop 26;
-# about 25 minutes of training on a 2-core Xeon with AMX). WARM_EPOCHS=0 EPOCHS_FINE=28 is stop 25's recipe.
+# about 25 minutes of training on a 2-core Xeon with AMX). WARM_EPOCHS=0 EPOCHS_FINE=28 is stop 25's recipe. LR sets the
+# peak learning rate (default 5e-4) and LR_FINE that of the main stage after a warm-up stage (default LR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -80,20 +81,23 @@ ARGS=(--datalist "$OUT/datalist.json" --output_root "$OUT" --full_size "$FULL" -
 # The recipe chosen on the T1 head's validation pairs (docs/knee3d.md): U-Nets of 1.4 M parameters each instead of
 # the paper's 17 M (twice the steps per minute, the same Dice), Adam 5e-4 with 100 warm-up steps and cosine decay,
 # gradients clipped at norm 5, lambda continuation 1 -> 32 over the first half; stage 1 for 1,500 steps.
-RECIPE=(--val_pairs 6 --learning_rate 0.0005 --max_grad_norm 5)
+LR=${LR:-0.0005}; LR_FINE=${LR_FINE:-$LR}  # the peak learning rate (of the main stage after a warm-up stage)
+RECIPE=(--val_pairs 6 --max_grad_norm 5)
 CONTINUATION=(--lmbda_schedule continuation --lmbda_start "$START" --lmbda_target "$LMBDA" --lmbda_ramp 0.5)
 SCHEDULE=(--lr_schedule cosine --warmup_steps 100 "${CONTINUATION[@]}")
 C=bundle/knee3d_icon/configs
+LR_MAIN=$LR
 if [ "$WARM_RUN" -gt 0 ]; then
   # the warm-up stage (runs/.../warm; validated once, at its end, on its own half-resolution grid)
   "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage1.yaml']" --stage warm --epochs "$WARM_RUN" \
-    "${ARGS[@]}" "${RECIPE[@]}" --lr_schedule constant --warmup_steps 100 "${CONTINUATION[@]}" \
+    "${ARGS[@]}" "${RECIPE[@]}" --learning_rate "$LR" --lr_schedule constant --warmup_steps 100 "${CONTINUATION[@]}" \
     --val_interval "$WARM_RUN" "${WARM[@]}" "$@"
   SCHEDULE=(--lr_schedule cosine --warmup_steps 50 --lmbda_schedule fixed --lmbda "$LMBDA"
             --init_weights "$OUT/warm/models/model.pt")
+  LR_MAIN=$LR_FINE
 fi
 "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage1.yaml']" --epochs "$STAGE1_EPOCHS" "${ARGS[@]}" \
-  "${RECIPE[@]}" "${SCHEDULE[@]}" "${AUGMENT[@]}" "${RECIPE_EXTRA[@]}" "$@"
+  "${RECIPE[@]}" --learning_rate "$LR_MAIN" "${SCHEDULE[@]}" "${AUGMENT[@]}" "${RECIPE_EXTRA[@]}" "$@"
 if [ "$FINAL" = stage2 ]; then
   "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage2.yaml']" --epochs 2 "${ARGS[@]}" \
     --val_pairs 6 --learning_rate 0.0002 "$@"
