@@ -84,20 +84,18 @@ ARGS=(--datalist "$OUT/datalist.json" --output_root "$OUT" --full_size "$FULL" -
 LR=${LR:-0.0005}; LR_FINE=${LR_FINE:-$LR}  # the peak learning rate (of the main stage after a warm-up stage)
 RECIPE=(--val_pairs 6 --max_grad_norm 5)
 CONTINUATION=(--lmbda_schedule continuation --lmbda_start "$START" --lmbda_target "$LMBDA" --lmbda_ramp 0.5)
-SCHEDULE=(--lr_schedule cosine --warmup_steps 100 "${CONTINUATION[@]}")
+SCHEDULE=(--learning_rate "$LR" --lr_schedule cosine --warmup_steps 100 "${CONTINUATION[@]}")
 C=bundle/knee3d_icon/configs
-LR_MAIN=$LR
 if [ "$WARM_RUN" -gt 0 ]; then
   # the warm-up stage (runs/.../warm; validated once, at its end, on its own half-resolution grid)
   "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage1.yaml']" --stage warm --epochs "$WARM_RUN" \
     "${ARGS[@]}" "${RECIPE[@]}" --learning_rate "$LR" --lr_schedule constant --warmup_steps 100 "${CONTINUATION[@]}" \
     --val_interval "$WARM_RUN" "${WARM[@]}" "$@"
-  SCHEDULE=(--lr_schedule cosine --warmup_steps 50 --lmbda_schedule fixed --lmbda "$LMBDA"
+  SCHEDULE=(--learning_rate "$LR_FINE" --lr_schedule cosine --warmup_steps 50 --lmbda_schedule fixed --lmbda "$LMBDA"
             --init_weights "$OUT/warm/models/model.pt")
-  LR_MAIN=$LR_FINE
 fi
 "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage1.yaml']" --epochs "$STAGE1_EPOCHS" "${ARGS[@]}" \
-  "${RECIPE[@]}" --learning_rate "$LR_MAIN" "${SCHEDULE[@]}" "${AUGMENT[@]}" "${RECIPE_EXTRA[@]}" "$@"
+  "${RECIPE[@]}" "${SCHEDULE[@]}" "${AUGMENT[@]}" "${RECIPE_EXTRA[@]}" "$@"
 if [ "$FINAL" = stage2 ]; then
   "$PY" -m monai.bundle run --config_file "['$C/common.yaml','$C/stage2.yaml']" --epochs 2 "${ARGS[@]}" \
     --val_pairs 6 --learning_rate 0.0002 "$@"
