@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ignite.distributed as idist
@@ -67,7 +68,7 @@ class AdaptiveLambdaHandler:
 
     def __call__(self, engine: Engine) -> None:
         folds = batch_mean_folds(engine.state.output, self.folds_key)
-        if folds != folds:  # NaN: an ICONLoss built with compute_folds=False reports no folds
+        if math.isnan(folds):  # an ICONLoss built with compute_folds=False reports no folds
             raise ValueError(f"the adaptive lambda reads the folds of every iteration, but the engine's output "
                              f"{self.folds_key!r} is NaN: build the loss with compute_folds=True.")
         if idist.get_world_size() > 1:  # every process must take the same decision
