@@ -175,3 +175,27 @@ def test_2d_bundle_builds_the_augmentation_only_when_asked():
     augment = parser.get_parsed_content("augment")
     assert isinstance(augment, RandBatchAugmentd) and augment.keys == ("moving_image", "fixed_image")
     assert (augment.rotate_degrees, augment.scale, augment.translate) == (10.0, 0.0, 2.0)
+
+
+@pytest.mark.parametrize("label_weight", [0.0, 1.0])
+def test_trainer_augments_labels_only_when_the_loss_reads_them(label_weight):
+    torch.manual_seed(0)
+    items = [{"image": torch.rand(1, 16, 16), "label": (torch.rand(1, 16, 16) > 0.5).float()} for _ in range(4)]
+    loader = DataLoader(RandomPairDataset(items, 4, seed=0), batch_size=2)
+    net = RegistrationNet(DisplacementField(UNet(2, encoder_channels=(8, 16), decoder_channels=(16, 8))))
+    keys = []
+    augment_spatial = RandBatchAugmentd(["moving_image", "fixed_image"], 10, follow={
+        "moving_label": "moving_image", "fixed_label": "fixed_image"}, seed=0)
+
+    def augment(batch):
+        keys.append(set(batch))
+        return augment_spatial(batch)
+
+    loss = ICONLoss("mse", 16, spatial_dims=2, label_weight=label_weight, num_classes=2)
+    trainer = ICONTrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters(), 1e-3), loss, augment=augment,
+                          decollate=False)
+    trainer.run()
+    assert len(keys) == 2
+    has_labels = {"moving_label", "fixed_label"} <= keys[0]
+    assert has_labels == (label_weight > 0) and {"moving_image", "fixed_image"} <= keys[0]
+    assert {"moving_label", "fixed_label"} <= set(trainer.state.batch)  # the engine's batch keeps them

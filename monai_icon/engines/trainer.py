@@ -22,6 +22,7 @@ from monai_icon.losses.icon import ICONLoss
 from monai_icon.losses.map_supervision import MapSupervisionLoss
 from monai_icon.networks.maps import map_grid_to_ddf
 from monai_icon.networks.registration_net import register_pair
+from monai_icon.networks.trilinear import fast_trilinear
 from monai_icon.precision import resolve_cpu_amp
 from monai_icon.transforms.self_pair import TARGET_MAP, TARGET_WEIGHT
 
@@ -127,12 +128,18 @@ class ICONTrainer(SupervisedTrainer):
         augment: a transform of the whole batch dictionary applied at the start of every iteration, after the
             batch's tensors are moved to ``device`` (e.g. :class:`~monai_icon.transforms.RandBatchAugmentd`: a random
             affine per image, drawn and applied on the device for the whole batch at once). Masks and labels must be
-            its followers if the batch carries them.
+            its followers if the batch carries them. Labels reach it only when the loss reads them
+            (``label_weight > 0``); otherwise they are left out of the augmented batch, which the training step
+            uses for nothing else (``engine.state.batch`` keeps them).
         map_supervision: a :class:`~monai_icon.losses.MapSupervisionLoss`: the batches (after ``augment``) must carry
             known maps ``target_map`` ``[B, D, *N]`` and weights ``target_weight`` ``[B]``
             (:class:`~monai_icon.transforms.RandSelfPaird` in ``augment``), and ``map_supervision_weight`` times its
             value on ``phi_AB`` (on the images' grid) is added to the ICON loss. ``None``: the ICON loss alone.
         map_supervision_weight: its weight (>= 0; handlers may change ``engine.map_supervision_weight``).
+        fast_sampler: run each iteration inside :func:`monai_icon.networks.trilinear.fast_trilinear`: on CPU, the
+            warps of 3D images take a compiled sampler (same values up to float rounding; the T1-head demo's
+            full-resolution step about 10 % faster on 2 cores, ``docs/benchmarks.md``), compiled at the first
+            iteration (about 20 s the first time on a machine, a few seconds with PyTorch's on-disk cache).
         Other arguments: as ``monai.engines.SupervisedTrainer``.
     """
 
@@ -166,10 +173,11 @@ class ICONTrainer(SupervisedTrainer):
         augment: Callable | None = None,
         map_supervision: MapSupervisionLoss | None = None,
         map_supervision_weight: float = 1.0,
+        fast_sampler: bool = False,
     ) -> None:
         if not isinstance(loss_function, ICONLoss):
             raise ValueError(f"loss_function must be a monai_icon.losses.ICONLoss, got {type(loss_function).__name__}.")
-        for name, value in (("compile", compile), ("channels_last", channels_last)):
+        for name, value in (("compile", compile), ("channels_last", channels_last), ("fast_sampler", fast_sampler)):
             if not isinstance(value, bool):  # a string "false" would be true
                 raise TypeError(f"{name} must be a bool, got {value!r} (monai_icon.config.as_bool reads strings).")
         if channels_last:
@@ -214,11 +222,21 @@ class ICONTrainer(SupervisedTrainer):
             raise ValueError(f"map_supervision_weight must be >= 0, got {map_supervision_weight}.")
         self.map_supervision = map_supervision
         self.map_supervision_weight = float(map_supervision_weight)
+        self.fast_sampler = fast_sampler
 
     def _iteration(self, engine: ICONTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
+        with fast_trilinear(engine.fast_sampler):
+            return self._step(engine, batchdata)
+
+    def _step(self, engine: ICONTrainer, batchdata: dict[str, Any]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
+        loss_function = cast(ICONLoss, engine.loss_function)  # an ICONLoss, or torch.compile's wrapper of one
+        supervised = getattr(loss_function, "label_weight", 0.0) > 0
         if engine.augment is not None:
+            if not supervised:  # labels the loss does not read are not resampled (two warps of full images a step)
+                unused = _label_keys(engine.prepare_batch)
+                batchdata = {k: v for k, v in batchdata.items() if k not in unused}
             followed = set(getattr(engine.augment, "follow", {}))
             unfollowed = [k for k in (RegKeys.MOVING_MASK, RegKeys.FIXED_MASK) if k in batchdata and k not in followed]
             if unfollowed:
@@ -228,8 +246,6 @@ class ICONTrainer(SupervisedTrainer):
         moving, fixed, moving_label, fixed_label = engine.prepare_batch(
             batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs
         )
-        loss_function = cast(ICONLoss, engine.loss_function)  # an ICONLoss, or torch.compile's wrapper of one
-        supervised = getattr(loss_function, "label_weight", 0.0) > 0
         if supervised and (moving_label is None or fixed_label is None):
             raise ValueError("the loss has label_weight > 0 but the batch carries no moving/fixed labels.")
         labels = (moving_label, fixed_label) if supervised else (None, None)
@@ -281,3 +297,10 @@ class ICONTrainer(SupervisedTrainer):
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def _label_keys(prepare_batch: Any) -> tuple[str, str]:
+    """The moving / fixed label keys that ``prepare_batch`` reads (the defaults for other callables)."""
+    if isinstance(prepare_batch, PrepareRegistrationBatch):
+        return prepare_batch.keys[2], prepare_batch.keys[3]
+    return RegKeys.MOVING_LABEL, RegKeys.FIXED_LABEL

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from monai_icon.networks.trilinear import fast_trilinear_interpolate, use_fast_trilinear
 from monai_icon.precision import at_least_float32, autocast_disabled
 
 __all__ = [
@@ -92,6 +93,10 @@ def interpolate(
 
     Returns:
         ``[B, C, *P]`` interpolated values, differentiable with respect to ``field`` and ``points``.
+
+    Inside :func:`monai_icon.networks.trilinear.fast_trilinear` (opt-in), a large linear border-padded sampling of a
+    3D float32 CPU field that needs no gradient (an image warp) runs as a compiled gather loop (the same values up to
+    float rounding, about 3x faster than ``grid_sample``'s scalar 3D kernel); everything else is ``grid_sample``.
     """
     spatial_dims = field.ndim - 2
     if spatial_dims not in (2, 3):
@@ -106,6 +111,9 @@ def interpolate(
             raise ValueError(f"batch sizes differ: field {batch}, points {points.shape[0]}.")
         points = points.expand(batch, *points.shape[1:])
     point_shape = points.shape[2:]
+    if use_fast_trilinear(field, points, mode, padding_mode):
+        values = fast_trilinear_interpolate(field, points.reshape(batch, spatial_dims, -1))
+        return values.reshape(batch, field.shape[1], *point_shape)
     # grid_sample wants [B, *out, D] with the last-axis coordinate first, in [-1, 1].
     grid = points.reshape(batch, spatial_dims, -1).flip(1).movedim(1, -1) * 2.0 - 1.0
     chunks = _cpu_chunks(field, grid.shape[1])

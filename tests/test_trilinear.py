@@ -1,0 +1,222 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""The gather-based trilinear sampler against ``grid_sample``: values and gradients (plain and compiled), where
+``interpolate`` takes it, and its fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai_icon.networks import maps, trilinear
+from monai_icon.networks.maps import interpolate
+from monai_icon.networks.trilinear import (
+    FAST_TRILINEAR_MIN_POINTS, fast_trilinear, fast_trilinear_interpolate, trilinear_interpolate, use_fast_trilinear,
+)
+
+needs_compiler = pytest.mark.skipif(not trilinear._compiler_available(), reason="no C++ compiler for Inductor")
+
+
+def reference(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``grid_sample`` (border, align_corners) at ``[B, 3, P]`` points in ``[0, 1]`` units: ``[B, C, P]``."""
+    grid = points.flip(1).movedim(1, -1).reshape(points.shape[0], -1, 1, 1, 3) * 2.0 - 1.0
+    values = F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return values.reshape(field.shape[0], field.shape[1], -1)
+
+
+def random_points(batch: int, num: int, generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    """Points in [-0.2, 1.2]^3 (a fifth of each axis outside the grid), away from cell boundaries' float ties."""
+    return torch.rand(batch, 3, num, generator=generator, dtype=dtype) * 1.4 - 0.2
+
+
+def values_and_grads(fn, field, points):
+    field = field.clone().requires_grad_(True)
+    points = points.clone().requires_grad_(True)
+    out = fn(field, points)
+    weights = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)  # not a plain sum
+    (out * weights).sum().backward()
+    return out.detach(), field.grad, points.grad
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 6), (2, 2, 2), (9, 4, 3)])
+def test_plain_sampler_equals_grid_sample_in_float64(shape):
+    g = torch.Generator().manual_seed(0)
+    field = torch.randn(2, 3, *shape, generator=g, dtype=torch.float64)
+    points = random_points(2, 500, g)
+    ours, theirs = values_and_grads(trilinear_interpolate, field, points), values_and_grads(reference, field, points)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_plain_sampler_is_exact_on_grid_points_and_linear_along_an_axis():
+    field = torch.arange(4 * 5 * 6, dtype=torch.float64).reshape(1, 1, 4, 5, 6)  # linear in every index
+    index = torch.stack(torch.meshgrid(*(torch.arange(n) for n in (4, 5, 6)), indexing="ij")).reshape(1, 3, -1)
+    points = (index / torch.tensor([3.0, 4.0, 5.0], dtype=torch.float64).reshape(1, 3, 1)).requires_grad_(True)
+    values = trilinear_interpolate(field, points)
+    torch.testing.assert_close(values.reshape(-1), field.reshape(-1))
+    # d value / d point = (voxel steps per unit) * (index stride) off the border planes (there 0, as grid_sample)
+    inside = ((index[0] > 0) & (index[0] < torch.tensor([3, 4, 5]).reshape(3, 1))).all(0)
+    values.sum().backward()
+    expected = torch.tensor([3.0 * 30, 4.0 * 6, 5.0 * 1], dtype=torch.float64).reshape(3, 1)
+    torch.testing.assert_close(points.grad[0][:, inside], expected.expand(3, int(inside.sum())))
+
+
+def test_clamped_coordinates_give_border_values_and_no_gradient_along_them():
+    field = torch.randn(1, 1, 4, 4, 4, dtype=torch.float64)
+    points = torch.tensor([[[1.5], [0.5], [-0.7]]], dtype=torch.float64, requires_grad=True)
+    value = trilinear_interpolate(field, points)
+    inside = torch.tensor([[[1.0], [0.5], [0.0]]], dtype=torch.float64)
+    torch.testing.assert_close(value, trilinear_interpolate(field, inside))
+    value.sum().backward()
+    assert points.grad[0, 0, 0] == 0 and points.grad[0, 2, 0] == 0
+
+
+@needs_compiler
+@pytest.mark.parametrize("field_grad", [False, True])
+def test_compiled_sampler_equals_grid_sample_in_float32(field_grad):
+    g = torch.Generator().manual_seed(1)
+    field = torch.randn(2, 2, 12, 10, 14, generator=g)
+    points = random_points(2, 3000, g, torch.float32)
+
+    def run(fn):
+        f = field.clone().requires_grad_(field_grad)
+        p = points.clone().requires_grad_(True)
+        out = fn(f, p)
+        (out * torch.linspace(-1.0, 2.0, out.numel()).reshape(out.shape)).sum().backward()
+        return out.detach(), p.grad, f.grad
+
+    ours, theirs = run(fast_trilinear_interpolate), run(reference)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-4, atol=1e-3)
+    if field_grad:
+        torch.testing.assert_close(ours[2], theirs[2], rtol=1e-5, atol=1e-5)
+
+
+def test_interpolate_takes_the_fast_sampler_only_where_it_pays(monkeypatch):
+    monkeypatch.setattr(trilinear, "_compiler_available", lambda: True)
+    monkeypatch.delenv("MONAI_ICON_FAST_TRILINEAR", raising=False)
+    image = torch.zeros(1, 1, 64, 32, 64)
+    points = torch.zeros(1, 3, FAST_TRILINEAR_MIN_POINTS)
+    assert not use_fast_trilinear(image, points, "bilinear", "border")  # opt-in only
+    with fast_trilinear():
+        assert use_fast_trilinear(image, points, "bilinear", "border")
+        with fast_trilinear(False):
+            assert not use_fast_trilinear(image, points, "bilinear", "border")
+        assert use_fast_trilinear(image, points, "bilinear", "border")  # restored
+    assert not use_fast_trilinear(image, points, "bilinear", "border")
+    monkeypatch.setitem(trilinear._state, "enabled", True)
+    assert not use_fast_trilinear(image.requires_grad_(True), points, "bilinear", "border")  # a field with grads
+    image = image.detach()
+    assert not use_fast_trilinear(image, points[..., :-1], "bilinear", "border")  # too few points
+    assert not use_fast_trilinear(image, points, "nearest", "border")
+    assert not use_fast_trilinear(image, points, "bilinear", "zeros")
+    assert not use_fast_trilinear(image.double(), points.double(), "bilinear", "border")
+    assert not use_fast_trilinear(torch.zeros(1, 1, 64, 1, 64), points, "bilinear", "border")
+    assert not use_fast_trilinear(torch.zeros(1, 1, 256, 256), points[:, :2], "bilinear", "border")
+    monkeypatch.setenv("MONAI_ICON_FAST_TRILINEAR", "0")
+    assert not use_fast_trilinear(image, points, "bilinear", "border")
+    monkeypatch.delenv("MONAI_ICON_FAST_TRILINEAR")
+    monkeypatch.setattr(trilinear, "_compiler_available", lambda: False)
+    assert not use_fast_trilinear(image, points, "bilinear", "border")
+
+
+@needs_compiler
+def test_interpolate_of_a_large_image_matches_grid_sample_both_ways(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    image = torch.randn(2, 1, 32, 24, 40, generator=g)
+    points = (maps.identity_grid((64, 32, 64)) + 0.03 * torch.randn(2, 3, 64, 32, 64, generator=g))
+    points.requires_grad_(True)
+    monkeypatch.delenv("MONAI_ICON_FAST_TRILINEAR", raising=False)
+    monkeypatch.setitem(trilinear._state, "enabled", True)
+    assert use_fast_trilinear(image, points.reshape(2, 3, -1), "bilinear", "border")
+    calls = []
+    monkeypatch.setattr(maps, "fast_trilinear_interpolate",
+                        lambda *args: calls.append(1) or fast_trilinear_interpolate(*args))
+    fast = interpolate(image, points)
+    (grad_fast,) = torch.autograd.grad(fast.square().sum(), points)
+    monkeypatch.setenv("MONAI_ICON_FAST_TRILINEAR", "0")
+    slow = interpolate(image, points)
+    (grad_slow,) = torch.autograd.grad(slow.square().sum(), points)
+    assert calls == [1] and fast.shape == (2, 1, 64, 32, 64)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-4, atol=1e-3)
+
+
+def test_a_failed_compilation_warns_once_and_falls_back_to_grid_sample(monkeypatch):
+    monkeypatch.setattr(trilinear, "_state", {"compiled": None, "signatures": set(), "failed": None, "enabled": True})
+
+    def broken(*args):
+        raise RuntimeError("no toolchain")
+
+    monkeypatch.setattr(trilinear, "_compiled", lambda: broken)
+    field, points = torch.randn(1, 2, 4, 5, 6), torch.rand(1, 3, 50)
+    with pytest.warns(RuntimeWarning, match="no toolchain"):
+        out = fast_trilinear_interpolate(field, points)
+    torch.testing.assert_close(out, reference(field, points))
+    assert "no toolchain" in trilinear._state["failed"]
+    assert not use_fast_trilinear(torch.zeros(1, 1, 64, 32, 64), torch.zeros(1, 3, 2**17), "bilinear", "border")
+
+
+def test_signatures_beyond_the_limit_use_grid_sample(monkeypatch):
+    monkeypatch.setattr(trilinear, "_state", {"compiled": None, "signatures": set(), "failed": None, "enabled": True})
+    monkeypatch.setattr(trilinear, "_MAX_SIGNATURES", 0)
+    monkeypatch.setattr(trilinear, "_compiled", lambda: pytest.fail("compiled beyond the limit"))
+    field, points = torch.randn(1, 1, 4, 5, 6), torch.rand(1, 3, 20)
+    torch.testing.assert_close(fast_trilinear_interpolate(field, points), reference(field, points))
+
+
+@needs_compiler
+def test_compiled_sampler_takes_metatensors_and_keeps_their_metadata():
+    from monai.data import MetaTensor
+
+    field = MetaTensor(torch.randn(1, 1, 6, 5, 7), meta={"filename_or_obj": "x.nii.gz"})
+    points = torch.rand(1, 3, 300, requires_grad=True)
+    out = fast_trilinear_interpolate(field, points)
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "x.nii.gz"
+    torch.testing.assert_close(out.as_tensor(), reference(field.as_tensor(), points.detach()), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert points.grad is not None and torch.isfinite(points.grad).all()
+
+
+@pytest.mark.parametrize("fast_sampler", [False, True])
+def test_trainer_samples_inside_the_fast_context_only_when_asked(fast_sampler):
+    from torch.utils.data import DataLoader
+
+    from monai_icon.data import RandomPairDataset
+    from monai_icon.engines import ICONTrainer
+    from monai_icon.losses import ICONLoss
+    from monai_icon.networks import DisplacementField, RegistrationNet
+    from monai_icon.networks.nets import UNet
+
+    items = [{"image": torch.rand(1, 8, 8, 8)} for _ in range(3)]
+    loader = DataLoader(RandomPairDataset(items, 2, keys=("image",), seed=0), batch_size=2)
+    net = RegistrationNet(DisplacementField(UNet(3, encoder_channels=(4, 8), decoder_channels=(8, 4))))
+    seen = []
+    loss = ICONLoss("mse", 1.0, spatial_dims=3)
+    trainer = ICONTrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), loss,
+                          augment=lambda batch: seen.append(trilinear._state["enabled"]) or batch,
+                          fast_sampler=fast_sampler, decollate=False)
+    trainer.run()
+    assert seen == [fast_sampler] and trilinear._state["enabled"] is False
+    with pytest.raises(TypeError, match="fast_sampler"):
+        ICONTrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), ICONLoss("mse", 1.0, spatial_dims=3),
+                    fast_sampler="yes")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gradients_on_voxel_planes_are_grid_samples_one_sided_ones(compiled):
+    """On the identity grid (a map sampled on its own grid, the start of every refinement) every point lies on voxel
+    planes, where the interpolant has kinks: the derivative must be the one grid_sample takes (the cell above; none
+    on the border planes)."""
+    if compiled and not trilinear._compiler_available():
+        pytest.skip("no C++ compiler for Inductor")
+    g = torch.Generator().manual_seed(5)
+    field = torch.randn(2, 1, 7, 5, 9, generator=g) ** 2  # kinks at every voxel plane
+    points = maps.identity_grid((7, 5, 9)).reshape(1, 3, -1).expand(2, 3, -1).contiguous()
+    fn = fast_trilinear_interpolate if compiled else trilinear_interpolate
+    ours, theirs = values_and_grads(fn, field, points), values_and_grads(reference, field, points)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
