@@ -95,7 +95,14 @@ def test_compiled_sampler_equals_grid_sample_in_float32(field_grad):
         torch.testing.assert_close(ours[2], theirs[2], rtol=1e-5, atol=1e-5)
 
 
+def fresh_state(monkeypatch, enabled: bool = False) -> None:
+    """This test's own sampler state (no signatures, no earlier failure in the session)."""
+    monkeypatch.setattr(trilinear, "_state", {"compiled": None, "signatures": set(), "failed": None,
+                                              "enabled": enabled})
+
+
 def test_interpolate_takes_the_fast_sampler_only_where_it_pays(monkeypatch):
+    fresh_state(monkeypatch)
     monkeypatch.setattr(trilinear, "_compiler_available", lambda: True)
     monkeypatch.delenv("MONAI_ICON_FAST_TRILINEAR", raising=False)
     image = torch.zeros(1, 1, 64, 32, 64)
@@ -130,7 +137,7 @@ def test_interpolate_of_a_large_image_matches_grid_sample_both_ways(monkeypatch)
     points = (maps.identity_grid((64, 32, 64)) + 0.03 * torch.randn(2, 3, 64, 32, 64, generator=g))
     points.requires_grad_(True)
     monkeypatch.delenv("MONAI_ICON_FAST_TRILINEAR", raising=False)
-    monkeypatch.setitem(trilinear._state, "enabled", True)
+    fresh_state(monkeypatch, enabled=True)
     assert use_fast_trilinear(image, points.reshape(2, 3, -1), "bilinear", "border")
     calls = []
     monkeypatch.setattr(maps, "fast_trilinear_interpolate",
@@ -146,7 +153,7 @@ def test_interpolate_of_a_large_image_matches_grid_sample_both_ways(monkeypatch)
 
 
 def test_a_failed_compilation_warns_once_and_falls_back_to_grid_sample(monkeypatch):
-    monkeypatch.setattr(trilinear, "_state", {"compiled": None, "signatures": set(), "failed": None, "enabled": True})
+    fresh_state(monkeypatch, enabled=True)
 
     def broken(*args):
         raise RuntimeError("no toolchain")
@@ -161,7 +168,7 @@ def test_a_failed_compilation_warns_once_and_falls_back_to_grid_sample(monkeypat
 
 
 def test_signatures_beyond_the_limit_use_grid_sample(monkeypatch):
-    monkeypatch.setattr(trilinear, "_state", {"compiled": None, "signatures": set(), "failed": None, "enabled": True})
+    fresh_state(monkeypatch, enabled=True)
     monkeypatch.setattr(trilinear, "_MAX_SIGNATURES", 0)
     monkeypatch.setattr(trilinear, "_compiled", lambda: pytest.fail("compiled beyond the limit"))
     field, points = torch.randn(1, 1, 4, 5, 6), torch.rand(1, 3, 20)
