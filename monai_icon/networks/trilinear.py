@@ -21,6 +21,7 @@ nearest border point (``grid_sample``'s ``padding_mode="border"``, ``align_corne
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import warnings
@@ -109,6 +110,7 @@ def _axis_weights(coordinate: torch.Tensor, size: int):
     return (low, low + 1), (1 - fraction, fraction)
 
 
+@functools.lru_cache(maxsize=1)
 def _compiler_available() -> bool:
     """Inductor's CPU code needs a C++ compiler (``$CXX`` or ``g++`` / ``c++`` / ``clang++`` on the path)."""
     candidates = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
@@ -168,8 +170,8 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grid_sample(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    batch, num_points = points.shape[0], points.shape[2]
-    grid = points.flip(1).movedim(1, -1).reshape(batch, num_points, 1, 1, 3) * 2.0 - 1.0
-    values = torch.nn.functional.grid_sample(field, grid, mode="bilinear", padding_mode="border",
-                                             align_corners=True)
-    return values.reshape(batch, field.shape[1], num_points)
+    """``interpolate``'s own ``grid_sample`` path (the compiled sampler switched off for the call)."""
+    from monai_icon.networks.maps import interpolate  # maps imports this module
+
+    with fast_trilinear(False):
+        return interpolate(field, points)
