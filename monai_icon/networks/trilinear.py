@@ -96,7 +96,9 @@ def trilinear_interpolate(field: torch.Tensor, points: torch.Tensor) -> torch.Te
     return out
 
 
-def _axis_weights(coordinate: torch.Tensor, size: int):
+def _axis_weights(
+    coordinate: torch.Tensor, size: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One axis of the interpolation: the indices of the two neighbouring voxels of each point (``[B, P]`` each,
     the lower one in ``[0, N - 2]``) and their weights (differentiable with respect to the coordinate)."""
     # voxel units as grid_sample computes them (align_corners=True); border padding clamps them to the grid, and like
@@ -119,9 +121,9 @@ def _compiler_available() -> bool:
 
 def use_fast_trilinear(field: torch.Tensor, points: torch.Tensor, mode: str, padding_mode: str) -> bool:
     """Whether :func:`~monai_icon.networks.maps.interpolate` takes :func:`fast_trilinear_interpolate`: inside
-    :func:`fast_trilinear`, for a 3D float32 CPU field with every axis >= 2 that needs no gradient (an image; the
-    field's gradient is a scatter that the compiled loop does no faster than ``grid_sample``), linear interpolation
-    with border padding, at least :data:`FAST_TRILINEAR_MIN_POINTS` points per field, outside ``torch.compile`` (a
+    :func:`fast_trilinear`, for a 3D float32 CPU field with every axis >= 2 that needs no gradient (an image; fields
+    with gradients stay on ``grid_sample``: their compiled sampling was not measured in the real loop), linear
+    interpolation with border padding, at least :data:`FAST_TRILINEAR_MIN_POINTS` points per field, outside ``torch.compile`` (a
     compiled caller fuses the sampling itself), with a C++ compiler available, not switched off (environment
     variable ``MONAI_ICON_FAST_TRILINEAR=0``) and no earlier compilation failure in this process."""
     if not _state["enabled"]:
