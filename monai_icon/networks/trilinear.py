@@ -123,9 +123,9 @@ def use_fast_trilinear(field: torch.Tensor, points: torch.Tensor, mode: str, pad
     """Whether :func:`~monai_icon.networks.maps.interpolate` takes :func:`fast_trilinear_interpolate`: inside
     :func:`fast_trilinear`, for a 3D float32 CPU field with every axis >= 2 that needs no gradient (an image; fields
     with gradients stay on ``grid_sample``: their compiled sampling was not measured in the real loop), linear
-    interpolation with border padding, at least :data:`FAST_TRILINEAR_MIN_POINTS` points per field, outside ``torch.compile`` (a
-    compiled caller fuses the sampling itself), with a C++ compiler available, not switched off (environment
-    variable ``MONAI_ICON_FAST_TRILINEAR=0``) and no earlier compilation failure in this process."""
+    interpolation with border padding, at least :data:`FAST_TRILINEAR_MIN_POINTS` points per field, outside
+    ``torch.compile`` (a compiled caller fuses the sampling itself), with a C++ compiler available, not switched off
+    (environment variable ``MONAI_ICON_FAST_TRILINEAR=0``) and no earlier compilation failure in this process."""
     if not _state["enabled"]:
         return False
     if (field.ndim != 5 or mode != "bilinear" or padding_mode != "border" or field.device.type != "cpu"
