@@ -13,7 +13,12 @@ same trilinear sampling with border padding against the library's :func:`monai_i
 * ``gather``: the eight corners gathered with ``torch.gather`` and weighted, autograd through plain PyTorch ops;
 * ``slices-2d-float32`` / ``slices-2d-float64``: the volume's slices stacked into one 2D image and the point
   sampled bilinearly in the two slices around it, then interpolated linearly between them (PyTorch's 2D CPU
-  kernel is vectorised, the 3D one is not), in single or double precision.
+  kernel is vectorised, the 3D one is not), in single or double precision;
+* ``planar``: the library's form of the same trick
+  (:func:`monai_icon.networks.trilinear.planar_trilinear_interpolate`, stop 29: a power-of-two row scale and
+  integer rows, so that no point reaches the neighbouring slice or cell; the two slices as two batch items at
+  batch 1), which ``interpolate`` takes by default for large float32 samplings on CPU. ``interpolate`` here is
+  PyTorch's ``grid_sample`` (that default switched off).
 
 Errors are the largest absolute differences from the same sampling in float64 (values; gradients relative to
 their largest magnitude), next to those of the library's float32 sampling. The gradient with respect to a point
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 from collections.abc import Callable
 
@@ -44,6 +50,9 @@ import torch.nn.functional as F
 from icon_bench import round_times
 from monai_icon.losses.inverse_consistency import sample_points
 from monai_icon.networks.maps import identity_grid, interpolate
+from monai_icon.networks.trilinear import planar_trilinear_interpolate
+
+_PLANAR_SWITCH = "MONAI_ICON_PLANAR_TRILINEAR"
 
 
 def gather_trilinear(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -90,8 +99,22 @@ def sliced_trilinear(field: torch.Tensor, points: torch.Tensor, dtype: torch.dty
     return (v[:, :, 0] + (z - z0).unsqueeze(1) * (v[:, :, 1] - v[:, :, 0])).to(field.dtype)
 
 
+def native_interpolate(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """:func:`interpolate` on PyTorch's own ``grid_sample`` (its default planar path switched off for the call)."""
+    previous = os.environ.get(_PLANAR_SWITCH)
+    os.environ[_PLANAR_SWITCH] = "0"
+    try:
+        return interpolate(field, points)
+    finally:
+        if previous is None:
+            del os.environ[_PLANAR_SWITCH]
+        else:
+            os.environ[_PLANAR_SWITCH] = previous
+
+
 METHODS = {
-    "interpolate": lambda f, p: interpolate(f, p),
+    "interpolate": native_interpolate,
+    "planar": planar_trilinear_interpolate,
     "gather": gather_trilinear,
     "slices-2d-float32": lambda f, p: sliced_trilinear(f, p, torch.float32),
     "slices-2d-float64": lambda f, p: sliced_trilinear(f, p, torch.float64),

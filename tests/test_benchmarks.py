@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import grid_sample_bench  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["gather", "slices-2d-float64", "slices-2d-float32"])
+@pytest.mark.parametrize("name", ["gather", "slices-2d-float64", "slices-2d-float32", "planar"])
 def test_grid_sample_alternatives_sample_like_interpolate(name):
     torch.manual_seed(0)
     field = torch.randn(2, 3, 5, 6, 4, dtype=torch.float64)
@@ -248,7 +248,9 @@ def test_resample_bench_compares_resizings_against_float64_and_layouts_by_value(
     model = ROOT / "bundle/knee3d_icon/models/t1head_registration_model.pt"
     maps = resample_bench.inference_case(model)
     assert set(maps) == {"standard", "channels-last"}
-    torch.testing.assert_close(maps["channels-last"](), maps["standard"](), atol=1e-6, rtol=0)
+    # the layouts round differently; the compositions' planar sampling (rows of 64 x 32) reads positions to 2^-13
+    # voxels, so their maps agree to a few 1e-6 of the unit cube
+    torch.testing.assert_close(maps["channels-last"](), maps["standard"](), atol=5e-6, rtol=0)
 
 
 def test_loop_bench_parses_variants_with_and_without_a_source():

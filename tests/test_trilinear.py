@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from monai_icon.networks import maps, trilinear
 from monai_icon.networks.maps import interpolate
 from monai_icon.networks.trilinear import (
-    FAST_TRILINEAR_MIN_POINTS, fast_trilinear, fast_trilinear_interpolate, trilinear_interpolate, use_fast_trilinear,
+    FAST_TRILINEAR_MIN_POINTS, PLANAR_TRILINEAR_MAX_ROWS, PLANAR_TRILINEAR_MIN_POINTS, fast_trilinear,
+    fast_trilinear_interpolate, planar_trilinear_interpolate, trilinear_interpolate, use_fast_trilinear,
+    use_planar_trilinear,
 )
 
 needs_compiler = pytest.mark.skipif(not trilinear._compiler_available(), reason="no C++ compiler for Inductor")
@@ -145,6 +147,7 @@ def test_interpolate_of_a_large_image_matches_grid_sample_both_ways(monkeypatch)
     fast = interpolate(image, points)
     (grad_fast,) = torch.autograd.grad(fast.square().sum(), points)
     monkeypatch.setenv("MONAI_ICON_FAST_TRILINEAR", "0")
+    monkeypatch.setenv("MONAI_ICON_PLANAR_TRILINEAR", "0")  # grid_sample itself
     slow = interpolate(image, points)
     (grad_slow,) = torch.autograd.grad(slow.square().sum(), points)
     assert calls == [1] and fast.shape == (2, 1, 64, 32, 64)
@@ -213,17 +216,100 @@ def test_trainer_samples_inside_the_fast_context_only_when_asked(fast_sampler):
                     fast_sampler="yes")
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, True, "planar"])
 def test_gradients_on_voxel_planes_are_grid_samples_one_sided_ones(compiled):
     """On the identity grid (a map sampled on its own grid, the start of every refinement) every point lies on voxel
     planes, where the interpolant has kinks: the derivative must be the one grid_sample takes (the cell above; none
     on the border planes)."""
-    if compiled and not trilinear._compiler_available():
+    if compiled is True and not trilinear._compiler_available():
         pytest.skip("no C++ compiler for Inductor")
     g = torch.Generator().manual_seed(5)
     field = torch.randn(2, 1, 7, 5, 9, generator=g) ** 2  # kinks at every voxel plane
     points = maps.identity_grid((7, 5, 9)).reshape(1, 3, -1).expand(2, 3, -1).contiguous()
-    fn = fast_trilinear_interpolate if compiled else trilinear_interpolate
+    fn = {False: trilinear_interpolate, True: fast_trilinear_interpolate,
+          "planar": planar_trilinear_interpolate}[compiled]
     ours, theirs = values_and_grads(fn, field, points), values_and_grads(reference, field, points)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("shape", [(5, 7, 6), (2, 2, 2), (9, 4, 3), (3, 11, 2)])
+def test_planar_sampler_equals_grid_sample_in_float64(shape, batch):
+    g = torch.Generator().manual_seed(6)
+    field = torch.randn(batch, 3, *shape, generator=g, dtype=torch.float64)
+    points = random_points(batch, 700, g)
+    threads = torch.get_num_threads()
+    try:
+        for n in {1, 2}:  # batch 1 on several threads samples the two slices as two items
+            torch.set_num_threads(n)
+            ours = values_and_grads(planar_trilinear_interpolate, field, points)
+            for a, b in zip(ours, values_and_grads(reference, field, points)):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_planar_sampler_in_float32_stays_within_its_rounding_bound():
+    """Rows of a 64 x 128 slice stack: the rounding along axis 1 is that of a coordinate in [0, 8192] (2^-10 voxels
+    at most, with the fraction's cap); values and gradients as grid_sample's to that order."""
+    g = torch.Generator().manual_seed(7)
+    field = torch.randn(2, 3, 64, 128, 5, generator=g)
+    points = random_points(2, 20000, g, dtype=torch.float32)
+    ours, theirs = values_and_grads(planar_trilinear_interpolate, field, points), values_and_grads(reference, field,
+                                                                                                   points)
+    step = (field.diff(dim=3).abs().max()).item()  # the largest change of the field between neighbouring rows
+    assert (ours[0] - theirs[0]).abs().max() <= 2.0**-10 * step + 1e-5
+    # field gradients: each point's weights to within its rounded fraction (2^-11 here) times its output's weight (<= 2)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=4 * 2.0**-11 * 2)
+    # point gradients: the same cell for every point (differences only from the rounded fraction)
+    torch.testing.assert_close(ours[2], theirs[2], rtol=1e-3, atol=2e-3 * theirs[2].abs().max().item())
+
+
+def test_planar_sampler_keeps_a_point_just_below_a_slice_top_in_its_slice():
+    """A float32 position a hair below the last row of a slice (and below an inner voxel plane) must keep the cell
+    below: rounded onto the plane it would read the next slice's first row (or the cell above)."""
+    field = torch.zeros(1, 1, 4, 2048, 2)
+    field[:, :, 1, 0] = 100.0  # the first row of slice 1: must not leak into points of slice 0
+    field[:, :, 0, -1] = 1.0
+    top = 1.0 - 2.0**-24  # the largest float32 below 1: just below the top plane of slice 0
+    inner = torch.nextafter(torch.tensor(1023 / 2047), torch.tensor(0.0)).item()  # just below an inner plane
+    points = torch.tensor([[[0.0, 0.0], [top, inner], [0.3, 0.3]]], requires_grad=True)
+    values = planar_trilinear_interpolate(field, points)
+    expected = reference(field, points.detach())
+    torch.testing.assert_close(values, expected, rtol=0, atol=2e-3)
+    (grad,) = torch.autograd.grad(values.sum(), points)
+    (expected_grad,) = torch.autograd.grad(reference(field, points).sum(), points)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-3)
+
+
+def test_interpolate_takes_the_planar_sampler_by_default_where_it_applies(monkeypatch):
+    fresh_state(monkeypatch)
+    monkeypatch.delenv("MONAI_ICON_PLANAR_TRILINEAR", raising=False)
+    field = torch.zeros(1, 3, 64, 32, 64, requires_grad=True)  # fields with gradients too
+    points = torch.zeros(1, 3, PLANAR_TRILINEAR_MIN_POINTS)
+    assert use_planar_trilinear(field, points, "bilinear", "border")
+    assert not use_planar_trilinear(field, points[..., :-1], "bilinear", "border")  # too few points
+    assert not use_planar_trilinear(field, points, "nearest", "border")
+    assert not use_planar_trilinear(field, points, "bilinear", "zeros")
+    assert not use_planar_trilinear(field.double(), points.double(), "bilinear", "border")
+    assert not use_planar_trilinear(torch.zeros(1, 1, 64, 1, 64), points, "bilinear", "border")
+    assert not use_planar_trilinear(torch.zeros(1, 1, 256, 256), points[:, :2], "bilinear", "border")
+    rows = PLANAR_TRILINEAR_MAX_ROWS // 64 + 1  # past the rounding bound: grid_sample
+    assert not use_planar_trilinear(torch.zeros(1, 1, 64, rows, 4), points, "bilinear", "border")
+    monkeypatch.setenv("MONAI_ICON_PLANAR_TRILINEAR", "0")
+    assert not use_planar_trilinear(field, points, "bilinear", "border")
+    monkeypatch.delenv("MONAI_ICON_PLANAR_TRILINEAR")
+
+    calls = []
+    monkeypatch.setattr(maps, "planar_trilinear_interpolate",
+                        lambda *args: calls.append(1) or planar_trilinear_interpolate(*args))
+    g = torch.Generator().manual_seed(8)
+    field = torch.randn(2, 3, 16, 8, 12, generator=g, requires_grad=True)
+    grid_points = (maps.identity_grid((32, 32, 16)) + 0.05 * torch.randn(2, 3, 32, 32, 16, generator=g))
+    ours = interpolate(field, grid_points)
+    assert calls == [1] and ours.shape == (2, 3, 32, 32, 16)
+    monkeypatch.setenv("MONAI_ICON_PLANAR_TRILINEAR", "0")
+    theirs = interpolate(field, grid_points)
+    assert calls == [1]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)  # rows of 16 x 8: within 2^-16 voxels

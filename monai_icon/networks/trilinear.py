@@ -11,7 +11,10 @@ interpolation written with gathers and compiled by Inductor runs about 3x faster
 (forward and backward with respect to the points). :func:`trilinear_interpolate` is the plain PyTorch function (any
 device, differentiable with respect to the field and the points); :func:`fast_trilinear_interpolate` is its compiled
 form, used by :func:`monai_icon.networks.maps.interpolate` inside :func:`fast_trilinear` where it pays
-(:func:`use_fast_trilinear`).
+(:func:`use_fast_trilinear`). :func:`planar_trilinear_interpolate` needs no compiler: it samples the field's slices,
+stacked into one 2D image, with PyTorch's vectorised 2D ``grid_sample`` kernel and blends the two slices around each
+point; ``interpolate`` takes it by default elsewhere on CPU (:func:`use_planar_trilinear`), fields with gradients
+included.
 
 Conventions are those of :mod:`monai_icon.networks.maps`: points in ``[0, 1]`` units, channel ``d`` along the
 field's axis ``2 + d``, ``0`` and ``1`` on the first and last voxel centres, and outside ``[0, 1]`` the value at the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import shutil
 import warnings
@@ -29,23 +33,31 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.utils import convert_to_dst_type
 
 from monai_icon.precision import autocast_disabled
 
 __all__ = [
-    "trilinear_interpolate", "fast_trilinear_interpolate", "fast_trilinear", "use_fast_trilinear",
-    "FAST_TRILINEAR_MIN_POINTS",
+    "trilinear_interpolate", "planar_trilinear_interpolate", "fast_trilinear_interpolate", "fast_trilinear",
+    "use_fast_trilinear", "use_planar_trilinear", "FAST_TRILINEAR_MIN_POINTS", "PLANAR_TRILINEAR_MIN_POINTS",
+    "PLANAR_TRILINEAR_MAX_ROWS",
 ]
 
 #: Fewer points than this are left to ``grid_sample``: the compiled loop pays off on large samplings (an image warp,
 #: a regulariser's points), and small calls (unit tests, 2D-sized work) then never wait for a compilation.
 FAST_TRILINEAR_MIN_POINTS = 65536
+#: :func:`planar_trilinear_interpolate` is taken from this many points per field (below, ``grid_sample`` is as fast).
+PLANAR_TRILINEAR_MIN_POINTS = 16384
+#: ... and for fields of at most this many voxels in their first two axes (``N0 N1``), which bounds its rounding
+#: along axis 1 by ``2^-10`` voxels in float32.
+PLANAR_TRILINEAR_MAX_ROWS = 2**14 + 1
 #: At most this many distinct input signatures (shapes, gradient requirements, grad mode) are compiled per process;
 #: further ones use ``grid_sample`` (past its own limit of 8, Dynamo would run the slower eager gathers instead).
 _MAX_SIGNATURES = 6
 _ENV_SWITCH = "MONAI_ICON_FAST_TRILINEAR"
+_PLANAR_SWITCH = "MONAI_ICON_PLANAR_TRILINEAR"
 
 _state: dict[str, Any] = {"compiled": None, "signatures": set(), "failed": None, "enabled": False}
 
@@ -101,15 +113,70 @@ def _axis_weights(
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """One axis of the interpolation: the indices of the two neighbouring voxels of each point (``[B, P]`` each,
     the lower one in ``[0, N - 2]``) and their weights (differentiable with respect to the coordinate)."""
-    # voxel units as grid_sample computes them (align_corners=True); border padding clamps them to the grid, and like
-    # grid_sample the border planes themselves count as outside: no gradient along the axis there
-    position = ((coordinate * 2.0 - 1.0) + 1.0) / 2.0 * (size - 1)
-    inside = (position > 0) & (position < size - 1)
-    position = torch.where(inside, position, position.detach().clamp(0, size - 1))
+    position = _axis_position(coordinate, size)
     lower = position.detach().floor().clamp(max=size - 2)
     fraction = position - lower
     low = lower.long()
     return (low, low + 1), (1 - fraction, fraction)
+
+
+def _axis_position(coordinate: torch.Tensor, size: int) -> torch.Tensor:
+    """A ``[0, 1]`` coordinate in voxel units along an axis of ``size`` voxels, clamped to ``[0, size - 1]``."""
+    # voxel units as grid_sample computes them (align_corners=True); border padding clamps them to the grid, and like
+    # grid_sample the border planes themselves count as outside: no gradient along the axis there
+    position = ((coordinate * 2.0 - 1.0) + 1.0) / 2.0 * (size - 1)
+    inside = (position > 0) & (position < size - 1)
+    return torch.where(inside, position, position.detach().clamp(0, size - 1))
+
+
+def planar_trilinear_interpolate(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation of ``field`` at ``points`` (border-padded) as two bilinear samplings of one 2D image,
+    by PyTorch's vectorised 2D ``grid_sample`` kernel (no compilation).
+
+    The field's slices along axis 0 are stacked into a ``[B, C, N0 N1, N2]`` image (a view, plus zero rows up to a
+    height of ``2^k + 1``); each point is sampled bilinearly in the two slices around it (rows ``i0 N1 + y`` and
+    ``(i0 + 1) N1 + y``, columns ``z``) and the two values are blended linearly along axis 0. The rows' normalised
+    coordinates have a power-of-two scale, so integer rows (voxel planes of axis 1) convert exactly and a point never
+    reaches a row of the neighbouring slice: up to float rounding, these are ``grid_sample``'s values and
+    gradients, including its one-sided derivatives on voxel planes and zero gradient on the border planes. The
+    rounding along axis 1 is that of a coordinate in ``[0, 2^k]`` (``2^k >= N0 N1 - 1``): positions within
+    ``2^(k - 24)`` voxels of a voxel plane of axis 1 (float32; ``4.9e-4`` voxels for ``N0 N1 = 8192``) may be read on
+    the plane, with the derivative of the cell above it.
+
+    Args:
+        field: ``[B, C, N0, N1, N2]``, every ``N_d >= 2``; float32 or float64 (any device ``grid_sample`` runs on).
+        points: ``[B, 3, P]`` coordinates in ``[0, 1]`` units, the field's dtype.
+
+    Returns:
+        ``[B, C, P]``, differentiable with respect to ``field`` and ``points``.
+    """
+    batch, channels, n0, n1, n2 = field.shape
+    (lower0, _), (weight_low, weight_high) = _axis_weights(points[:, 0], n0)
+    rows_used = n0 * n1
+    height = 2 ** max(1, math.ceil(math.log2(rows_used - 1))) + 1
+    image = field.reshape(batch, channels, rows_used, n2)
+    if height > rows_used:  # rows never sampled with a nonzero weight: the scale (height - 1) / 2 a power of two
+        image = F.pad(image, (0, 0, 0, height - rows_used))
+    # the row in slice i0: its integer part exact (the last row itself for points on the top plane, whose next row
+    # gets weight 0), its fraction kept one float step u = (height - 1) eps / 2 of the row coordinate below 1
+    # (straight-through): then no rounding on the way through grid_sample's normalised coordinate, whose scale is a
+    # power of two, moves a point into the cell above (or into the next slice)
+    position1 = _axis_position(points[:, 1], n1)
+    lower1 = position1.detach().floor()
+    fraction1 = position1 - lower1
+    cap = 1.0 - (height - 1) * torch.finfo(points.dtype).eps / 2
+    fraction1 = fraction1 - (fraction1 - fraction1.clamp(max=cap)).detach()
+    row = (lower0.to(points.dtype) * n1 + lower1) + fraction1  # [B, P]
+    rows = torch.stack([row, row + n1], 1) * (2.0 / (height - 1)) - 1.0  # [B, 2, P]: slices i0 and i0 + 1
+    column = (points[:, 2] * 2.0 - 1.0).unsqueeze(1).expand_as(rows)  # the x-first coordinate, as interpolate's
+    grid = torch.stack([column, rows], -1)  # [B, 2, P, 2]
+    if batch == 1 and field.device.type == "cpu" and torch.get_num_threads() > 1:
+        # the CPU kernel parallelises over the batch only: the two slices' samplings as two items of one image
+        both = F.grid_sample(image.expand(2, -1, -1, -1), grid.transpose(0, 1), mode="bilinear",
+                             padding_mode="border", align_corners=True).transpose(0, 2)  # [1, C, 2, P]
+    else:
+        both = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)  # [B, C, 2, P]
+    return both[:, :, 0] * weight_low.unsqueeze(1) + both[:, :, 1] * weight_high.unsqueeze(1)
 
 
 @functools.lru_cache(maxsize=1)
@@ -122,7 +189,7 @@ def _compiler_available() -> bool:
 def use_fast_trilinear(field: torch.Tensor, points: torch.Tensor, mode: str, padding_mode: str) -> bool:
     """Whether :func:`~monai_icon.networks.maps.interpolate` takes :func:`fast_trilinear_interpolate`: inside
     :func:`fast_trilinear`, for a 3D float32 CPU field with every axis >= 2 that needs no gradient (an image; fields
-    with gradients stay on ``grid_sample``: their compiled sampling was not measured in the real loop), linear
+    with gradients take :func:`planar_trilinear_interpolate`, which needs no compilation), linear
     interpolation with border padding, at least :data:`FAST_TRILINEAR_MIN_POINTS` points per field, outside
     ``torch.compile`` (a compiled caller fuses the sampling itself), with a C++ compiler available, not switched off
     (environment variable ``MONAI_ICON_FAST_TRILINEAR=0``) and no earlier compilation failure in this process."""
@@ -137,6 +204,22 @@ def use_fast_trilinear(field: torch.Tensor, points: torch.Tensor, mode: str, pad
     if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return _state["failed"] is None and _compiler_available()
+
+
+def use_planar_trilinear(field: torch.Tensor, points: torch.Tensor, mode: str, padding_mode: str) -> bool:
+    """Whether :func:`~monai_icon.networks.maps.interpolate` takes :func:`planar_trilinear_interpolate` (when the
+    compiled sampler does not apply): a 3D float32 CPU field with every axis >= 2 and at most
+    :data:`PLANAR_TRILINEAR_MAX_ROWS` voxels in its first two axes together (its rounding along axis 1 then stays
+    within ``2^-10`` voxels), linear interpolation with border padding, at least :data:`PLANAR_TRILINEAR_MIN_POINTS`
+    points per field, outside ``torch.compile``, not switched off (``MONAI_ICON_PLANAR_TRILINEAR=0``). On by default:
+    no compilation, and faster than ``grid_sample``'s scalar 3D kernel where it is taken (``docs/benchmarks.md``)."""
+    if (field.ndim != 5 or mode != "bilinear" or padding_mode != "border" or field.device.type != "cpu"
+            or field.dtype != torch.float32 or points.dtype != torch.float32 or min(field.shape[2:]) < 2
+            or field.shape[2] * field.shape[3] > PLANAR_TRILINEAR_MAX_ROWS):
+        return False
+    if points[0, 0].numel() < PLANAR_TRILINEAR_MIN_POINTS or torch.compiler.is_compiling():
+        return False
+    return os.environ.get(_PLANAR_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _compiled() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
