@@ -136,12 +136,12 @@ def planar_trilinear_interpolate(field: torch.Tensor, points: torch.Tensor) -> t
     The field's slices along axis 0 are stacked into a ``[B, C, N0 N1, N2]`` image (a view, plus zero rows up to a
     height of ``2^k + 1``); each point is sampled bilinearly in the two slices around it (rows ``i0 N1 + y`` and
     ``(i0 + 1) N1 + y``, columns ``z``) and the two values are blended linearly along axis 0. The rows' normalised
-    coordinates have a power-of-two scale, so integer rows (voxel planes of axis 1) convert exactly and a point never
-    reaches a row of the neighbouring slice: up to float rounding, these are ``grid_sample``'s values and
-    gradients, including its one-sided derivatives on voxel planes and zero gradient on the border planes. The
-    rounding along axis 1 is that of a coordinate in ``[0, 2^k]`` (``2^k >= N0 N1 - 1``): positions within
-    ``2^(k - 24)`` voxels of a voxel plane of axis 1 (float32; ``4.9e-4`` voxels for ``N0 N1 = 8192``) may be read on
-    the plane, with the derivative of the cell above it.
+    coordinates have a power-of-two scale, so integer rows (voxel planes of axis 1) convert exactly, and each row's
+    fraction is kept one float step below 1: every point is read in ``grid_sample``'s own cell, never in a row of the
+    neighbouring slice, so these are ``grid_sample``'s values and gradients up to float rounding, including its
+    one-sided derivatives on voxel planes and zero gradient on the border planes. The rounding along axis 1 is that
+    of a coordinate in ``[0, 2^k]`` (``2^k >= N0 N1 - 1``): a position may be off by up to ``2^(k - 24)`` voxels
+    along axis 1 in float32 (``4.9e-4`` voxels for ``N0 N1 = 8192``; ``grid_sample``'s own about ``N1 2^-24``).
 
     Args:
         field: ``[B, C, N0, N1, N2]``, every ``N_d >= 2``; float32 or float64 (any device ``grid_sample`` runs on).
