@@ -193,15 +193,9 @@ def use_fast_trilinear(field: torch.Tensor, points: torch.Tensor, mode: str, pad
     interpolation with border padding, at least :data:`FAST_TRILINEAR_MIN_POINTS` points per field, outside
     ``torch.compile`` (a compiled caller fuses the sampling itself), with a C++ compiler available, not switched off
     (environment variable ``MONAI_ICON_FAST_TRILINEAR=0``) and no earlier compilation failure in this process."""
-    if not _state["enabled"]:
+    if not _state["enabled"] or field.requires_grad:
         return False
-    if (field.ndim != 5 or mode != "bilinear" or padding_mode != "border" or field.device.type != "cpu"
-            or field.dtype != torch.float32 or points.dtype != torch.float32 or min(field.shape[2:]) < 2
-            or field.requires_grad):
-        return False
-    if points[0, 0].numel() < FAST_TRILINEAR_MIN_POINTS or torch.compiler.is_compiling():
-        return False
-    if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not _cpu_border_sampling(field, points, mode, padding_mode, FAST_TRILINEAR_MIN_POINTS, _ENV_SWITCH):
         return False
     return _state["failed"] is None and _compiler_available()
 
@@ -213,13 +207,23 @@ def use_planar_trilinear(field: torch.Tensor, points: torch.Tensor, mode: str, p
     within ``2^-10`` voxels), linear interpolation with border padding, at least :data:`PLANAR_TRILINEAR_MIN_POINTS`
     points per field, outside ``torch.compile``, not switched off (``MONAI_ICON_PLANAR_TRILINEAR=0``). On by default:
     no compilation, and faster than ``grid_sample``'s scalar 3D kernel where it is taken (``docs/benchmarks.md``)."""
+    if field.ndim == 5 and field.shape[2] * field.shape[3] > PLANAR_TRILINEAR_MAX_ROWS:
+        return False
+    return _cpu_border_sampling(field, points, mode, padding_mode, PLANAR_TRILINEAR_MIN_POINTS, _PLANAR_SWITCH)
+
+
+def _cpu_border_sampling(
+    field: torch.Tensor, points: torch.Tensor, mode: str, padding_mode: str, min_points: int, switch: str
+) -> bool:
+    """What both samplers need: a 3D float32 CPU field with every axis >= 2 and float32 points, linear interpolation
+    with border padding, at least ``min_points`` points per field, outside ``torch.compile`` (a compiled caller fuses
+    the sampling itself), and the environment variable ``switch`` not set to ``0`` / ``false`` / ``no`` / ``off``."""
     if (field.ndim != 5 or mode != "bilinear" or padding_mode != "border" or field.device.type != "cpu"
-            or field.dtype != torch.float32 or points.dtype != torch.float32 or min(field.shape[2:]) < 2
-            or field.shape[2] * field.shape[3] > PLANAR_TRILINEAR_MAX_ROWS):
+            or field.dtype != torch.float32 or points.dtype != torch.float32 or min(field.shape[2:]) < 2):
         return False
-    if points[0, 0].numel() < PLANAR_TRILINEAR_MIN_POINTS or torch.compiler.is_compiling():
+    if points[0, 0].numel() < min_points or torch.compiler.is_compiling():
         return False
-    return os.environ.get(_PLANAR_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(switch, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _compiled() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
