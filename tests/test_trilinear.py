@@ -103,6 +103,18 @@ def fresh_state(monkeypatch, enabled: bool = False) -> None:
                                               "enabled": enabled})
 
 
+def assert_refuses_what_neither_sampler_takes(policy, field, points):
+    """``policy`` accepts ``(field, points)`` (the smallest point count it takes) but no fewer points, another mode or
+    padding, float64, an axis of one voxel or a 2D field."""
+    assert policy(field, points, "bilinear", "border")
+    assert not policy(field, points[..., :-1], "bilinear", "border")  # too few points
+    assert not policy(field, points, "nearest", "border")
+    assert not policy(field, points, "bilinear", "zeros")
+    assert not policy(field.double(), points.double(), "bilinear", "border")
+    assert not policy(torch.zeros(1, 1, 64, 1, 64), points, "bilinear", "border")
+    assert not policy(torch.zeros(1, 1, 256, 256), points[:, :2], "bilinear", "border")
+
+
 def test_interpolate_takes_the_fast_sampler_only_where_it_pays(monkeypatch):
     fresh_state(monkeypatch)
     monkeypatch.setattr(trilinear, "_compiler_available", lambda: True)
@@ -119,12 +131,7 @@ def test_interpolate_takes_the_fast_sampler_only_where_it_pays(monkeypatch):
     monkeypatch.setitem(trilinear._state, "enabled", True)
     assert not use_fast_trilinear(image.requires_grad_(True), points, "bilinear", "border")  # a field with grads
     image = image.detach()
-    assert not use_fast_trilinear(image, points[..., :-1], "bilinear", "border")  # too few points
-    assert not use_fast_trilinear(image, points, "nearest", "border")
-    assert not use_fast_trilinear(image, points, "bilinear", "zeros")
-    assert not use_fast_trilinear(image.double(), points.double(), "bilinear", "border")
-    assert not use_fast_trilinear(torch.zeros(1, 1, 64, 1, 64), points, "bilinear", "border")
-    assert not use_fast_trilinear(torch.zeros(1, 1, 256, 256), points[:, :2], "bilinear", "border")
+    assert_refuses_what_neither_sampler_takes(use_fast_trilinear, image, points)
     monkeypatch.setenv("MONAI_ICON_FAST_TRILINEAR", "0")
     assert not use_fast_trilinear(image, points, "bilinear", "border")
     monkeypatch.delenv("MONAI_ICON_FAST_TRILINEAR")
@@ -289,12 +296,7 @@ def test_interpolate_takes_the_planar_sampler_by_default_where_it_applies(monkey
     field = torch.zeros(1, 3, 64, 32, 64, requires_grad=True)  # fields with gradients too
     points = torch.zeros(1, 3, PLANAR_TRILINEAR_MIN_POINTS)
     assert use_planar_trilinear(field, points, "bilinear", "border")
-    assert not use_planar_trilinear(field, points[..., :-1], "bilinear", "border")  # too few points
-    assert not use_planar_trilinear(field, points, "nearest", "border")
-    assert not use_planar_trilinear(field, points, "bilinear", "zeros")
-    assert not use_planar_trilinear(field.double(), points.double(), "bilinear", "border")
-    assert not use_planar_trilinear(torch.zeros(1, 1, 64, 1, 64), points, "bilinear", "border")
-    assert not use_planar_trilinear(torch.zeros(1, 1, 256, 256), points[:, :2], "bilinear", "border")
+    assert_refuses_what_neither_sampler_takes(use_planar_trilinear, field, points)
     rows = PLANAR_TRILINEAR_MAX_ROWS // 64 + 1  # past the rounding bound: grid_sample
     assert not use_planar_trilinear(torch.zeros(1, 1, 64, rows, 4), points, "bilinear", "border")
     monkeypatch.setenv("MONAI_ICON_PLANAR_TRILINEAR", "0")
