@@ -14,6 +14,13 @@ from monai.utils import LossReduction
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.loss import _Loss
 
+from monai_icon.losses.compiled_lncc import (
+    compiled_lncc_backward,
+    compiled_lncc_forward,
+    lncc_backward,
+    lncc_forward,
+    use_compiled_lncc,
+)
 from monai_icon.losses.mind import MINDSSCLoss
 
 __all__ = ["SIMILARITIES", "StackedLNCCLoss", "get_similarity", "per_pair", "shifted_filtering"]
@@ -91,71 +98,48 @@ def _box_sum(x: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
     return out
 
 
-def _lncc_terms(sums: torch.Tensor, channels: int, kernel_vol: torch.Tensor, floor: torch.Tensor):
-    """``cross``, ``t_var``, ``p_var`` and their ``max`` masks from the filtered ``[t, p, t^2, p^2, t p]`` sums
-    (MONAI's formulas)."""
-    t_sum, p_sum, t2_sum, p2_sum, tp_sum = sums.split(channels, dim=1)
-    cross = tp_sum - p_sum * t_sum / kernel_vol
-    t_var_raw = t2_sum - t_sum * t_sum / kernel_vol
-    p_var_raw = p2_sum - p_sum * p_sum / kernel_vol
-    return cross, torch.max(t_var_raw, floor), torch.max(p_var_raw, floor), t_var_raw > floor, p_var_raw > floor
+def _shifted_filtering(x: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
+    return shifted_filtering(x, taps, x.ndim - 2)
 
 
 class _LocalNCC(torch.autograd.Function):
-    """Per-voxel local NCC ``(cross^2 + nr) / (t_var p_var)`` with a hand-written backward.
+    """Per-voxel local NCC ``(cross^2 + nr) / (t_var p_var)`` with a hand-written backward
+    (:func:`~monai_icon.losses.compiled_lncc.lncc_forward` and :func:`~monai_icon.losses.compiled_lncc.lncc_backward`
+    with :func:`shifted_filtering`).
 
     Autograd through the formula keeps about twenty full-size intermediates alive until the backward pass; this
     function keeps the five filtered sums only and computes the gradient in closed form: with ``S = K * s`` the
     sums of ``s = [t, p, t^2, p^2, t p]`` under MONAI's (symmetric, zero-padded, hence self-adjoint) filter ``K``,
     ``d ncc / d s = K * (d ncc / d S)``, then ``d/dp = g_p + 2 p g_{p^2} + t g_{tp}`` (and likewise for ``t``).
+    Inside :func:`~monai_icon.losses.compiled_lncc.compiled_lncc` both passes run compiled where
+    :func:`~monai_icon.losses.compiled_lncc.use_compiled_lncc` allows it (the same formulas, fused by Inductor).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, pred, target, kernel_vol, taps, smooth_nr: float, smooth_dr: float
     ):
-        channels = pred.shape[1]
-        stacked = torch.cat([target, pred, target * target, pred * pred, target * pred], dim=1)
-        sums = shifted_filtering(stacked, taps, pred.ndim - 2)
-        del stacked
-        floor = torch.as_tensor(smooth_dr, dtype=sums.dtype, device=sums.device)
-        cross, t_var, p_var, _, _ = _lncc_terms(sums, channels, kernel_vol, floor)
-        ctx.save_for_backward(pred, target, sums, kernel_vol)
         ctx.taps, ctx.smooth_nr, ctx.smooth_dr = taps, smooth_nr, smooth_dr
-        return (cross * cross + smooth_nr) / (t_var * p_var)
+        ctx.compiled = use_compiled_lncc(pred, target)
+        out = compiled_lncc_forward(pred, target, kernel_vol, taps, smooth_nr, smooth_dr) if ctx.compiled else None
+        ncc, sums = out if out is not None else lncc_forward(pred, target, kernel_vol, taps, smooth_nr, smooth_dr,
+                                                             filtering=_shifted_filtering)
+        ctx.save_for_backward(pred, target, sums, kernel_vol)
+        return ncc
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ncc):  # type: ignore[override]
         pred, target, sums, kernel_vol = ctx.saved_tensors
         need_pred, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        channels = pred.shape[1]
-        floor = torch.as_tensor(ctx.smooth_dr, dtype=sums.dtype, device=sums.device)
-        cross, t_var, p_var, t_on, p_on = _lncc_terms(sums, channels, kernel_vol, floor)
-        t_sum, p_sum = sums[:, :channels], sums[:, channels : 2 * channels]
-        denominator = t_var * p_var
-        g_cross = grad_ncc * 2.0 * cross / denominator  # d ncc / d tp_sum
-        ncc_g = grad_ncc * (cross * cross + ctx.smooth_nr) / denominator
-        grads_pred = grads_target = None
-        parts, names = [], []
-        if need_pred:  # d / d (p_sum, p2_sum)
-            g_p_var = -(ncc_g / p_var) * p_on
-            parts += [-(g_cross * t_sum + 2.0 * g_p_var * p_sum) / kernel_vol, g_p_var]
-            names += ["p", "p2"]
-        if need_target:  # d / d (t_sum, t2_sum)
-            g_t_var = -(ncc_g / t_var) * t_on
-            parts += [-(g_cross * p_sum + 2.0 * g_t_var * t_sum) / kernel_vol, g_t_var]
-            names += ["t", "t2"]
-        if not parts:
+        if not (need_pred or need_target):
             return None, None, None, None, None, None
-        parts.append(g_cross)
-        filtered_parts = shifted_filtering(torch.cat(parts, dim=1), ctx.taps, pred.ndim - 2).split(channels, dim=1)
-        filtered = dict(zip(names + ["tp"], filtered_parts))
-        if need_pred:
-            grads_pred = filtered["p"] + 2.0 * pred * filtered["p2"] + target * filtered["tp"]
-        if need_target:
-            grads_target = filtered["t"] + 2.0 * target * filtered["t2"] + pred * filtered["tp"]
-        return grads_pred, grads_target, None, None, None, None
+        args = (grad_ncc, pred, target, sums, kernel_vol, ctx.taps, ctx.smooth_nr, ctx.smooth_dr, need_pred,
+                need_target)
+        grads = compiled_lncc_backward(*args) if ctx.compiled else None
+        if grads is None:
+            grads = lncc_backward(*args, filtering=_shifted_filtering)
+        return grads[0], grads[1], None, None, None, None
 
 
 class StackedLNCCLoss(LocalNormalizedCrossCorrelationLoss):

@@ -24,10 +24,7 @@ nearest border point (``grid_sample``'s ``padding_mode="border"``, ``align_corne
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -37,6 +34,8 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.utils import convert_to_dst_type
 
+from monai_icon.compilation import compiler_available as _compiler_available
+from monai_icon.compilation import switched_off
 from monai_icon.precision import autocast_disabled
 
 __all__ = [
@@ -179,13 +178,6 @@ def planar_trilinear_interpolate(field: torch.Tensor, points: torch.Tensor) -> t
     return both[:, :, 0] * weight_low.unsqueeze(1) + both[:, :, 1] * weight_high.unsqueeze(1)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiler_available() -> bool:
-    """Inductor's CPU code needs a C++ compiler (``$CXX`` or ``g++`` / ``c++`` / ``clang++`` on the path)."""
-    candidates = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
-    return any(c and shutil.which(c) for c in candidates)
-
-
 def use_fast_trilinear(field: torch.Tensor, points: torch.Tensor, mode: str, padding_mode: str) -> bool:
     """Whether :func:`~monai_icon.networks.maps.interpolate` takes :func:`fast_trilinear_interpolate`: inside
     :func:`fast_trilinear`, for a 3D float32 CPU field with every axis >= 2 that needs no gradient (an image; fields
@@ -223,7 +215,7 @@ def _cpu_border_sampling(
         return False
     if points[0, 0].numel() < min_points or torch.compiler.is_compiling():
         return False
-    return os.environ.get(switch, "1").strip().lower() not in ("0", "false", "no", "off")
+    return not switched_off(switch)
 
 
 def _compiled() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
