@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+from collections.abc import Iterator
 
-__all__ = ["compiler_available", "switched_off"]
+__all__ = ["compiler_available", "enabled_in", "switched_off"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -24,3 +26,14 @@ def compiler_available() -> bool:
 def switched_off(variable: str) -> bool:
     """Whether the environment variable ``variable`` is set to ``0`` / ``false`` / ``no`` / ``off``."""
     return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def enabled_in(state: dict, enabled: bool) -> Iterator[None]:
+    """Set ``state["enabled"]`` to ``enabled`` within the context and restore its previous value on exit."""
+    previous = state["enabled"]
+    state["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        state["enabled"] = previous

@@ -10,9 +10,9 @@
 # compares the images at 128x64x128 (the volume reoriented to RAS is 128x62x128 voxels of 2x3x2 mm).
 # VARIANT=twostage (DATA=real) runs the knees' two-stage recipe on it instead (stop 16), VARIANT=augmented one stage
 # on the 64x32x64 grid (stop 17); OUT=... writes elsewhere; the default real recipe first trains WARM_EPOCHS epochs of
-# 50 steps (20 by default) with its loss on the images at half resolution (half the cost per step), then EPOCHS_FINE
-# (15 by default) with the loss on the full-resolution images, starting from those weights (docs/knee3d.md, stop 26;
-# about 25 minutes of training on a 2-core Xeon with AMX). WARM_EPOCHS=0 EPOCHS_FINE=28 is stop 25's recipe. LR sets the
+# 50 steps (24 by default) with its loss on the images at half resolution (half the cost per step), then EPOCHS_FINE
+# (16 by default) with the loss on the full-resolution images, starting from those weights (docs/knee3d.md, stops 26
+# and 30; 22-25 minutes of training on a 2-core Xeon with AMX, depending on the hour). WARM_EPOCHS=0 EPOCHS_FINE=28 is stop 25's recipe. LR sets the
 # peak learning rate (default 5e-4) and LR_FINE that of the main stage after a warm-up stage (default LR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +52,9 @@ write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, 
     # voxels of the 128 grid = 1.5 of this one), lambda 1 -> 4, a constant rate after 100 warm-up steps: 0.5x the cost
     # of a full-resolution step, and the first ~1,000 steps of learning do not need the fine images. The main stage
     # then starts from its weights (init_weights) at lambda 4 with 50 warm-up steps (Adam's moments start anew)
-    FULL="[128,64,128]"; EPOCHS=${EPOCHS_FINE:-15}; FINAL=stage1; TARGET=4; BATCH=2; WARM_RUN=${WARM_EPOCHS:-20}
+    # (stop 30) the LNCC compiled in training (bundle key compiled_lncc: the full-resolution step 0.85x): the split
+    # 1,200 + 800 steps (best on the validation pairs at stop 26, then over the time) instead of 1,000 + 750
+    FULL="[128,64,128]"; EPOCHS=${EPOCHS_FINE:-16}; FINAL=stage1; TARGET=4; BATCH=2; WARM_RUN=${WARM_EPOCHS:-24}
     AUGMENT=(--augment_deform 3.0 --augment_gamma 1.25)
     SHARED=(--regularizer_size "[64,32,64]" --architecture#resample_coarse true --similarity lncc --lncc_kernel 5
             --regularizer gradicon --cpu_amp auto --ic_point_fraction 0.25)

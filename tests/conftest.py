@@ -74,3 +74,29 @@ def labelled_pairs_and_tiny_model(tmp_path: Path, num_pairs: int, spatial_size: 
                                     {"_target_": "monai_icon.networks.multistep_registration", **tiny},
                                     spatial_size=spatial_size)
     return Path(datalist), Path(model)
+
+
+def assert_trainer_iterates_inside_a_context_only_when_asked(flag: str, value: bool, state: dict) -> None:
+    """A tiny 3D ``ICONTrainer`` built with ``flag=value`` runs each iteration with ``state["enabled"] == value``
+    (seen from its augmentation), leaves it off afterwards, and refuses a string for ``flag``."""
+    from torch.utils.data import DataLoader
+
+    from monai_icon.data import RandomPairDataset
+    from monai_icon.engines import ICONTrainer
+    from monai_icon.losses import ICONLoss
+    from monai_icon.networks import DisplacementField, RegistrationNet
+    from monai_icon.networks.nets import UNet
+
+    items = [{"image": torch.rand(1, 8, 8, 8)} for _ in range(3)]
+    loader = DataLoader(RandomPairDataset(items, 2, keys=("image",), seed=0), batch_size=2)
+    net = RegistrationNet(DisplacementField(UNet(3, encoder_channels=(4, 8), decoder_channels=(8, 4))))
+    seen = []
+    loss = ICONLoss("lncc", 1.0, spatial_dims=3)
+    trainer = ICONTrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), loss,
+                          augment=lambda batch: seen.append(state["enabled"]) or batch, decollate=False,
+                          **{flag: value})
+    trainer.run()
+    assert seen == [value] and state["enabled"] is False
+    with pytest.raises(TypeError, match=flag):
+        ICONTrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), ICONLoss("lncc", 1.0, spatial_dims=3),
+                    **{flag: "yes"})

@@ -263,3 +263,17 @@ def test_loop_bench_parses_variants_with_and_without_a_source():
         with pytest.raises(ValueError):
             loop_bench.parse_variant(bad)
     assert loop_bench.DEMO["similarity_scales"] == [1, 2, 4] and loop_bench.DEMO["image_size"] == [128, 64, 128]
+
+
+def test_lncc_bench_compares_the_compiled_lncc_with_the_eager_one():
+    import lncc_bench
+
+    from monai_icon.compilation import compiler_available
+    from monai_icon.losses.compiled_lncc import COMPILED_LNCC_MIN_VOXELS
+
+    small = lncc_bench.run([2, 1, 6, 7, 8], kernel=3, repeats=1)  # below the threshold: the same eager path twice
+    assert small["compiled_taken"] is False and small["value_error"] == 0 and small["grad_error"] == 0
+    if compiler_available():
+        large = lncc_bench.run([1, 1, COMPILED_LNCC_MIN_VOXELS // 4096, 64, 64], kernel=5, repeats=1)
+        assert large["compiled_taken"] is True and large["eager_ms"] > 0 and large["compiled_ms"] > 0
+        assert large["value_error"] < 1e-4 and large["grad_error"] < 1e-4

@@ -142,24 +142,6 @@ def test_signatures_beyond_the_limit_stay_eager(monkeypatch):
 
 @pytest.mark.parametrize("flag", [False, True])
 def test_trainer_computes_the_loss_inside_the_compiled_context_only_when_asked(flag):
-    from torch.utils.data import DataLoader
+    from conftest import assert_trainer_iterates_inside_a_context_only_when_asked
 
-    from monai_icon.data import RandomPairDataset
-    from monai_icon.engines import ICONTrainer
-    from monai_icon.losses import ICONLoss
-    from monai_icon.networks import DisplacementField, RegistrationNet
-    from monai_icon.networks.nets import UNet
-
-    items = [{"image": torch.rand(1, 8, 8, 8)} for _ in range(3)]
-    loader = DataLoader(RandomPairDataset(items, 2, keys=("image",), seed=0), batch_size=2)
-    net = RegistrationNet(DisplacementField(UNet(3, encoder_channels=(4, 8), decoder_channels=(8, 4))))
-    seen = []
-    trainer = ICONTrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()),
-                          ICONLoss("lncc", 1.0, spatial_dims=3),
-                          augment=lambda batch: seen.append(module._state["enabled"]) or batch,
-                          compiled_lncc=flag, decollate=False)
-    trainer.run()
-    assert seen == [flag] and module._state["enabled"] is False
-    with pytest.raises(TypeError, match="compiled_lncc"):
-        ICONTrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), ICONLoss("lncc", 1.0, spatial_dims=3),
-                    compiled_lncc="yes")
+    assert_trainer_iterates_inside_a_context_only_when_asked("compiled_lncc", flag, module._state)

@@ -632,6 +632,31 @@ def test_register_pairs_cli_test_time_ensemble(tmp_path, capsys):
     assert "passes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [[], ["--compiled-lncc"], ["--fast-sampler", "--compiled-lncc"]])
+def test_register_pairs_cli_enters_the_compiled_contexts_it_is_asked_for(tmp_path, capsys, monkeypatch, flags):
+    """``--fast-sampler`` and ``--compiled-lncc`` hold for the whole loop over pairs, and only when given."""
+    from conftest import labelled_pairs_and_tiny_model
+
+    import monai_icon.apps.register as register_module
+    import monai_icon.losses.compiled_lncc as compiled_lncc
+    from monai_icon.networks import trilinear
+
+    datalist, model = labelled_pairs_and_tiny_model(tmp_path, 1, (16, 16, 8))
+    seen = []
+    original = register_module.register_pairs
+
+    def recording(*args, **kwargs):
+        seen.append((trilinear._state["enabled"], compiled_lncc._state["enabled"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(register_module, "register_pairs", recording)
+    assert main(["register-pairs", "--datalist", str(datalist), "--key", "test_pairs", "--model", str(model),
+                 "--output-dir", str(tmp_path / "out"), *flags]) == 0
+    capsys.readouterr()
+    assert seen == [("--fast-sampler" in flags, "--compiled-lncc" in flags)]
+    assert not trilinear._state["enabled"] and not compiled_lncc._state["enabled"]
+
+
 def test_instance_optimisation_compares_finer_images_than_its_fields(knee_files, tmp_path):
     """``io_field_size`` keeps the residual fields (and the regulariser's points) on the network grid while the
     images are compared on the finer ``io_size``: it registers the shifted knee like fields on the finer grid, its

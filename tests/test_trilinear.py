@@ -200,27 +200,9 @@ def test_compiled_sampler_takes_metatensors_and_keeps_their_metadata():
 
 @pytest.mark.parametrize("fast_sampler", [False, True])
 def test_trainer_samples_inside_the_fast_context_only_when_asked(fast_sampler):
-    from torch.utils.data import DataLoader
+    from conftest import assert_trainer_iterates_inside_a_context_only_when_asked
 
-    from monai_icon.data import RandomPairDataset
-    from monai_icon.engines import ICONTrainer
-    from monai_icon.losses import ICONLoss
-    from monai_icon.networks import DisplacementField, RegistrationNet
-    from monai_icon.networks.nets import UNet
-
-    items = [{"image": torch.rand(1, 8, 8, 8)} for _ in range(3)]
-    loader = DataLoader(RandomPairDataset(items, 2, keys=("image",), seed=0), batch_size=2)
-    net = RegistrationNet(DisplacementField(UNet(3, encoder_channels=(4, 8), decoder_channels=(8, 4))))
-    seen = []
-    loss = ICONLoss("mse", 1.0, spatial_dims=3)
-    trainer = ICONTrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), loss,
-                          augment=lambda batch: seen.append(trilinear._state["enabled"]) or batch,
-                          fast_sampler=fast_sampler, decollate=False)
-    trainer.run()
-    assert seen == [fast_sampler] and trilinear._state["enabled"] is False
-    with pytest.raises(TypeError, match="fast_sampler"):
-        ICONTrainer("cpu", 1, loader, net, torch.optim.Adam(net.parameters()), ICONLoss("mse", 1.0, spatial_dims=3),
-                    fast_sampler="yes")
+    assert_trainer_iterates_inside_a_context_only_when_asked("fast_sampler", fast_sampler, trilinear._state)
 
 
 @pytest.mark.parametrize("compiled", [False, True, "planar"])

@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--fast-sampler", action="store_true",
                     help="on CPU, warp 3D images with a compiled sampler (monai_icon.networks.trilinear: same values "
                          "up to rounding, faster refinement steps; the first pair waits for the compilation)")
+    rp.add_argument("--compiled-lncc", action="store_true",
+                    help="on CPU, compute the refinement's LNCC with loops fused by torch.compile "
+                         "(monai_icon.losses.compiled_lncc: same values up to rounding; the first pair waits for "
+                         "the compilation)")
     _add_model_arguments(rp)
     _add_io_arguments(rp)
 
@@ -208,6 +212,7 @@ def _register_pairs(args: argparse.Namespace) -> None:
     from monai_icon.apps.register import register_pairs
     from monai_icon.apps.validation import check_count, check_positive_number
     from monai_icon.data import load_pair_datalist
+    from monai_icon.losses.compiled_lncc import compiled_lncc
     from monai_icon.networks.trilinear import fast_trilinear
 
     check_count(args.io_steps, "io_steps")
@@ -218,7 +223,7 @@ def _register_pairs(args: argparse.Namespace) -> None:
     model = _load_model(args, device)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with fast_trilinear(args.fast_sampler):
+    with fast_trilinear(args.fast_sampler), compiled_lncc(args.compiled_lncc):
         summaries = register_pairs(pairs, model, output_dir, args.io_steps, _io_lr(args), device, args.io_mode,
                                    args.io_size, args.io_levels, args.io_field_size, args.io_fine_steps)
     scored = [s for s in summaries if "mean_dice" in s]

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from monai_icon.compilation import compiler_available, switched_off
+from monai_icon.compilation import compiler_available, enabled_in, switched_off
 from monai_icon.precision import autocast_disabled
 
 __all__ = [
@@ -54,12 +54,8 @@ def compiled_lncc(enabled: bool = True) -> Iterator[None]:
     """Within this context (``enabled=True``) :class:`~monai_icon.losses.similarity.StackedLNCCLoss` computes its
     value and gradient with the compiled functions where :func:`use_compiled_lncc` allows it; the previous setting is
     restored on exit."""
-    previous = _state["enabled"]
-    _state["enabled"] = bool(enabled)
-    try:
+    with enabled_in(_state, enabled):
         yield
-    finally:
-        _state["enabled"] = previous
 
 
 def use_compiled_lncc(pred: torch.Tensor, target: torch.Tensor) -> bool:

@@ -35,7 +35,7 @@ from monai.data import MetaTensor
 from monai.utils import convert_to_dst_type
 
 from monai_icon.compilation import compiler_available as _compiler_available
-from monai_icon.compilation import switched_off
+from monai_icon.compilation import enabled_in, switched_off
 from monai_icon.precision import autocast_disabled
 
 __all__ = [
@@ -71,12 +71,8 @@ def fast_trilinear(enabled: bool = True) -> Iterator[None]:
     pays over a training run or many registrations, not for one pair. :class:`~monai_icon.engines.ICONTrainer`
     enters it with ``fast_sampler=True``, ``monai-icon register-pairs`` with ``--fast-sampler``.
     """
-    previous = _state["enabled"]
-    _state["enabled"] = bool(enabled)
-    try:
+    with enabled_in(_state, enabled):
         yield
-    finally:
-        _state["enabled"] = previous
 
 
 def trilinear_interpolate(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
