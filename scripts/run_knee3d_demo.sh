@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 3D path end to end on CPU (about 25 minutes on 2 cores; DATA=real 28-30): synthetic knees -> datalist ->
+# The 3D path end to end on CPU (about 25 minutes on 2 cores; DATA=real 26-30): synthetic knees -> datalist ->
 # stage 1 (two U-Net steps at half resolution) -> stage 2 (stage 1 frozen + a full-resolution step) -> evaluation with
 # per-label Dice, folds and time per pair -> `monai-icon register-pairs` on the test pairs' files with instance
 # optimisation (label Dice before/after on each fixed grid) -> `monai-icon register` on one pair of files
