@@ -11,9 +11,14 @@ import contextlib
 import functools
 import os
 import shutil
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
 
-__all__ = ["compiler_available", "enabled_in", "switched_off"]
+
+from monai_icon.precision import autocast_disabled
+
+__all__ = ["compiler_available", "enabled_in", "run_compiled", "switched_off"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,3 +42,33 @@ def enabled_in(state: dict, enabled: bool) -> Iterator[None]:
         yield
     finally:
         state["enabled"] = previous
+
+
+def run_compiled(
+    state: dict, signatures: set, signature: Hashable, max_signatures: int, compiled: Callable[[], Callable],
+    args: tuple, what: str, stacklevel: int = 3,
+) -> tuple[bool, Any]:
+    """Run a ``torch.compile``'d function on ``args`` (float32 arithmetic: autocast off for the first argument's
+    device, one autocast state, so no recompilations), at most for ``max_signatures`` distinct ``signatures``.
+
+    Args:
+        state: the caller's state; ``state["failed"]`` is set to the error's ``repr`` when a compilation fails.
+        signatures: the signatures compiled so far (``signature`` is added after a successful call).
+        compiled: returns the compiled function (called only when it is to run).
+        what: named in the warning after a failed compilation (e.g. ``"the LNCC ...; computing it eagerly"``).
+
+    Returns:
+        ``(True, output)``, or ``(False, None)`` where the caller computes the result itself: an earlier failure,
+        a new signature beyond the limit, or a compilation that fails now (warned once, then ``state["failed"]``).
+    """
+    if state["failed"] is not None or (signature not in signatures and len(signatures) >= max_signatures):
+        return False, None
+    try:
+        with autocast_disabled(args[0].device):
+            out = compiled()(*args)
+    except Exception as error:  # noqa: BLE001 - any compiler/toolchain failure: the caller's own path from now on
+        state["failed"] = repr(error)
+        warnings.warn(f"compiling {what.format(error=f'{error!r:.200}')}", RuntimeWarning, stacklevel=stacklevel)
+        return False, None
+    signatures.add(signature)
+    return True, out

@@ -23,8 +23,8 @@ needs_compiler = pytest.mark.skipif(not compiler_available(), reason="no C++ com
 
 def fresh_state(monkeypatch, enabled: bool = False) -> None:
     """This test's own state (no compiled functions or signatures, no earlier failure in the session)."""
-    monkeypatch.setattr(module, "_state", {"enabled": enabled, "forward": None, "backward": None,
-                                           "signatures": set(), "failed": None})
+    monkeypatch.setattr(module, "_state", {"enabled": enabled, "forward": None, "backward": None, "failed": None,
+                                           "signatures": {"forward": set(), "backward": set()}})
     monkeypatch.delenv("MONAI_ICON_COMPILED_LNCC", raising=False)
 
 
@@ -104,7 +104,7 @@ def test_compiled_loss_matches_the_eager_loss(monkeypatch):
     eager = value_and_grad()
     with compiled_lncc():
         compiled = value_and_grad()
-    assert {s[0] for s in module._state["signatures"]} == {"forward", "backward"}
+    assert module._state["signatures"]["forward"] and module._state["signatures"]["backward"]
     assert module._state["failed"] is None
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-4 * eager[1].abs().max().item())

@@ -22,15 +22,13 @@ with the eager loss).
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from monai_icon.compilation import compiler_available, enabled_in, switched_off
-from monai_icon.precision import autocast_disabled
+from monai_icon.compilation import compiler_available, enabled_in, run_compiled, switched_off
 
 __all__ = [
     "COMPILED_LNCC_MIN_VOXELS", "compiled_lncc", "use_compiled_lncc", "lncc_forward", "lncc_backward",
@@ -46,7 +44,8 @@ COMPILED_LNCC_MIN_VOXELS = 2**18
 _MAX_SIGNATURES = 4
 _ENV_SWITCH = "MONAI_ICON_COMPILED_LNCC"
 
-_state: dict[str, Any] = {"enabled": False, "forward": None, "backward": None, "signatures": set(), "failed": None}
+_state: dict[str, Any] = {"enabled": False, "forward": None, "backward": None, "failed": None,
+                          "signatures": {"forward": set(), "backward": set()}}
 
 
 @contextlib.contextmanager
@@ -163,20 +162,9 @@ def _compiled(name: str):
 def _run_compiled(name: str, signature: tuple, *args: Any) -> Any:
     """The compiled ``name`` function on ``args``, or None (the caller then computes eagerly) beyond the signature
     limit or once a compilation has failed (with a warning, after which the loss stays eager in this process)."""
-    signatures: set = _state["signatures"]
-    known = sum(1 for s in signatures if s[0] == name)
-    if _state["failed"] is not None or (signature not in signatures and known >= _MAX_SIGNATURES):
-        return None
-    try:
-        with autocast_disabled(args[0].device):  # float32 arithmetic, one autocast state: no recompilations
-            out = _compiled(name)(*args)
-    except Exception as error:  # noqa: BLE001 - any compiler/toolchain failure: eager from now on
-        _state["failed"] = repr(error)
-        warnings.warn(f"compiling the LNCC failed ({error!r:.200}); computing it eagerly.", RuntimeWarning,
-                      stacklevel=3)
-        return None
-    signatures.add(signature)
-    return out
+    ran, out = run_compiled(_state, _state["signatures"][name], signature, _MAX_SIGNATURES, lambda: _compiled(name),
+                            args, "the LNCC failed ({error}); computing it eagerly.", stacklevel=4)
+    return out if ran else None
 
 
 def compiled_lncc_forward(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -35,8 +34,7 @@ from monai.data import MetaTensor
 from monai.utils import convert_to_dst_type
 
 from monai_icon.compilation import compiler_available as _compiler_available
-from monai_icon.compilation import enabled_in, switched_off
-from monai_icon.precision import autocast_disabled
+from monai_icon.compilation import enabled_in, run_compiled, switched_off
 
 __all__ = [
     "trilinear_interpolate", "planar_trilinear_interpolate", "fast_trilinear_interpolate", "fast_trilinear",
@@ -226,19 +224,13 @@ def fast_trilinear_interpolate(field: torch.Tensor, points: torch.Tensor) -> tor
     the first six in a process, and for good once a compilation fails (with a warning)."""
     signature = (tuple(field.shape), tuple(points.shape), field.requires_grad, points.requires_grad,
                  torch.is_grad_enabled())
-    signatures: set = _state["signatures"]
-    if _state["failed"] is None and (signature in signatures or len(signatures) < _MAX_SIGNATURES):
-        try:
-            # plain tensors in (Dynamo cannot trace MONAI's MetaTensor and would run the slow eager gathers); a
-            # MetaTensor field gives a MetaTensor with its metadata, as grid_sample would
-            with autocast_disabled(field.device):  # float32 arithmetic; one autocast state: no recompilations
-                out = _compiled()(_plain(field), _plain(points))
-            signatures.add(signature)
-            return convert_to_dst_type(out, field)[0] if isinstance(field, MetaTensor) else out
-        except Exception as error:  # noqa: BLE001 - any compiler/toolchain failure: use grid_sample from now on
-            _state["failed"] = repr(error)
-            warnings.warn(f"compiling the trilinear sampler failed ({error!r:.200}); using grid_sample.",
-                          RuntimeWarning, stacklevel=2)
+    # plain tensors in (Dynamo cannot trace MONAI's MetaTensor and would run the slow eager gathers); a MetaTensor
+    # field gives a MetaTensor with its metadata, as grid_sample would
+    ran, out = run_compiled(_state, _state["signatures"], signature, _MAX_SIGNATURES, _compiled,
+                            (_plain(field), _plain(points)),
+                            "the trilinear sampler failed ({error}); using grid_sample.")
+    if ran:
+        return convert_to_dst_type(out, field)[0] if isinstance(field, MetaTensor) else out
     return _grid_sample(field, points)
 
 
