@@ -15,7 +15,7 @@ same trilinear sampling with border padding against the library's :func:`monai_i
   sampled bilinearly in the two slices around it, then interpolated linearly between them (PyTorch's 2D CPU
   kernel is vectorised, the 3D one is not), in single or double precision;
 * ``planar``: the library's form of the same trick
-  (:func:`monai_icon.networks.trilinear.planar_trilinear_interpolate`, stop 29: a power-of-two row scale and
+  (:func:`monai_icon.networks.trilinear.planar_trilinear_interpolate`: a power-of-two row scale and
   integer rows, so that no point reaches the neighbouring slice or cell; the two slices as two batch items at
   batch 1), which ``interpolate`` takes by default for large float32 samplings on CPU. ``interpolate`` here is
   PyTorch's ``grid_sample`` (that default switched off).

@@ -69,7 +69,7 @@ class Case:
         return self.spatial_dims == 3
 
 
-# the sizes: 2D 128x128 batch 32; 3D 96x96x40 batch 1 with the paper's two-step model at half resolution
+# the benchmark's sizes: 2D 128x128 batch 32; 3D 96x96x40 batch 1 with the paper's two-step model at half resolution
 CASES = [
     Case("2D U-Net 128x128, batch 32", 2, (128, 128), 32, "mse"),
     Case("2D U-Net 128x128, batch 32", 2, (128, 128), 32, "lncc"),

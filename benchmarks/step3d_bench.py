@@ -8,7 +8,7 @@
 Two U-Net steps of the demo's size (1.4 M parameters each) composed on a 64x64x32 grid, batch ``--batch``, Adam;
 both directions, the ICON loss and its backward, as ``ICONTrainer`` runs them. Cases:
 
-* ``grid64``: the images on the network grid (64x64x32), LNCC + GradICON there (stop 17's recipe);
+* ``grid64``: the images on the network grid (64x64x32), LNCC + GradICON there (no finer images);
 * ``fine128``: the images at 128x128x64, the steps on 2x average-pooled inputs (``Downsample``), LNCC (window 5) on
   the full-resolution images, GradICON on the steps' 64x64x32 grid (``ICONLoss(regularizer_size=...)``), with the
   composed map evaluated exactly at every full-resolution point or, ``resample``, composed on the steps' grid and

@@ -3,7 +3,7 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
-"""Settings study for 3D instance optimisation (issue 17: refined label Dice >= 0.75 at <= 10 s per pair).
+"""Settings study for 3D instance optimisation (target: refined label Dice >= 0.75 at <= 10 s per pair).
 
 Registers the pairs of a datalist key (default ``validation_pairs``: choose settings there, never on the test
 pairs) as files with :func:`monai_icon.apps.register_files` (as ``monai-icon register`` does) and scores the

@@ -3,7 +3,7 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
-"""Training-recipe study for the 2D U-Net on MNIST fives (issue: a recipe that converges within an hour of CPU).
+"""Training-recipe study for the 2D U-Net on MNIST fives (goal: a recipe that converges within an hour of CPU).
 
 Trains ``DisplacementField(UNet(2))`` (``--two-step``: two of them composed) with
 :class:`~monai_icon.losses.ICONLoss` (MSE) under one recipe and records validation Dice (pixels > 0.5) and folds per

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# The 3D path end to end on CPU (about 25 minutes on 2 cores; DATA=real 26-30): synthetic knees -> datalist ->
+# The 3D path end to end on CPU (about half an hour on a 2-core CPU): synthetic knees -> datalist ->
 # stage 1 (two U-Net steps at half resolution) -> stage 2 (stage 1 frozen + a full-resolution step) -> evaluation with
 # per-label Dice, folds and time per pair -> `monai-icon register-pairs` on the test pairs' files with instance
 # optimisation (label Dice before/after on each fixed grid) -> `monai-icon register` on one pair of files
 # (physical space, ITK transform). Uses a 64x64x32 network grid instead of the paper's 192x192x80 so that it fits a CPU.
 # Everything goes to runs/knee3d_demo (delete it to start over; reruns resume from the last checkpoints).
 # Set DATA=real to run on deformed copies of the embedded ITK T1 head volume (6 k-means labels) with the recipe chosen
-# for it (docs/knee3d.md, stops 19 and 21): one stage whose two U-Net steps run on a 64x32x64 grid while the loss
-# compares the images at 128x64x128 (the volume reoriented to RAS is 128x62x128 voxels of 2x3x2 mm).
-# VARIANT=twostage (DATA=real) runs the knees' two-stage recipe on it instead (stop 16), VARIANT=augmented one stage
-# on the 64x32x64 grid (stop 17); OUT=... writes elsewhere; the default real recipe first trains WARM_EPOCHS epochs of
-# 50 steps (24 by default) with its loss on the images at half resolution (half the cost per step), then EPOCHS_FINE
-# (16 by default) with the loss on the full-resolution images, starting from those weights (docs/knee3d.md, stops 26
-# and 30; 22-25 minutes of training on a 2-core Xeon with AMX, depending on the hour). WARM_EPOCHS=0 EPOCHS_FINE=28 is stop 25's recipe. LR sets the
-# peak learning rate (default 5e-4) and LR_FINE that of the main stage after a warm-up stage (default LR).
+# for it (docs/knee3d.md): one stage whose two U-Net steps run on a 64x32x64 grid while the loss compares the images
+# at 128x64x128 (the volume reoriented to RAS is 128x62x128 voxels of 2x3x2 mm). This trains the shipped model
+# bundle/knee3d_icon/models/t1head_registration_model.pt.
+# VARIANT=twostage (DATA=real) runs the knees' two-stage recipe on it instead, VARIANT=augmented one stage on the
+# 64x32x64 grid; OUT=... writes elsewhere; the default real recipe first trains WARM_EPOCHS epochs of 50 steps (24 by
+# default) with its loss on the images at half resolution (half the cost per step), then EPOCHS_FINE (16 by default)
+# with the loss on the full-resolution images, starting from those weights (docs/knee3d.md).
+# WARM_EPOCHS=0 EPOCHS_FINE=28 trains the main stage alone. LR sets the peak learning rate (default 5e-4) and LR_FINE
+# that of the main stage after a warm-up stage (default LR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -42,18 +43,16 @@ write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, 
     # one stage whose two U-Net steps run on 2x pooled inputs (64x32x64) and whose loss compares the images at
     # 128x64x128 (LNCC, window 5), GradICON on the steps' own grid, the composed map resampled there (cheaper);
     # augmentation (3 voxels of the 128 grid = 1.5 of the steps' grid), batch 2, lambda 1 -> 4; channels-last; the
-    # LNCC summed over the images and their 2x and 4x pooled copies (stop 21)
-    # (stop 23) validation every 4 epochs (each costs ~6 s of steps) and, on CPUs with AMX tiles, the networks'
-    # forward pass in bfloat16 (12 % faster steps there; float32 elsewhere): 26 epochs fit the time of 24
-    # (stop 25) GradICON at a random quarter of its points each step (unbiased; 0.90x the step, the same validation
-    # Dice): 28 epochs fit the time of 26
-    # (stop 26) a warm-up stage first: the same network (the same two U-Nets on the same 64x32x64 grid) trained with
-    # its loss on the images resized to 64x32x64 (LNCC over them and their 2x pooled copies, the augmentation's 3
-    # voxels of the 128 grid = 1.5 of this one), lambda 1 -> 4, a constant rate after 100 warm-up steps: 0.5x the cost
-    # of a full-resolution step, and the first ~1,000 steps of learning do not need the fine images. The main stage
-    # then starts from its weights (init_weights) at lambda 4 with 50 warm-up steps (Adam's moments start anew)
-    # (stop 30) the LNCC compiled in training (bundle key compiled_lncc: the full-resolution step 0.85x): the split
-    # 1,200 + 800 steps (best on the validation pairs at stop 26, then over the time) instead of 1,000 + 750
+    # LNCC summed over the images and their 2x and 4x pooled copies.
+    # Cheaper steps, so that more of them fit the time: validation every 4 epochs; on CPUs with AMX tiles the
+    # networks' forward pass in bfloat16 (float32 elsewhere); GradICON at a random quarter of its points each step
+    # (unbiased, the same validation Dice); the LNCC compiled in training (bundle key compiled_lncc).
+    # A warm-up stage first: the same network (the same two U-Nets on the same 64x32x64 grid) trained with its loss
+    # on the images resized to 64x32x64 (LNCC over them and their 2x pooled copies, the augmentation's 3 voxels of the
+    # 128 grid = 1.5 of this one), lambda 1 -> 4, a constant rate after 100 warm-up steps: half the cost of a
+    # full-resolution step, and the first ~1,000 steps of learning do not need the fine images. The main stage then
+    # starts from its weights (init_weights) at lambda 4 with 50 warm-up steps (Adam's moments start anew). The split
+    # 1,200 + 800 steps was chosen on the validation pairs.
     FULL="[128,64,128]"; EPOCHS=${EPOCHS_FINE:-16}; FINAL=stage1; TARGET=4; BATCH=2; WARM_RUN=${WARM_EPOCHS:-24}
     AUGMENT=(--augment_deform 3.0 --augment_gamma 1.25)
     SHARED=(--regularizer_size "[64,32,64]" --architecture#resample_coarse true --similarity lncc --lncc_kernel 5
@@ -106,8 +105,8 @@ fi
   "${RECIPE_EXTRA[@]}" "$@"  # all test pairs
 if [ "$DATA" = real ]; then
   # the network alone on the test pairs' files, as a test-time ensemble (its map averaged with the inverse of its
-  # map in the other direction, and both on the images mirrored left-right), applied twice (stop 22: chosen on the
-  # validation pairs; under 1 s per pair)
+  # map in the other direction, and both on the images mirrored left-right), applied twice (chosen on the
+  # validation pairs)
   "$PY" -m monai_icon register-pairs --datalist "$OUT/datalist.json" --key test_pairs \
     --model "$OUT/$FINAL/models/registration_model.pt" --output-dir "$OUT/register_pairs_network" \
     --symmetric --flip-axes 0 --passes 2
@@ -116,9 +115,8 @@ fi
 # (LNCC + GradICON, residual fields on 4 grids; chosen on the validation pairs): label Dice on each fixed image's
 # own grid before/after, folds and seconds per pair (runs/.../register_pairs/summary.json). On the T1 head (files of
 # 128x128x62 voxels, 128x62x128 in RAS) the images are compared at full resolution (128x64x128) in the last 18 of 36
-# steps while the residual fields stay on the 64x32x64 network grid (docs/knee3d.md, stops 18 and 29: 22 of 36 until
-# stop 29, 0.002 more validation Dice for 12 % more time); the synthetic knees are written on the network grid, so
-# their refinement stays there (50 steps).
+# steps while the residual fields stay on the 64x32x64 network grid (docs/knee3d.md); the synthetic knees are
+# written on the network grid, so their refinement stays there (50 steps).
 IO=(--io-steps 50 --io-mode residual --io-levels 4 --io-lr 0.003 --similarity lncc --regularizer gradicon --lmbda 4)
 if [ "$DATA" = real ]; then
   IO=(--io-steps 36 --io-fine-steps 18 --io-size 128,64,128 --io-field-size 64,32,64 --io-mode residual

@@ -1,7 +1,7 @@
 """Speed-ups must not change results: exact-equivalence checks and values pinned before the optimisations.
 
-The pinned numbers were produced by the implementation at commit 3e549a6 (before chunked CPU grid sampling and
-the identity-grid fast paths) with the same seeds.
+The pinned numbers come from the plain implementation (without chunked CPU grid sampling and the identity-grid
+fast paths) with the same seeds.
 """
 
 import pytest

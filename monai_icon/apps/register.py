@@ -175,9 +175,8 @@ def load_registration_model(
         kind: a published model (:data:`monai_icon.networks.pretrained.PRETRAINED`: ``icon_oai``, ``gradicon_oai``,
             ``unigradicon``, ``multigradicon``); its network, grid and preprocessing come with it.
         channels_last: keep the convolution weights in PyTorch's channels-last memory format
-            (``torch.channels_last_3d`` in 3D), which oneDNN's CPU convolutions run faster (the T1-head model's
-            maps of a pair: 0.82x the time on a 2-core Xeon, the same values to 2e-7; ``docs/benchmarks.md``). Default
-            ``None``: on CPU for 3D models; the values do not depend on it.
+            (``torch.channels_last_3d`` in 3D), which oneDNN's CPU convolutions run faster (``docs/benchmarks.md``).
+            Default ``None``: on CPU for 3D models; the values do not depend on it (equal up to rounding).
         spatial_size, overrides: replace settings (e.g. ``window=(-1000, 1000)`` for CT with uniGradICON).
 
     Raises:

@@ -111,8 +111,8 @@ class ICONTrainer(SupervisedTrainer):
         cpu_amp: on a CPU device, run the network's forward pass under ``torch.autocast("cpu", torch.bfloat16)``
             (the loss stays float32: :class:`~monai_icon.losses.ICONLoss` turns autocast off inside); ``"auto"``:
             only where the CPU has AMX tiles (:func:`monai_icon.precision.cpu_bfloat16_fast`), whose bfloat16 matrix
-            units make the 3D T1-head step about 10 % faster; elsewhere bfloat16 convolutions are slower than
-            float32. Ignored on other devices. Default ``False``.
+            units make steps faster; elsewhere bfloat16 convolutions are slower than float32
+            (``docs/benchmarks.md``). Ignored on other devices. Default ``False``.
         compile: ``torch.compile`` the network and the loss function in place (``nn.Module.compile``, so
             attributes such as the loss's ``lmbda`` stay settable by handlers and state-dict keys are unchanged);
             MetaTensor inputs are passed on as plain tensors. The loss compiles into a single graph; a changing
@@ -121,8 +121,7 @@ class ICONTrainer(SupervisedTrainer):
         compile_kwargs: arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
         channels_last: keep the network's 4D / 5D weights and the input images in channels-last memory format
             (``torch.channels_last`` / ``torch.channels_last_3d``; values and state-dict unchanged, results equal
-            up to rounding). On CPU it makes a 2D U-Net step about 20 % faster; PyTorch's CPU 3D convolutions
-            compute in the standard layout anyway, so it does not help in 3D there (``docs/benchmarks.md``).
+            up to rounding), in which oneDNN's CPU convolutions run faster (``docs/benchmarks.md``).
         mask_inputs: when batches carry ``moving_mask`` / ``fixed_mask`` (``[B, 1, *N]``, e.g. from a datalist's mask
             files through ``RandomPairDataset(keys=("image", "mask"))``), the similarity is always restricted to
             them (loss masking); with ``mask_inputs`` the images are also zeroed outside them before the network.
@@ -138,13 +137,13 @@ class ICONTrainer(SupervisedTrainer):
             value on ``phi_AB`` (on the images' grid) is added to the ICON loss. ``None``: the ICON loss alone.
         map_supervision_weight: its weight (>= 0; handlers may change ``engine.map_supervision_weight``).
         fast_sampler: run each iteration inside :func:`monai_icon.networks.trilinear.fast_trilinear`: on CPU, the
-            warps of 3D images take a compiled sampler (same values up to float rounding; the T1-head demo's
-            full-resolution step about 10 % faster on 2 cores, ``docs/benchmarks.md``), compiled at the first
-            iteration (about 20 s the first time on a machine, a few seconds with PyTorch's on-disk cache).
+            warps of 3D images take a compiled sampler (same values up to float rounding, faster steps:
+            ``docs/benchmarks.md``), compiled at the first iteration (longest the first time on a machine, shorter
+            with PyTorch's on-disk cache).
         compiled_lncc: run each iteration inside :func:`monai_icon.losses.compiled_lncc.compiled_lncc`: on CPU, the
             LNCC of large images (and its gradient) is computed by loops that Inductor fuses (same values up to float
-            rounding; about 3x faster than eagerly, the T1-head demo's full-resolution step about 15 % cheaper on 2
-            cores, ``docs/benchmarks.md``), compiled at the first iteration (a few seconds per image size).
+            rounding, faster than eagerly: ``docs/benchmarks.md``), compiled at the first iteration (once per image
+            size).
         Other arguments: as ``monai.engines.SupervisedTrainer``.
     """
 
@@ -262,7 +261,7 @@ class ICONTrainer(SupervisedTrainer):
         if masks[0] is not None and engine.mask_inputs:
             moving, fixed = moving * masks[0], fixed * masks[1]
         # plain tensors from here on: every operation on a MetaTensor goes through its Python __torch_function__ and
-        # copies its metadata (4 % of the T1-head demo's CPU step); torch.compile rejects the subclass too
+        # copies its metadata (a measurable share of a 3D CPU step); torch.compile rejects the subclass too
         # (pytorch/pytorch#117026). Nothing after this point reads the metadata.
         moving, fixed = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (moving, fixed))
         if engine.channels_last:

@@ -8,12 +8,12 @@
 eagerly: each is a chain of full-size elementwise operations and shifted sums (the local sums of ``t``, ``p``,
 ``t^2``, ``p^2`` and ``t p`` along every axis), each one pass over memory. Inductor turns the same chain into about
 one loop per axis: the products are formed inside the first axis's sums, and the LNCC's formula inside the last
-one. On the T1-head demo's images (4 x 1 x 128 x 64 x 128, a 5-voxel window, 2 threads of a Xeon) forward and
-backward take about 70 ms against 250 ms eagerly (``docs/benchmarks.md``).
+one, which makes forward and backward several times faster than eagerly on large 3D images
+(``docs/benchmarks.md``).
 
 Opt-in, like the compiled trilinear sampler: the first call of each input signature in a process waits for the
-compiler (a few seconds per shape on a 2-core CPU the first time on a machine; PyTorch's on-disk cache keeps the
-kernels for later processes). Inside :func:`compiled_lncc` the loss takes it where :func:`use_compiled_lncc` allows
+compiler (once per shape, longest the first time on a machine; PyTorch's on-disk cache keeps the kernels for
+later processes). Inside :func:`compiled_lncc` the loss takes it where :func:`use_compiled_lncc` allows
 (large float32 CPU images); :class:`~monai_icon.engines.ICONTrainer` enters it with ``compiled_lncc=True``.
 :func:`lncc_forward` and :func:`lncc_backward` are plain PyTorch functions (any device; the tests compare them
 with the eager loss).

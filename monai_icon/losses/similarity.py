@@ -33,13 +33,11 @@ def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: in
     Same values as the convolution up to the order of the floating-point additions, on every device: only
     elementwise operations are used, which keep float32 where cuDNN runs float32 convolutions in TF32 by default
     (``torch.backends.cudnn.allow_tf32``: inputs rounded to 10 mantissa bits, which the LNCC's differences of local
-    sums of squares magnify). On CPU it is also several times faster for the few-channel, many-voxel tensors of the
-    LNCC (64 x 5 x 128 x 128 by a 7-tap box, 2 threads: about 100 ms by MONAI's depthwise convolution, about 15 ms
-    here), because each shift is one vectorised pass over contiguous memory, and no padded copy is made (a shift
-    adds into the part of the output it overlaps). A box kernel (all taps equal, the LNCC's rectangular window)
-    is summed along each axis longer than the kernel as ``r`` sums of neighbouring pairs plus one value
-    (``r + 1`` passes instead of ``2 r + 1``: the demo's 5-voxel window at 4 x 5 x 128 x 64 x 128 in 0.77x the
-    time), and scaled once at the end.
+    sums of squares magnify). On CPU it is also several times faster than MONAI's depthwise convolution for the
+    few-channel, many-voxel tensors of the LNCC (``docs/benchmarks.md``), because each shift is one vectorised pass
+    over contiguous memory, and no padded copy is made (a shift adds into the part of the output it overlaps). A box
+    kernel (all taps equal, the LNCC's rectangular window) is summed along each axis longer than the kernel as ``r``
+    sums of neighbouring pairs plus one value (``r + 1`` passes instead of ``2 r + 1``), and scaled once at the end.
 
     Args:
         x: ``[B, C, *N]`` with ``spatial_dims`` spatial axes.

@@ -54,8 +54,8 @@ def jacobian_determinant(grid: torch.Tensor) -> torch.Tensor:
         du, dv = diff(0), diff(1)
         return du[:, 0] * dv[:, 1] - du[:, 1] * dv[:, 0]
     a, b, c = diff(0), diff(1), diff(2)
-    # the triple product (a x b) . c written out: 10x faster on CPU than linalg.cross on these strided views
-    # (0.13 s against 0.012 s for a batch of two 128x128x64 maps, which every training step counts)
+    # the triple product (a x b) . c written out: on CPU much faster than linalg.cross on these strided views, and
+    # every training step counts folds
     return (c[:, 0] * (a[:, 1] * b[:, 2] - a[:, 2] * b[:, 1]) + c[:, 1] * (a[:, 2] * b[:, 0] - a[:, 0] * b[:, 2])
             + c[:, 2] * (a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]))
 

@@ -99,10 +99,10 @@ def interpolate(
     On CPU, PyTorch's 3D ``grid_sample`` kernel is scalar code. Inside
     :func:`monai_icon.networks.trilinear.fast_trilinear` (opt-in), a large linear border-padded sampling of a 3D
     float32 field that needs no gradient (an image warp) runs as a compiled gather loop (the same values up to float
-    rounding, about 3x faster); otherwise large linear border-padded 3D float32 samplings (fields with gradients too)
-    run as two samplings of the field's stacked slices by the vectorised 2D kernel
-    (:func:`~monai_icon.networks.trilinear.planar_trilinear_interpolate`: no compilation, its backward pass about
-    1.5x faster; positions along axis 1 rounded to ``2^-10`` voxels at most;
+    rounding, faster: ``docs/benchmarks.md``); otherwise large linear border-padded 3D float32 samplings (fields
+    with gradients too) run as two samplings of the field's stacked slices by the vectorised 2D kernel
+    (:func:`~monai_icon.networks.trilinear.planar_trilinear_interpolate`: no compilation, a faster backward pass;
+    positions along axis 1 rounded to ``2^-10`` voxels at most;
     ``MONAI_ICON_PLANAR_TRILINEAR=0`` switches it off). Everything else is ``grid_sample``.
     """
     spatial_dims = field.ndim - 2
@@ -144,7 +144,7 @@ def resize_linear(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     On CPU, in float32 / float64, linear interpolation is a product of one 1D interpolation matrix per axis (two
     nonzero weights per row), applied axis by axis as matrix products: the same values up to rounding (closer to
     a float64 reference than PyTorch's float32 kernel, which places its source points in float32: 5e-7 against
-    1.2e-5 at 64x32x64 -> 128x64x128), about 3 times faster forward and backward together
+    1.2e-5 at 64x32x64 -> 128x64x128), and faster forward and backward together
     (``docs/benchmarks.md``); under ``torch.autocast`` they stay float32 (as autocast keeps ``F.interpolate`` on
     CPU). Elsewhere (other devices, half-precision dtypes, ``torch.set_float32_matmul_precision`` below
     "highest", which would compute the products in reduced precision, or fields with non-finite values, which a

@@ -7,14 +7,14 @@ it into one loop over the points (forward and backward).
 
 PyTorch's CPU ``grid_sample`` vectorises its 2D kernel only; its 3D kernel is scalar code, and on the T1-head recipe
 it is the largest single cost of a training step and of the refinement (``docs/benchmarks.md``). The same
-interpolation written with gathers and compiled by Inductor runs about 3x faster on a 2-core Xeon for an image warp
-(forward and backward with respect to the points). :func:`trilinear_interpolate` is the plain PyTorch function (any
-device, differentiable with respect to the field and the points); :func:`fast_trilinear_interpolate` is its compiled
-form, used by :func:`monai_icon.networks.maps.interpolate` inside :func:`fast_trilinear` where it pays
-(:func:`use_fast_trilinear`). :func:`planar_trilinear_interpolate` needs no compiler: it samples the field's slices,
-stacked into one 2D image, with PyTorch's vectorised 2D ``grid_sample`` kernel and blends the two slices around each
-point; ``interpolate`` takes it by default elsewhere on CPU (:func:`use_planar_trilinear`), fields with gradients
-included.
+interpolation written with gathers and compiled by Inductor runs several times faster for an image warp (forward and
+backward with respect to the points; ``docs/benchmarks.md``). :func:`trilinear_interpolate` is the plain PyTorch
+function (any device, differentiable with respect to the field and the points); :func:`fast_trilinear_interpolate`
+is its compiled form, used by :func:`monai_icon.networks.maps.interpolate` inside :func:`fast_trilinear` where it
+pays (:func:`use_fast_trilinear`). :func:`planar_trilinear_interpolate` needs no compiler: it samples the field's
+slices, stacked into one 2D image, with PyTorch's vectorised 2D ``grid_sample`` kernel and blends the two slices
+around each point; ``interpolate`` takes it by default elsewhere on CPU (:func:`use_planar_trilinear`), fields with
+gradients included.
 
 Conventions are those of :mod:`monai_icon.networks.maps`: points in ``[0, 1]`` units, channel ``d`` along the
 field's axis ``2 + d``, ``0`` and ``1`` on the first and last voxel centres, and outside ``[0, 1]`` the value at the
@@ -64,8 +64,8 @@ def fast_trilinear(enabled: bool = True) -> Iterator[None]:
     """Within this context (``enabled=True``), :func:`~monai_icon.networks.maps.interpolate` takes the compiled
     sampler where :func:`use_fast_trilinear` allows it; the previous setting is restored on exit.
 
-    Opt-in because the first sampling of each input signature in a process waits for ``torch.compile`` (about 20 s
-    on a 2-core CPU the first time on a machine, a few seconds once PyTorch's on-disk cache has the kernels): it
+    Opt-in because the first sampling of each input signature in a process waits for ``torch.compile`` (longest the
+    first time on a machine, shorter once PyTorch's on-disk cache has the kernels): it
     pays over a training run or many registrations, not for one pair. :class:`~monai_icon.engines.ICONTrainer`
     enters it with ``fast_sampler=True``, ``monai-icon register-pairs`` with ``--fast-sampler``.
     """
