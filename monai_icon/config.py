@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from monai.utils import str2bool
 
-__all__ = ["as_bool", "as_count", "choose"]
+__all__ = ["as_bool", "as_count", "choose", "cuda_amp"]
 
 
 def as_bool(value: bool | int | str, name: str = "setting") -> bool:
@@ -37,6 +38,15 @@ def as_count(value: int | str, name: str = "setting", minimum: int = 1) -> int:
     if text is None or not text.lstrip("+-").isdigit() or int(text) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(text)
+
+
+def cuda_amp(value: bool | int | str, device: str | torch.device) -> bool:
+    """Whether GPU mixed precision runs: the bundles' ``amp`` setting (read by :func:`as_bool`) on a CUDA
+    ``device`` (a ``torch.device`` or its name, e.g. ``"cuda:0"``); always ``False`` on other devices, so that a
+    config with ``amp: true`` runs unchanged, in float32, on CPU (bfloat16 on CPU is the separate ``cpu_amp``
+    setting of :class:`~monai_icon.engines.ICONTrainer`). The value goes to the ``amp`` argument of MONAI's
+    ``SupervisedTrainer`` / ``SupervisedEvaluator`` (float16 autocast, and gradient scaling in training)."""
+    return as_bool(value, "amp") and torch.device(device).type == "cuda"
 
 
 def choose(value: str, name: str, **options: Any) -> Any:

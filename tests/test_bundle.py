@@ -262,7 +262,8 @@ def test_every_bundle_folder_is_a_complete_bundle_and_configs_holds_no_bundle():
     folders = sorted(p for p in (ROOT / "bundle").iterdir() if p.is_dir())
     assert [p.name for p in folders] == ["knee3d_icon", "knee_atlas_segmentation", "mnist_icon"]
     for folder in folders:
-        for part in ("configs/metadata.json", "configs/logging.conf", "docs/README.md", "LICENSE"):
+        for part in ("configs/metadata.json", "configs/inference.json", "configs/logging.conf", "docs/README.md",
+                     "LICENSE"):
             assert (folder / part).is_file(), f"{folder.name} lacks {part}"
         assert (folder / "models").is_dir(), f"{folder.name} lacks models/"
         metadata = json.loads((folder / "configs" / "metadata.json").read_text())
@@ -283,3 +284,34 @@ def test_default_network_is_two_unets_and_one_step_yaml_gives_the_papers_single_
     assert {k.split(".")[1] for k in keys_two} == {"first", "second"}
     assert {k.split(".")[1] for k in keys_one} == {"net"}
     assert keys_two == torch.load(SHIPPED, weights_only=True).keys()
+
+
+KNEE3D = ROOT / "bundle" / "knee3d_icon" / "configs"
+AMP_CONFIGS = {
+    "mnist train": ([TRAIN], ["train#trainer#amp", "validate#evaluator#amp"]),
+    "mnist evaluate": ([TRAIN, str(CONFIGS / "evaluate.yaml")], ["validate#evaluator#amp"]),
+    "mnist inference": ([str(CONFIGS / "inference.json")], ["evaluator#amp"]),
+    "knee3d stage 1": ([str(KNEE3D / "common.yaml"), str(KNEE3D / "stage1.yaml")],
+                       ["train#trainer#amp", "validate#evaluator#amp"]),
+    "knee3d inference": ([str(KNEE3D / "inference.json")], ["evaluator#amp"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AMP_CONFIGS))
+def test_amp_setting_is_off_by_default_and_on_only_for_a_cuda_device(name):
+    """``amp`` (GPU mixed precision) reaches the trainer and evaluator configs: off by default, and with ``amp: true``
+    on when the device is CUDA and off on CPU; parsed without a GPU (nothing is instantiated)."""
+    from monai.bundle import ConfigParser
+
+    files, keys = AMP_CONFIGS[name]
+
+    def parsed(device, **overrides):
+        parser = ConfigParser()
+        parser.read_config(files)
+        parser.update({"device": f"$torch.device({device!r})", **overrides})
+        return [parser.get_parsed_content(key) for key in keys]
+
+    assert parsed("cuda:0") == [False] * len(keys)  # default: float32 everywhere
+    assert parsed("cuda:0", amp=True) == [True] * len(keys)
+    assert parsed("cuda", amp="true") == [True] * len(keys)  # a command line's spelling
+    assert parsed("cpu", amp=True) == [False] * len(keys)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from monai_icon.config import as_bool
+from monai_icon.config import as_bool, cuda_amp
 from monai_icon.engines import ICONTrainer
 from monai_icon.losses import ICONLoss
 from monai_icon.networks import DisplacementField
@@ -23,6 +23,16 @@ def test_as_bool_reads_command_line_spellings(value, expected):
 def test_as_bool_rejects_anything_else_naming_the_setting(value):
     with pytest.raises(ValueError, match=r"resume must be true or false, got"):
         as_bool(value, "resume")
+
+
+def test_cuda_amp_is_on_only_for_cuda_devices():
+    for device in ("cuda", "cuda:1", torch.device("cuda:0")):
+        assert cuda_amp(True, device) is True and cuda_amp("true", device) is True
+        assert cuda_amp(False, device) is False and cuda_amp("false", device) is False
+    for device in ("cpu", torch.device("cpu"), "meta"):
+        assert cuda_amp(True, device) is False
+    with pytest.raises(ValueError, match="amp must be true or false"):
+        cuda_amp("sometimes", "cuda")
 
 
 @pytest.mark.parametrize("name", ["compile", "channels_last"])

@@ -423,3 +423,56 @@ def test_shipped_t1head_model_registers_held_out_demo_pairs(tmp_path):
     for plain, summary in zip(summaries, register_pairs(pairs, model, tmp_path / "ensemble")):
         assert summary["mean_dice"] > plain["mean_dice"] + 0.005, (plain, summary)
         assert summary["folds_percent"] < 0.1
+
+
+SHIPPED_T1HEAD = ROOT / "bundle" / "knee3d_icon" / "models" / "t1head_registration_model.pt"
+
+
+def test_bundle_folder_is_the_shipped_model_for_monai_icon_register():
+    """``monai-icon register --model bundle/knee3d_icon`` loads, through configs/inference.json, the same network,
+    weights and preprocessing as the shipped model file."""
+    from dataclasses import fields
+
+    from_bundle = load_registration_model(ROOT / "bundle" / "knee3d_icon")
+    from_file = load_registration_model(SHIPPED_T1HEAD)
+    for field in fields(from_file):
+        if field.name != "network":
+            assert getattr(from_bundle, field.name) == getattr(from_file, field.name), field.name
+    bundle_state, file_state = from_bundle.network.state_dict(), from_file.network.state_dict()
+    assert bundle_state.keys() == file_state.keys()
+    assert all(torch.equal(bundle_state[k], file_state[k]) for k in file_state)
+
+
+def test_bundle_verifies_and_its_inference_config_registers_a_pair(tmp_path):
+    """The 3D bundle passes MONAI's metadata and network checks, and ``python -m monai.bundle run --config_file
+    configs/inference.json`` registers a pair of files with the shipped model: a warped image and a voxel DDF on
+    the network grid, the warped image closer to the fixed one than the moving image was."""
+    import json
+
+    import nibabel as nib
+    from monai.bundle import ConfigParser
+
+    from monai_icon.data import write_deformed_copies
+
+    meta = str(CONFIGS / "metadata.json")
+    run_bundle("verify_metadata", "--meta_file", meta, "--filepath", str(CONFIGS / "metadata_schema.json"))
+    inference = str(CONFIGS / "inference.json")
+    run_bundle("verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", inference)
+
+    moving, fixed = (r["image"] for r in write_deformed_copies(tmp_path / "volumes", num_copies=2, seed=1))
+    pair = {"moving_image": moving, "fixed_image": fixed}
+    (tmp_path / "pairs.json").write_text(json.dumps([pair]))
+    log = bundle_run(["inference.json"], "--bundle_root", str(CONFIGS.parent), "--datalist_file",
+                     str(tmp_path / "pairs.json"), "--output_dir", str(tmp_path / "out"))
+    assert "registered 1 pairs" in log
+    (warped_file,), (ddf_file,) = (sorted((tmp_path / "out").glob(f"*_{kind}.nii.gz")) for kind in ("warped", "ddf"))
+    warped = np.asarray(nib.load(warped_file).dataobj, dtype=np.float32)
+    ddf = np.asarray(nib.load(ddf_file).dataobj)
+    assert warped.shape[:3] == (128, 64, 128) and ddf.size == 3 * 128 * 64 * 128
+    assert np.isfinite(ddf).all() and np.abs(ddf).max() > 0.5  # voxels
+    parser = ConfigParser()
+    parser.read_config(inference)
+    images = parser.get_parsed_content("preprocessing")(pair)
+    moving_grid, fixed_grid = (images[k][0].numpy() for k in ("moving_image", "fixed_image"))
+    error = np.mean((warped.reshape(fixed_grid.shape) - fixed_grid) ** 2)
+    assert error < 0.5 * np.mean((moving_grid - fixed_grid) ** 2)

@@ -13,8 +13,8 @@ knee side) and the loss used for optional instance optimisation. It is read from
   only allowed ``_target_`` names and literal arguments and never evaluates config expressions, or
 * a MONAI bundle folder (trusted: its configs are code, run by MONAI's ``ConfigParser``):
   ``configs/inference.json|yaml`` with ``network_def`` and ``spatial_size`` (optionally
-  ``axcodes``, ``percentiles``, ``target_side``, ``similarity``, ``lmbda``, ``regularizer``) and
-  ``models/model.pt``, or
+  ``axcodes``, ``percentiles``, ``target_side``, ``similarity``, ``lmbda``, ``regularizer``) and the weights in
+  its ``model_file`` (default ``models/model.pt``; a model file of :func:`save_registration_model` works too), or
 * a published ICON / GradICON / uniGradICON weights file with its ``kind`` (:mod:`monai_icon.networks.pretrained`).
 """
 
@@ -211,7 +211,8 @@ def load_registration_model(
         if "network_def" not in parser:
             raise ValueError(f"{config_file} has no network_def.")
         network = parser.get_parsed_content("network_def")
-        load_weights(network, path / "models" / "model.pt")
+        weights = parser.get_parsed_content("model_file") if "model_file" in parser else path / "models" / "model.pt"
+        load_weights(network, weights)
         settings = {k: parser.get_parsed_content(k) for k in _SETTINGS if k in parser}
         source = str(config_file)
     else:
