@@ -6,13 +6,13 @@
 # (physical space, ITK transform). Uses a 64x64x32 network grid instead of the paper's 192x192x80 so that it fits a CPU.
 # Everything goes to runs/knee3d_demo (delete it to start over; reruns resume from the last checkpoints).
 # Set DATA=real to run on deformed copies of the embedded ITK T1 head volume (6 k-means labels) with the recipe chosen
-# for it (docs/knee3d.md): one stage whose two U-Net steps run on a 64x32x64 grid while the loss compares the images
+# for it (docs/train_3d.md): one stage whose two U-Net steps run on a 64x32x64 grid while the loss compares the images
 # at 128x64x128 (the volume reoriented to RAS is 128x62x128 voxels of 2x3x2 mm). This trains the shipped model
 # bundle/knee3d_icon/models/t1head_registration_model.pt.
 # VARIANT=twostage (DATA=real) runs the knees' two-stage recipe on it instead, VARIANT=augmented one stage on the
 # 64x32x64 grid; OUT=... writes elsewhere; the default real recipe first trains WARM_EPOCHS epochs of 50 steps (24 by
 # default) with its loss on the images at half resolution (half the cost per step), then EPOCHS_FINE (16 by default)
-# with the loss on the full-resolution images, starting from those weights (docs/knee3d.md).
+# with the loss on the full-resolution images, starting from those weights (docs/train_3d.md).
 # WARM_EPOCHS=0 EPOCHS_FINE=28 trains the main stage alone. LR sets the peak learning rate (default 5e-4) and LR_FINE
 # that of the main stage after a warm-up stage (default LR).
 set -euo pipefail
@@ -79,7 +79,7 @@ STAGE1_EPOCHS=${STAGE1_EPOCHS:-$EPOCHS}; LMBDA=${LMBDA:-$TARGET}  # stage-1 epoc
 ARGS=(--datalist "$OUT/datalist.json" --output_root "$OUT" --full_size "$FULL" --batch_size "$BATCH"
       --iterations_per_epoch 50 "${DATA_ARGS[@]}"
       --architecture#encoder_channels "[16,32,64,64,64]" --architecture#decoder_channels "[64,64,32,16,16]")
-# The recipe chosen on the T1 head's validation pairs (docs/knee3d.md): U-Nets of 1.4 M parameters each instead of
+# The recipe chosen on the T1 head's validation pairs (docs/results.md): U-Nets of 1.4 M parameters each instead of
 # the paper's 17 M (twice the steps per minute, the same Dice), Adam 5e-4 with 100 warm-up steps and cosine decay,
 # gradients clipped at norm 5, lambda continuation 1 -> 32 over the first half; stage 1 for 1,500 steps.
 LR=${LR:-0.0005}; LR_FINE=${LR_FINE:-$LR}  # the peak learning rate (of the main stage after a warm-up stage)
@@ -115,7 +115,7 @@ fi
 # (LNCC + GradICON, residual fields on 4 grids; chosen on the validation pairs): label Dice on each fixed image's
 # own grid before/after, folds and seconds per pair (runs/.../register_pairs/summary.json). On the T1 head (files of
 # 128x128x62 voxels, 128x62x128 in RAS) the images are compared at full resolution (128x64x128) in the last 18 of 36
-# steps while the residual fields stay on the 64x32x64 network grid (docs/knee3d.md); the synthetic knees are
+# steps while the residual fields stay on the 64x32x64 network grid (docs/results.md); the synthetic knees are
 # written on the network grid, so their refinement stays there (50 steps).
 IO=(--io-steps 50 --io-mode residual --io-levels 4 --io-lr 0.003 --similarity lncc --regularizer gradicon --lmbda 4)
 if [ "$DATA" = real ]; then

@@ -268,7 +268,7 @@ def test_training_reads_mask_files_binarised_and_masks_loss_and_inputs(tmp_path)
 
 
 def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
-    """The single-stage recipe (docs/knee3d.md): the coarse steps on 2x pooled inputs, the loss on the
+    """The single-stage recipe (docs/train_3d.md): the coarse steps on 2x pooled inputs, the loss on the
     full-resolution images, the regulariser on the steps' own grid, the composed map resampled there, LNCC with
     its own window; the exported model runs the same network for `monai-icon register`."""
     from monai.bundle import ConfigParser
@@ -351,7 +351,7 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
 
 
 def test_a_warm_up_stage_at_half_resolution_starts_the_full_resolution_stage(tmp_path):
-    """The T1-head demo's two runs (scripts/run_knee3d_demo.sh, docs/knee3d.md): the network trained first
+    """The T1-head demo's two runs (scripts/run_knee3d_demo.sh, docs/train_3d.md): the network trained first
     with its loss on images at half resolution (the same U-Nets on the same grid, ``coarse_factor`` 1), then on the
     full-resolution images starting from those weights (``init_weights``)."""
     from monai.bundle import ConfigParser
@@ -418,7 +418,7 @@ def test_shipped_t1head_model_registers_held_out_demo_pairs(tmp_path):
         assert summary["mean_dice"] > summary["mean_dice_unregistered"] + 0.07, summary
         assert summary["folds_percent"] < 0.1
     # the test-time ensemble (phi_AB with the inverse of phi_BA, and both on left-right mirrored images), applied
-    # twice: better on each pair (docs/knee3d.md), still without folds
+    # twice: better on each pair (docs/results.md), still without folds
     model.network = ensemble_network(model.network, symmetric=True, flip_axes=[0], passes=2)
     for plain, summary in zip(summaries, register_pairs(pairs, model, tmp_path / "ensemble")):
         assert summary["mean_dice"] > plain["mean_dice"] + 0.005, (plain, summary)

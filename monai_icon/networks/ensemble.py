@@ -7,7 +7,7 @@
 An inverse-consistent network gives two estimates of ``phi_AB`` per pair: its ``phi_AB`` and the inverse of its
 ``phi_BA``. Images reflected along an axis of (near) mirror symmetry, such as the left-right axis of a head, give
 two more: the network's maps of the reflected pair, reflected back. Their errors are partly independent, so their
-mean is closer to the true map than any one of them (``docs/knee3d.md``). Applied again to the moving
+mean is closer to the true map than any one of them (``docs/results.md``). Applied again to the moving
 image warped by the mean map (``passes``), the ensemble corrects what the first pass left. No weights of its own:
 a trained block is wrapped at inference (:func:`ensemble_network`).
 """

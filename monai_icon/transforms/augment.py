@@ -9,7 +9,7 @@ Registration training on a small population (586 MNIST fives) overfits: the ship
 training pairs to 0.918 Dice and held-out pairs to 0.84-0.86 (docs/results.md). Each image of a pair gets its own
 small random rotation, scaling and translation (and, optionally, a smooth random deformation and an intensity
 gamma) here, so the network sees new "subjects" every step. In 3D the same holds more strongly: the T1-head demo's
-network registers its 9 training copies' pairs to 0.68 label Dice and held-out pairs to 0.58 (docs/knee3d.md). MONAI's
+network registers its 9 training copies' pairs to 0.68 label Dice and held-out pairs to 0.58 (docs/results.md). MONAI's
 ``RandAffined`` does the same per item, one image at a time on the CPU (a large share of a 2D training step at
 batch 32); this transform draws every sample's matrix at once and warps the batch with one ``grid_sample`` call, on the
 GPU when the batch is there.

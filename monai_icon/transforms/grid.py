@@ -7,7 +7,7 @@
 The preprocessing reorients every image to ``axcodes`` and then resizes it to the network grid, axis by axis. The
 grid's axes follow the *reoriented* array: a grid written for the file's own array order silently stretches one
 axis and squeezes another once a reorientation permutes them. For example, the embedded T1 head
-(docs/knee3d.md) is stored (L, S, A) with 128 x 128 x 62 voxels of 2 x 2 x 3 mm; reoriented to RAS it is
+(docs/train_3d.md) is stored (L, S, A) with 128 x 128 x 62 voxels of 2 x 2 x 3 mm; reoriented to RAS it is
 128 x 62 x 128, and a 128 x 128 x 64 grid would give the anterior axis 1.45 mm and the superior axis 4 mm voxels
 instead of 2.9 and 2 mm. :func:`check_network_grid` warns about such grids.
 """

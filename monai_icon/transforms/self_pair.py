@@ -5,7 +5,7 @@
 """Pairs with a known answer: a batch's fixed image replaced by its moving image under a random smooth deformation.
 
 The ICON loss learns from image similarity alone, which is slow in 3D: within a CPU budget of a few thousand steps
-the network still underfits (docs/knee3d.md). A pair made of one image and a deformed copy of it
+the network still underfits (docs/results.md). A pair made of one image and a deformed copy of it
 has a known map, so the network can also be told directly where every voxel goes
 (:class:`~monai_icon.losses.MapSupervisionLoss`, the option ``map_supervision_weight`` of the bundle), a dense
 signal that the similarity gives only where the images have edges. The deformations are the smooth kind
