@@ -242,7 +242,8 @@ class ICONTrainer(SupervisedTrainer):
         loss_function = cast(ICONLoss, engine.loss_function)  # an ICONLoss, or torch.compile's wrapper of one
         supervised = getattr(loss_function, "label_weight", 0.0) > 0
         if engine.augment is not None:
-            if not supervised:  # labels the loss does not read are not resampled (two warps of full images a step)
+            # labels that neither the loss nor the augmentation reads are not resampled (two warps of full images)
+            if not supervised and not _reads_labels(engine.augment):
                 unused = _label_keys(engine.prepare_batch)
                 batchdata = {k: v for k, v in batchdata.items() if k not in unused}
             followed = set(getattr(engine.augment, "follow", {}))
@@ -305,6 +306,15 @@ class ICONTrainer(SupervisedTrainer):
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def _reads_labels(augment: Any) -> bool:
+    """Whether a batch augmentation (or any transform of a MONAI ``Compose`` of them) reads the label maps, as
+    :class:`~monai_icon.transforms.RandLabelSynthesisd` does (class attribute ``reads_labels``)."""
+    parts = getattr(augment, "transforms", None)
+    if isinstance(parts, (list, tuple)):
+        return any(_reads_labels(t) for t in parts)
+    return bool(getattr(augment, "reads_labels", False))
 
 
 def _label_keys(prepare_batch: Any) -> tuple[str, str]:

@@ -3,7 +3,7 @@
 # you may not use this file except in compliance with the License.
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
 """MONAI dictionary transforms: registration pairs, knee laterality, the OAI preprocessing pipeline, batch
-augmentation and pairs with a known map."""
+augmentation, images synthesised from label maps and pairs with a known map."""
 
 from monai_icon.transforms.augment import (
     RandBatchAugmentd,
@@ -23,6 +23,13 @@ from monai_icon.transforms.laterality import (
 from monai_icon.transforms.oai import OAI_SPATIAL_SIZE, oai_pair_transforms, oai_preprocessing, oai_train_transforms
 from monai_icon.transforms.pair import EnsureSameShaped, Warpd
 from monai_icon.transforms.self_pair import TARGET_MAP, TARGET_WEIGHT, RandSelfPaird
+from monai_icon.transforms.synthesis import (
+    RandLabelSynthesisd,
+    random_bias_field,
+    random_shapes,
+    smooth_noise,
+    synthesise_from_labels,
+)
 
 __all__ = [
     "RandBatchAugmentd",
@@ -31,6 +38,11 @@ __all__ = [
     "random_affine_theta",
     "random_smooth_displacement",
     "RandSelfPaird",
+    "RandLabelSynthesisd",
+    "random_bias_field",
+    "random_shapes",
+    "smooth_noise",
+    "synthesise_from_labels",
     "TARGET_MAP",
     "TARGET_WEIGHT",
     "EnsureSameShaped",

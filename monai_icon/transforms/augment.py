@@ -154,6 +154,10 @@ class RandBatchAugmentd(MapTransform):
         rotate_degrees, scale, translate, prob: see :func:`random_affine_theta`.
         deform: standard deviation (voxels) of a smooth random deformation's control-point displacements
             (:func:`random_smooth_displacement`, ``deform_points`` per axis); 0: none.
+        deform_points: control points per axis; a sequence (e.g. ``[4, 6, 10]``) sums one deformation per
+            lattice (several spatial scales).
+        deform_random: each sample's standard deviation at each lattice uniform in ``[0, deform]`` instead of
+            ``deform`` (a wide distribution of magnitudes, small ones included).
         gamma: each image (intensities in [0, 1]) is raised to a power log-uniform in ``[1 / gamma, gamma]``
             (labels are not); 1: none.
         follow: ``{key: image key}`` resampled like that image, nearest neighbour.
@@ -172,7 +176,8 @@ class RandBatchAugmentd(MapTransform):
         translate: float = 2.0,
         prob: float = 1.0,
         deform: float = 0.0,
-        deform_points: int = 5,
+        deform_points: int | Sequence[int] = 5,
+        deform_random: bool = False,
         gamma: float = 1.0,
         follow: Mapping[str, str] | None = None,
         seed: int | None = 0,
@@ -184,14 +189,31 @@ class RandBatchAugmentd(MapTransform):
             if image_key not in self.keys:
                 raise ValueError(f"follow: {label_key!r} follows {image_key!r}, which is not one of keys {self.keys}.")
         _check_affine_ranges(rotate_degrees, scale, translate, prob)
-        _check_deformation(deform, deform_points)
+        points = [int(deform_points)] if isinstance(deform_points, int) else [int(p) for p in deform_points]
+        if not points:
+            raise ValueError("deform_points must name at least one lattice.")
+        for count in points:
+            _check_deformation(deform, count)
         if not math.isfinite(gamma) or gamma < 1:
             raise ValueError(f"gamma must be a finite value >= 1 (powers in [1/gamma, gamma]), got {gamma}.")
         self.rotate_degrees, self.scale, self.translate, self.prob = rotate_degrees, scale, translate, prob
-        self.deform, self.deform_points, self.gamma = deform, deform_points, gamma
+        self.deform, self.deform_points, self.deform_random, self.gamma = deform, points, bool(deform_random), gamma
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
+
+    def _displacement(self, batch: int, size: Sequence[int], device: torch.device) -> torch.Tensor | None:
+        """The sum of the deformations on every lattice of ``deform_points`` (``None`` without deformation)."""
+        if self.deform <= 0:
+            return None
+        total = None
+        for count in self.deform_points:
+            field = random_smooth_displacement(batch, size, self.deform, count, self.generator, device)
+            if self.deform_random:
+                scale = torch.rand(batch, generator=self.generator).to(device)
+                field = field * scale.reshape(batch, *([1] * (field.ndim - 1)))
+            total = field if total is None else total + field
+        return total
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -203,10 +225,7 @@ class RandBatchAugmentd(MapTransform):
             batch, size = images.shape[0], images.shape[2:]
             theta = random_affine_theta(batch, size, self.rotate_degrees, self.scale, self.translate, self.prob,
                                         self.generator, images.device)
-            displacement = None
-            if self.deform > 0:
-                displacement = random_smooth_displacement(batch, size, self.deform, self.deform_points,
-                                                          self.generator, images.device)
+            displacement = self._displacement(batch, size, images.device)
             warped = affine_warp(images.float(), theta, displacement=displacement)
             if self.gamma > 1:
                 log_gamma = (2 * torch.rand(batch, generator=self.generator) - 1) * math.log(self.gamma)
