@@ -707,3 +707,18 @@ def test_cli_fine_similarity_on_coarse_fields_and_the_lncc_window(tmp_path, caps
     for bad in (["--lncc-kernel", "4"], ["--lncc-kernel", "1"], ["--similarity", "mse", "--lncc-kernel", "5"]):
         assert main(base + ["--warped", str(tmp_path / "x.nii.gz")] + fine + bad) == 2
         assert "lncc" in capsys.readouterr().err
+
+
+def test_register_with_refine_runs_the_refinement(knee_files, tmp_path, capsys):
+    kwargs = {"coarse_steps": 1, "fine_steps": 0, "coarse_factor": 2, "encoder_channels": [4, 8],
+              "decoder_channels": [8, 4]}
+    model = save_registration_model(tmp_path / "m.pt", multistep_registration(**kwargs),
+                                    {"_target_": "monai_icon.networks.multistep_registration", **kwargs},
+                                    spatial_size=(16, 16, 8), axcodes="PIR")
+    argv = ["register", "--fixed", knee_files["fixed"], "--moving", knee_files["moving"], "--model", str(model),
+            "--warped", str(tmp_path / "w.nii.gz"), "--refine", "--ensemble", "--io-steps", "4",
+            "--io-fine-steps", "2"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "w.nii.gz").is_file()
+    assert len(summary["io_losses"]) == 4  # the explicit --io-steps, inside the refinement's other settings

@@ -57,17 +57,25 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test-time ensemble: also register the images mirrored along these axes of the model's "
                              "grid and average (e.g. 0: left-right for RAS models of heads); one more network "
                              "evaluation per axis and direction")
-    parser.add_argument("--passes", type=int, default=1,
+    parser.add_argument("--passes", type=int, default=None,
                         help="apply the network (or its --symmetric/--flip-axes ensemble) this many times, each to the "
                              "moving image warped by the maps so far, and compose the maps (default 1)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="the recommended test-time ensemble: --symmetric --flip-axes 0 --passes 2 (flags given "
+                             "explicitly take precedence)")
 
 
 def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--io-steps", type=int, default=0,
+    parser.add_argument("--refine", action="store_true",
+                        help="the recommended per-pair refinement (monai_icon.apps.presets): residual fields on the "
+                             "model's network grid on 4 levels, LNCC (window 5) + GradICON (lambda 4), 36 Adam steps "
+                             "at rate 3e-3, the last 18 comparing the images on the model's full grid; any --io-*, "
+                             "--similarity, --lncc-kernel, --regularizer or --lmbda flag given explicitly overrides it")
+    parser.add_argument("--io-steps", type=int, default=None,
                         help="instance optimisation steps per pair (default 0)")
     parser.add_argument("--io-lr", type=float, default=None,
                         help="instance optimisation learning rate (Adam; default 2e-5 network, 2e-3 residual)")
-    parser.add_argument("--io-mode", choices=["network", "residual"], default="network",
+    parser.add_argument("--io-mode", choices=["network", "residual"], default=None,
                         help="fine-tune the network's weights, or optimise residual displacement fields on top of "
                              "its maps (much faster per step)")
     parser.add_argument("--io-size", type=_ints,
@@ -79,7 +87,7 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--io-fine-steps", type=int, default=None,
                         help="with --io-size: only the last this many steps compare the images on --io-size, the "
                              "others on the residual fields' grid (default: all)")
-    parser.add_argument("--io-levels", type=int, default=1,
+    parser.add_argument("--io-levels", type=int, default=None,
                         help="with --io-mode residual: residual fields on this many grids, each half the previous "
                              "one (coarse-to-fine; default 1)")
     parser.add_argument("--similarity", choices=["mse", "lncc", "mi", "mind"],
@@ -93,6 +101,38 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
                         help="regulariser of instance optimisation (default: the model's)")
     parser.add_argument("--spatial-size", type=_ints, help="override the model's network grid, e.g. 192,192,80")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+_IO_DEFAULTS = {"io_steps": 0, "io_mode": "network", "io_levels": 1}
+
+
+def _apply_presets(args: argparse.Namespace) -> None:
+    """Fill the flags that ``--ensemble`` / ``--refine`` set (where not given explicitly), then the plain defaults;
+    the refinement's grids need the model (:func:`_apply_refinement_grids`)."""
+    from monai_icon.apps.presets import RECOMMENDED_ENSEMBLE, RECOMMENDED_REFINEMENT
+
+    if args.ensemble:
+        args.symmetric = True
+        args.flip_axes = RECOMMENDED_ENSEMBLE["flip_axes"] if args.flip_axes is None else args.flip_axes
+        args.passes = RECOMMENDED_ENSEMBLE["passes"] if args.passes is None else args.passes
+    args.passes = 1 if args.passes is None else args.passes
+    if getattr(args, "refine", False):
+        for key, value in RECOMMENDED_REFINEMENT.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    for key, value in _IO_DEFAULTS.items():
+        if getattr(args, key, value) is None:
+            setattr(args, key, value)
+
+
+def _apply_refinement_grids(args: argparse.Namespace, spatial_size) -> None:
+    """With ``--refine``: the images compared on the model's grid, the fields on half of it (unless given)."""
+    if getattr(args, "refine", False):
+        from monai_icon.apps.presets import refinement_arguments
+
+        settings = refinement_arguments(spatial_size)
+        args.io_size = settings["io_size"] if args.io_size is None else args.io_size
+        args.io_field_size = settings["io_field_size"] if args.io_field_size is None else args.io_field_size
 
 
 def _load_model(args: argparse.Namespace, device):
@@ -121,6 +161,7 @@ def _load_model(args: argparse.Namespace, device):
         raise ValueError(f"--flip-axes {flips} must be axes of the model's {model.spatial_dims}D grid "
                          f"(0 .. {model.spatial_dims - 1}).")
     model.network = ensemble_network(model.network, args.symmetric, flips, passes=args.passes)
+    _apply_refinement_grids(args, model.spatial_size)
     return model
 
 
@@ -245,6 +286,7 @@ def _register_pairs(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("register", "register-pairs"):  # many large CPU tensors per step: reuse their memory
+        _apply_presets(args)
         tune_cpu_allocator()
     try:
         if args.command == "register":

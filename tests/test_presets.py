@@ -1,0 +1,49 @@
+"""The recommended test-time settings as one flag each: --ensemble and --refine."""
+
+import pytest
+
+from monai_icon.apps import cli
+from monai_icon.apps.presets import RECOMMENDED_ENSEMBLE, RECOMMENDED_REFINEMENT, refinement_arguments
+
+
+def _args(*extra):
+    args = cli.build_parser().parse_args(["register", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--model",
+                                          "m.pt", "--warped", "w.nii.gz", *extra])
+    cli._apply_presets(args)
+    return args
+
+
+def test_plain_defaults_without_presets():
+    args = _args()
+    assert (args.io_steps, args.io_mode, args.io_levels, args.passes) == (0, "network", 1, 1)
+    assert not args.symmetric and args.flip_axes is None and args.similarity is None and args.io_fine_steps is None
+    cli._apply_refinement_grids(args, (32, 16, 32))
+    assert args.io_size is None and args.io_field_size is None
+
+
+def test_refine_sets_the_recommended_refinement_and_explicit_flags_win():
+    args = _args("--refine")
+    for key, value in RECOMMENDED_REFINEMENT.items():
+        assert getattr(args, key) == value, key
+    cli._apply_refinement_grids(args, (128, 64, 128))
+    assert args.io_size == [128, 64, 128] and args.io_field_size == [64, 32, 64]
+    mine = _args("--refine", "--io-steps", "10", "--lmbda", "2", "--io-field-size", "32,16,32")
+    cli._apply_refinement_grids(mine, (128, 64, 128))
+    assert (mine.io_steps, mine.lmbda, mine.io_field_size, mine.io_size) == (10, 2.0, [32, 16, 32], [128, 64, 128])
+    assert mine.io_fine_steps == RECOMMENDED_REFINEMENT["io_fine_steps"]
+
+
+def test_ensemble_sets_the_recommended_ensemble_and_explicit_flags_win():
+    args = _args("--ensemble")
+    assert args.symmetric and args.flip_axes == RECOMMENDED_ENSEMBLE["flip_axes"]
+    assert args.passes == RECOMMENDED_ENSEMBLE["passes"]
+    assert _args("--ensemble", "--passes", "1", "--flip-axes", "1").passes == 1
+    assert _args("--ensemble", "--flip-axes", "1").flip_axes == [1]
+
+
+def test_refinement_arguments_half_grid_and_unknown_names():
+    settings = refinement_arguments((3, 9), io_steps=None, io_lr=1e-3)
+    assert settings["io_field_size"] == [2, 4] and settings["io_size"] == [3, 9]
+    assert settings["io_steps"] == RECOMMENDED_REFINEMENT["io_steps"] and settings["io_lr"] == 1e-3
+    with pytest.raises(ValueError, match="unknown refinement settings"):
+        refinement_arguments((8, 8), io_stepz=3)
