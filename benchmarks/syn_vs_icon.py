@@ -66,14 +66,14 @@ def run_icon(pair: dict, model, io_steps: int, io_lr: float, work: Path, io_mode
             "folds_percent": summary["folds_percent"]}
 
 
-def run_syn(pair: dict, work: Path, threads: int) -> dict:
+def run_syn(pair: dict, work: Path, threads: int, transform: str = "SyN") -> dict:
     import ants
 
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     fixed, moving = ants.image_read(str(pair["fixed_image"])), ants.image_read(str(pair["moving_image"]))
     label = ants.image_read(str(pair["moving_label"]))
     start = time.perf_counter()
-    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="SyN", outprefix=str(work / "syn_"))
+    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=transform, outprefix=str(work / "syn_"))
     seconds = time.perf_counter() - start
     warped = ants.apply_transforms(fixed=fixed, moving=label, transformlist=reg["fwdtransforms"],
                                    interpolator="genericLabel")
@@ -106,6 +106,10 @@ def main(argv=None) -> dict:
     p.add_argument("--flip-axes", type=lambda t: [int(v) for v in t.split(",") if v], default=None,
                    help="ICON's ensemble also on the images mirrored along these grid axes (e.g. 0: left-right, RAS)")
     p.add_argument("--passes", type=int, default=1, help="ICON (or its ensemble) applied this many times, composed")
+    p.add_argument("--refine", action="store_true",
+                   help="ICON with the recommended refinement (monai-icon register --refine; monai_icon.apps.presets)")
+    p.add_argument("--syn-transform", default="SyN", choices=["SyN", "SyNOnly"],
+                   help="ANTs type_of_transform (SyN: affine then SyN, the default; SyNOnly: no affine step)")
     p.add_argument("--no-syn", action="store_true", help="skip SyN (e.g. to add ICON settings to earlier results)")
     p.add_argument("--threads", type=int, default=2, help="threads for both methods")
     p.add_argument("--out", default="runs/syn_vs_icon")
@@ -138,6 +142,17 @@ def main(argv=None) -> dict:
         from monai_icon.networks import ensemble_network
 
         model.network = ensemble_network(model.network, args.symmetric, args.flip_axes or [], passes=args.passes)
+        if args.refine:
+            from monai_icon.apps.presets import refinement_arguments
+            from monai_icon.losses import get_similarity
+
+            settings = refinement_arguments(model.spatial_size)
+            model.similarity = get_similarity(settings["similarity"], len(model.spatial_size),
+                                              kernel_size=settings["lncc_kernel"])
+            model.lmbda, model.regularizer = settings["lmbda"], settings["regularizer"]
+            args.io_steps, io_lr, args.io_mode = settings["io_steps"], settings["io_lr"], settings["io_mode"]
+            args.io_size, args.io_levels = settings["io_size"], settings["io_levels"]
+            args.io_field_size, args.io_fine_steps = settings["io_field_size"], settings["io_fine_steps"]
     rows: dict[str, list[dict]] = {}
     for i, pair in enumerate(pairs):
         fixed_label = _read_labels(pair["fixed_label"])
@@ -149,7 +164,7 @@ def main(argv=None) -> dict:
                 methods[tag] = run_icon(pair, model, args.io_steps, io_lr, work, args.io_mode, args.io_size,
                                         args.io_levels, args.io_field_size, args.io_fine_steps)
             if not args.no_syn:
-                methods["syn"] = run_syn(pair, work, args.threads)
+                methods["syn"] = run_syn(pair, work, args.threads, args.syn_transform)
         for name, m in methods.items():
             dice = label_dice(m["warped_label"], fixed_label, labels)
             row = {"pair": i, "mean_dice": float(np.nanmean(list(dice.values()))), "seconds": m["seconds"],
