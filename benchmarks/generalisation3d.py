@@ -39,6 +39,8 @@ roughly aligned, as the network's are; also ``"SyN"`` with ``--syn-transform SyN
         --model bundle/knee3d_icon/models/brain_transfer_model.pt --out runs/generalisation3d/val_results
     python benchmarks/generalisation3d.py run --split test ...   # once, after every choice was made
 
+    python benchmarks/generalisation3d.py figure --split test --model MODEL --ensemble --out FIGURE.png
+
 ``run`` writes ``<out>/results.json`` and prints a Markdown table with each method's share of SyN's Dice gain
 (``(Dice - unregistered) / (SyN - unregistered)``).
 """
@@ -279,6 +281,41 @@ def summarise(results: dict) -> str:
     return "\n".join(lines)
 
 
+def figure(data: Path, split: str, model_path: str, out: Path, ensemble: bool = False, pairs: int = 2) -> Path:
+    """Draw moving / fixed / warped / deformed grid (the middle axial slice of the model's RAS grid) for one pair
+    of each subject of the split (at most ``pairs`` rows), registered by the model (optionally its ensemble)."""
+    from monai_icon.apps import load_registration_model
+    from monai_icon.apps.physical import load_image, to_network_grid
+    from monai_icon.apps.presets import RECOMMENDED_ENSEMBLE
+    from monai_icon.networks import ensemble_network
+    from monai_icon.networks.maps import identity_grid
+    from monai_icon.networks.registration_net import register_one_way
+    from monai_icon.visualize import save_registration_figure
+
+    model = load_registration_model(model_path)
+    if ensemble:
+        model.network = ensemble_network(model.network, RECOMMENDED_ENSEMBLE["symmetric"],
+                                         RECOMMENDED_ENSEMBLE["flip_axes"], passes=RECOMMENDED_ENSEMBLE["passes"])
+    records = json.loads((data / "datalist.json").read_text())[SPLITS[split]]
+    chosen = list({r["subject"]: r for r in reversed(records)}.values())[::-1][:pairs]
+    moving, fixed = ([to_network_grid(load_image(data / r[f"{role}_image"]), model.spatial_size, model.axcodes,
+                                      model.percentiles).as_tensor() for r in chosen] for role in ("moving", "fixed"))
+    moving_t, fixed_t = torch.stack(moving), torch.stack(fixed)
+    model.network.eval()
+    with torch.no_grad():
+        phi = register_one_way(model.network, moving_t, fixed_t)
+        grid = phi(identity_grid(model.spatial_size).repeat(len(chosen), *([1] * (len(model.spatial_size) + 1))))
+        warped = _sample_unit(moving_t, grid)
+    return save_registration_figure(out, moving_t, fixed_t, warped, grid)
+
+
+def _sample_unit(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``images`` ``[B, 1, *N]`` at the ``[0, 1]`` coordinates ``grid`` ``[B, 3, *N]`` (trilinear, border)."""
+    sample = 2 * grid - 1
+    return F.grid_sample(images, sample.movedim(1, -1).flip(-1), mode="bilinear", padding_mode="border",
+                         align_corners=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -298,7 +335,16 @@ def main(argv=None):
     go.add_argument("--threads", type=int, default=2)
     go.add_argument("--methods", default="network,ensemble,refine,syn",
                     help="comma-separated subset of network, ensemble, refine, syn")
+    fig = sub.add_parser("figure", help="draw moving / fixed / warped / deformed grid for one pair per subject")
+    fig.add_argument("--data", default=Path("runs/generalisation3d"), type=Path)
+    fig.add_argument("--split", choices=sorted(SPLITS), required=True)
+    fig.add_argument("--model", required=True)
+    fig.add_argument("--ensemble", action="store_true", help="the recommended test-time ensemble")
+    fig.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
+    if args.command == "figure":
+        print(figure(args.data, args.split, args.model, args.out, args.ensemble))
+        return None
     if args.command == "prepare":
         print(prepare(args.nilearn_wheel, args.mricron, args.out, args.pairs_per_subject, args.seed))
         return None

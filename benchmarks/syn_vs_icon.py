@@ -107,7 +107,8 @@ def main(argv=None) -> dict:
                    help="ICON's ensemble also on the images mirrored along these grid axes (e.g. 0: left-right, RAS)")
     p.add_argument("--passes", type=int, default=1, help="ICON (or its ensemble) applied this many times, composed")
     p.add_argument("--refine", action="store_true",
-                   help="ICON with the recommended refinement (monai-icon register --refine; monai_icon.apps.presets)")
+                   help="ICON with the recommended refinement (monai-icon register --refine; monai_icon.apps.presets); "
+                        "--io-* flags and --lmbda given explicitly override its values")
     p.add_argument("--syn-transform", default="SyN", choices=["SyN", "SyNOnly"],
                    help="ANTs type_of_transform (SyN: affine then SyN, the default; SyNOnly: no affine step)")
     p.add_argument("--no-syn", action="store_true", help="skip SyN (e.g. to add ICON settings to earlier results)")
@@ -146,7 +147,11 @@ def main(argv=None) -> dict:
             from monai_icon.apps.presets import refinement_arguments
             from monai_icon.losses import get_similarity
 
-            settings = refinement_arguments(model.spatial_size)
+            # explicit io flags (different from their defaults) override the preset's values
+            given = {k: getattr(args, k) for k in ("io_steps", "io_lr", "io_mode", "io_size", "io_levels",
+                                                   "io_field_size", "io_fine_steps", "lmbda")
+                     if getattr(args, k) != p.get_default(k)}
+            settings = refinement_arguments(model.spatial_size, **given)
             model.similarity = get_similarity(settings["similarity"], len(model.spatial_size),
                                               kernel_size=settings["lncc_kernel"])
             model.lmbda, model.regularizer = settings["lmbda"], settings["regularizer"]
