@@ -476,3 +476,29 @@ def test_bundle_verifies_and_its_inference_config_registers_a_pair(tmp_path):
     moving_grid, fixed_grid = (images[k][0].numpy() for k in ("moving_image", "fixed_image"))
     error = np.mean((warped.reshape(fixed_grid.shape) - fixed_grid) ** 2)
     assert error < 0.5 * np.mean((moving_grid - fixed_grid) ** 2)
+
+
+def test_shipped_brain_transfer_model_is_the_t1head_network_in_float16_and_registers(tmp_path):
+    """``models/brain_transfer_model.pt`` (scripts/train_transfer3d.sh) is stored as float16 data, has the T1-head
+    model's network spec and preprocessing, and, network alone, raises the label Dice of a held-out demo pair
+    without folds."""
+    from dataclasses import fields
+
+    from monai_icon.apps.register import register_pairs
+    from monai_icon.data import load_pair_datalist, write_deformed_copies
+
+    path = ROOT / "bundle" / "knee3d_icon" / "models" / "brain_transfer_model.pt"
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in content["state_dict"].values() if v.is_floating_point())
+    transfer, t1head = load_registration_model(path), load_registration_model(SHIPPED_T1HEAD)
+    for field in fields(transfer):
+        if field.name != "network":
+            assert getattr(transfer, field.name) == getattr(t1head, field.name), field.name
+    assert transfer.network.state_dict().keys() == t1head.network.state_dict().keys()
+    write_deformed_copies(tmp_path / "volumes", num_copies=16, deformation_mm=6.0, seed=0)
+    write_datalist(build_knee_datalist(tmp_path / "volumes", 0.25, 8, require_side=False, relative_to=tmp_path,
+                                       val_fraction=0.2, num_val_pairs=6), tmp_path / "datalist.json")
+    pair = load_pair_datalist(tmp_path / "datalist.json", key="test_pairs")[:1]
+    (summary,) = register_pairs(pair, transfer, tmp_path / "out")
+    assert summary["mean_dice"] > summary["mean_dice_unregistered"] + 0.07, summary
+    assert summary["folds_percent"] < 0.1
