@@ -288,7 +288,7 @@ def figure(data: Path, split: str, model_path: str, out: Path, ensemble: bool = 
     from monai_icon.apps.physical import load_image, to_network_grid
     from monai_icon.apps.presets import RECOMMENDED_ENSEMBLE
     from monai_icon.networks import ensemble_network
-    from monai_icon.networks.maps import identity_grid
+    from monai_icon.networks.maps import identity_grid, interpolate
     from monai_icon.networks.registration_net import register_one_way
     from monai_icon.visualize import save_registration_figure
 
@@ -305,15 +305,8 @@ def figure(data: Path, split: str, model_path: str, out: Path, ensemble: bool = 
     with torch.no_grad():
         phi = register_one_way(model.network, moving_t, fixed_t)
         grid = phi(identity_grid(model.spatial_size).repeat(len(chosen), *([1] * (len(model.spatial_size) + 1))))
-        warped = _sample_unit(moving_t, grid)
+        warped = interpolate(moving_t, grid)
     return save_registration_figure(out, moving_t, fixed_t, warped, grid)
-
-
-def _sample_unit(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``images`` ``[B, 1, *N]`` at the ``[0, 1]`` coordinates ``grid`` ``[B, 3, *N]`` (trilinear, border)."""
-    sample = 2 * grid - 1
-    return F.grid_sample(images, sample.movedim(1, -1).flip(-1), mode="bilinear", padding_mode="border",
-                         align_corners=True)
 
 
 def main(argv=None):
