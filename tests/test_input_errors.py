@@ -55,14 +55,14 @@ WARPED = ["--warped", "{out}/w.nii.gz"]
 
 CASES = [
     # counts, sizes and ranges
-    (REGISTER + WARPED + ["--io-steps", "-1"], "io_steps must be an integer >= 0"),
-    (REGISTER + WARPED + ["--io-lr", "nan"], "io_lr must be a finite number > 0"),
-    (REGISTER + WARPED + ["--io-levels", "0"], "io_levels must be an integer >= 1"),
+    (REGISTER + WARPED + ["--io-steps", "-1"], "--io-steps must be an integer >= 0"),
+    (REGISTER + WARPED + ["--io-lr", "nan"], "--io-lr must be a finite number > 0"),
+    (REGISTER + WARPED + ["--io-levels", "0"], "--io-levels must be an integer >= 1"),
     (REGISTER + WARPED + ["--io-levels", "3"], "io_levels > 1 needs io_mode='residual'"),
     (REGISTER + WARPED + ["--lmbda", "nan"], "lmbda must be a finite number >= 0"),
     (REGISTER + WARPED + ["--lmbda", "-1"], "lmbda must be a finite number >= 0"),
-    (REGISTER + WARPED + ["--io-lr", "-0.1"], "io_lr must be a finite number > 0"),
-    (REGISTER + WARPED + ["--spatial-size", "0,16,8"], "spatial_size must be integers >= 2"),
+    (REGISTER + WARPED + ["--io-lr", "-0.1"], "--io-lr must be a finite number > 0"),
+    (REGISTER + WARPED + ["--spatial-size", "0,16,8"], "--spatial-size must be integers >= 2"),
     (REGISTER + WARPED + ["--window", "100,0"], "window must be increasing"),
     (REGISTER + WARPED + ["--window", "5,5"], "empty or reversed range"),
     (REGISTER + WARPED + ["--percentiles", "1,150"], "percentiles must lie within [0.0, 100.0]"),

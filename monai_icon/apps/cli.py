@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,12 +33,31 @@ from monai_icon.cpu_allocator import tune_cpu_allocator
 __all__ = ["build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (the usage is in ``--help``)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _numbers(text: str, kind: type, separators: str) -> list:
+    parts = re.split(f"[{separators}]", text.strip())
+    try:
+        if not text.strip() or any(not p.strip() for p in parts):
+            raise ValueError
+        return [kind(p) for p in parts]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise argparse.ArgumentTypeError(f"expected {what} separated by commas (e.g. 1,2,3), got {text!r}") from None
+
+
 def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.replace("x", ",").split(",") if v]
+    """``"128,64,128"`` or ``"128x64x128"``; anything else is refused (argparse names the flag)."""
+    return _numbers(text, int, ",x")
 
 
 def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.replace("x", ",").split(",") if v]
+    return _numbers(text, float, ",")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +125,7 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _IO_DEFAULTS = {"io_steps": 0, "io_mode": "network", "io_levels": 1}
+MAX_PASSES = 16
 
 
 def _apply_presets(args: argparse.Namespace) -> None:
@@ -116,10 +138,12 @@ def _apply_presets(args: argparse.Namespace) -> None:
         args.flip_axes = RECOMMENDED_ENSEMBLE["flip_axes"] if args.flip_axes is None else args.flip_axes
         args.passes = RECOMMENDED_ENSEMBLE["passes"] if args.passes is None else args.passes
     args.passes = 1 if args.passes is None else args.passes
+    args.preset_filled = set()  # settings a preset chose (adapted to the model's grid where they must be)
     if getattr(args, "refine", False):
         for key, value in RECOMMENDED_REFINEMENT.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+                args.preset_filled.add(key)
     for key, value in _IO_DEFAULTS.items():
         if getattr(args, key, value) is None:
             setattr(args, key, value)
@@ -144,25 +168,70 @@ def _load_model(args: argparse.Namespace, device):
     if args.window is not None:
         overrides["percentiles"] = None
     model = load_registration_model(args.model, device, args.spatial_size, args.model_kind, **overrides)
+    _apply_refinement_grids(args, model.spatial_size)
+    _check_model_arguments(args, model)
     if args.lncc_kernel is not None:
         from monai_icon.losses import get_similarity
 
+        model.similarity = get_similarity("lncc", model.spatial_dims, kernel_size=args.lncc_kernel)
+    from monai_icon.networks import ensemble_network
+
+    model.network = ensemble_network(model.network, args.symmetric, args.flip_axes or [], passes=args.passes)
+    return model
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every numeric flag of ``register`` / ``register-pairs`` that does not need the model, checked in one place
+    (the limits that depend on the model's grid: :func:`_check_model_arguments`)."""
+    from monai_icon.apps.validation import check_count, check_grid_budget, check_positive_number, check_sizes
+
+    check_count(args.io_steps, "--io-steps")
+    check_positive_number(_io_lr(args), "--io-lr")
+    check_count(args.io_levels, "--io-levels", minimum=1)
+    passes = check_count(args.passes, "--passes", minimum=1)
+    if passes > MAX_PASSES:
+        raise ValueError(f"--passes must be at most {MAX_PASSES} (each pass is a full network evaluation on images "
+                         f"warped by the maps so far), got {passes}.")
+    if args.io_fine_steps is not None:
+        check_count(args.io_fine_steps, "--io-fine-steps")
+    for flag in ("spatial_size", "io_size", "io_field_size"):
+        name = "--" + flag.replace("_", "-")
+        check_sizes(getattr(args, flag), name, minimum=2)
+        check_grid_budget(getattr(args, flag), name)
+    if args.lncc_kernel is not None:
+        kernel = args.lncc_kernel
+        if kernel < 3 or kernel % 2 != 1:
+            raise ValueError(f"--lncc-kernel must be an odd number >= 3, got {kernel}.")
+
+
+def _check_model_arguments(args: argparse.Namespace, model) -> None:
+    """The flags whose limits come from the model's grid (see :func:`_check_arguments` for the others)."""
+    from monai_icon.engines.instance_optimisation import pyramid_shapes
+
+    dims = model.spatial_dims
+    for flag in ("io_size", "io_field_size"):
+        size = getattr(args, flag)
+        if size is not None and len(size) != dims:
+            raise ValueError(f"--{flag.replace('_', '-')} {size} must have {dims} values (the model is {dims}D).")
+    flips = args.flip_axes or []
+    if any(a < 0 or a >= dims for a in flips):
+        raise ValueError(f"--flip-axes {flips} must be axes of the model's {dims}D grid (0 .. {dims - 1}).")
+    compared = list(args.io_size or model.spatial_size)
+    if args.lncc_kernel is not None:
         if model.similarity != "lncc":
             raise ValueError(f"--lncc-kernel needs the lncc similarity (--similarity lncc); the model's is "
                              f"{model.similarity!r}.")
-        kernel = args.lncc_kernel
-        if isinstance(kernel, bool) or kernel < 3 or kernel % 2 != 1:
-            raise ValueError(f"--lncc-kernel must be an odd number >= 3, got {kernel}.")
-        model.similarity = get_similarity("lncc", model.spatial_dims, kernel_size=kernel)
-    from monai_icon.networks import ensemble_network
-
-    flips = args.flip_axes or []
-    if any(a < 0 or a >= model.spatial_dims for a in flips):
-        raise ValueError(f"--flip-axes {flips} must be axes of the model's {model.spatial_dims}D grid "
-                         f"(0 .. {model.spatial_dims - 1}).")
-    model.network = ensemble_network(model.network, args.symmetric, flips, passes=args.passes)
-    _apply_refinement_grids(args, model.spatial_size)
-    return model
+        if args.lncc_kernel > min(compared):
+            raise ValueError(f"--lncc-kernel {args.lncc_kernel} is larger than the grid the images are compared on "
+                             f"({compared}); use at most {min(compared) - (1 - min(compared) % 2)}.")
+    field = list(args.io_field_size or args.io_size or model.spatial_size)
+    levels = pyramid_shapes(field, args.io_levels)
+    distinct = len(dict.fromkeys(levels))
+    if distinct < len(levels) and "io_levels" in getattr(args, "preset_filled", ()):
+        args.io_levels = distinct  # --refine on a small grid: as many levels as it has
+    elif distinct < len(levels):
+        raise ValueError(f"--io-levels {args.io_levels} is more than the residual grid {field} can be halved "
+                         f"(at least 2 voxels per axis): use at most {distinct}.")
 
 
 def _io_lr(args: argparse.Namespace) -> float:
@@ -170,7 +239,9 @@ def _io_lr(args: argparse.Namespace) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="monai-icon", description="ICON inverse-consistent registration (MONAI).")
+    parser = _Parser(prog="monai-icon", description="ICON inverse-consistent registration (MONAI).")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also MONAI_ICON_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     reg = sub.add_parser("register", help="register a moving image file to a fixed one (outputs on the fixed grid)")
@@ -249,20 +320,45 @@ def _default_device(name: str | None):
     return check_device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _register_pairs(args: argparse.Namespace) -> None:
-    from monai_icon.apps.register import register_pairs
-    from monai_icon.apps.validation import check_count, check_positive_number
+def _prepare(args: argparse.Namespace):
+    """Shared start of ``register`` and ``register-pairs``: presets, checks, device, CPU allocator, model."""
+    _apply_presets(args)
+    _check_arguments(args)
+    device = _default_device(args.device)
+    if device.type == "cpu":  # many large CPU tensors per step: reuse their memory (nothing to tune on GPUs)
+        tune_cpu_allocator()
+    return device, _load_model(args, device)
+
+
+def _run_register(args: argparse.Namespace) -> None:
+    from monai_icon.apps.register import register_files
+
+    device, model = _prepare(args)
+    summary = register_files(
+        args.fixed, args.moving, model, warped=args.warped, ddf=args.ddf, transform=args.transform,
+        moving_label=args.moving_label, warped_label=args.warped_label, fixed_side=args.fixed_side,
+        moving_side=args.moving_side, io_steps=args.io_steps, device=device, io_mode=args.io_mode,
+        io_size=args.io_size, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
+        fixed_label=args.fixed_label, label_weight=args.label_weight, io_levels=args.io_levels,
+        io_lr=_io_lr(args), io_field_size=args.io_field_size, io_fine_steps=args.io_fine_steps,
+    )
+    print(json.dumps(summary, indent=1))
+
+
+def _run_register_pairs(args: argparse.Namespace) -> None:
+    from monai_icon.apps.atomic_io import write_text
+    from monai_icon.apps.register import check_pairs, register_pairs
+    from monai_icon.apps.validation import check_outputs_spare_inputs
     from monai_icon.data import load_pair_datalist
     from monai_icon.losses.compiled_lncc import compiled_lncc
     from monai_icon.networks.trilinear import fast_trilinear
 
-    check_count(args.io_steps, "io_steps")
-    check_positive_number(_io_lr(args), "io_lr")
-    check_count(args.io_levels, "io_levels", minimum=1)
     pairs = load_pair_datalist(args.datalist, args.key)
-    device = _default_device(args.device)
-    model = _load_model(args, device)
     output_dir = Path(args.output_dir)
+    summary_file = output_dir / "summary.json"
+    check_pairs(pairs, output_dir, {"summary": summary_file})  # everything about the pairs, before the model
+    check_outputs_spare_inputs({"summary": summary_file}, {"datalist": args.datalist})
+    device, model = _prepare(args)
     output_dir.mkdir(parents=True, exist_ok=True)
     with fast_trilinear(args.fast_sampler), compiled_lncc(args.compiled_lncc):
         summaries = register_pairs(pairs, model, output_dir, args.io_steps, _io_lr(args), device, args.io_mode,
@@ -273,9 +369,7 @@ def _register_pairs(args: argparse.Namespace) -> None:
     if scored:
         means.update(mean_dice_unregistered=float(np.mean([s["mean_dice_unregistered"] for s in scored])),
                      mean_dice=float(np.mean([s["mean_dice"] for s in scored])), scored_pairs=len(scored))
-    tmp = output_dir / "summary.json.partial"
-    tmp.write_text(json.dumps({"mean": means, "pairs": summaries}, indent=1, default=str))
-    tmp.replace(output_dir / "summary.json")
+    write_text(summary_file, json.dumps({"mean": means, "pairs": summaries}, indent=1, default=str), "summary")
     text = f"{means['pairs']} pairs, {means['seconds_per_pair']:.2f} s per pair, folds {means['folds_percent']:.3f} %"
     if scored:
         text += (f"; mean label Dice {means['mean_dice_unregistered']:.3f} (unregistered) -> {means['mean_dice']:.3f}"
@@ -283,67 +377,84 @@ def _register_pairs(args: argparse.Namespace) -> None:
     print(f"{text}; outputs and summary.json in {output_dir}")
 
 
+def _run_warp(args: argparse.Namespace) -> None:
+    from monai_icon.apps.transform_files import warp_file
+
+    print(f"wrote {warp_file(args.moving, args.transform, args.output, args.reference, args.mode)}")
+
+
+def _run_jacobian(args: argparse.Namespace) -> None:
+    from monai_icon.apps.transform_files import jacobian_file
+
+    print(json.dumps(jacobian_file(args.transform, args.output, args.log), indent=1))
+
+
+def _run_datalist(args: argparse.Namespace) -> None:
+    from monai_icon.apps.validation import check_count, check_fraction, check_output_path
+    from monai_icon.data.knee_datalist import build_knee_datalist, write_datalist
+
+    if not check_fraction(args.test_fraction, "--test-fraction") > 0:
+        raise ValueError(f"--test-fraction must lie in (0, 1), got {args.test_fraction}.")
+    check_count(args.test_pairs, "--test-pairs")
+    check_fraction(args.val_fraction, "--val-fraction")
+    if args.val_pairs is not None:
+        check_count(args.val_pairs, "--val-pairs")
+    if Path(args.folder).exists() and not Path(args.folder).is_dir():
+        raise ValueError(f"{args.folder!r} is a file, not a folder.")
+    check_output_path(args.output, "--output", (".json",))
+    output = Path(args.output)
+    datalist = build_knee_datalist(args.folder, args.test_fraction, args.test_pairs, args.seed,
+                                   args.image_pattern, relative_to=output.parent,
+                                   val_fraction=args.val_fraction, num_val_pairs=args.val_pairs)
+    write_datalist(datalist, output)
+    print(f"{datalist['description']}; written to {output}")
+
+
+def _run_synthetic_knees(args: argparse.Namespace) -> None:
+    from monai_icon.apps.physical import check_memory
+    from monai_icon.apps.validation import MIN_SPACING_MM, check_count, check_sizes
+    from monai_icon.data.synthetic_knee import write_synthetic_knees
+
+    check_count(args.subjects, "--subjects", minimum=1)
+    check_sizes(args.shape, "--shape", length=3, minimum=2)
+    check_sizes(args.spacing, "--spacing", length=3, minimum=MIN_SPACING_MM, integer=False)
+    check_memory(int(np.prod(args.shape)), 16, f"a knee of --shape {args.shape}")
+    folder = Path(args.folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{args.folder!r} is a file, not a folder.")
+    records = write_synthetic_knees(folder, args.subjects, args.shape, args.spacing, seed=args.seed)
+    print(f"wrote {len(records)} knees (image + label) to {args.folder}")
+
+
+_HANDLERS = {"register": _run_register, "register-pairs": _run_register_pairs, "warp": _run_warp,
+             "jacobian": _run_jacobian, "datalist": _run_datalist, "synthetic-knees": _run_synthetic_knees}
+_USER_ERRORS = (ValueError, FileNotFoundError, MemoryError, OSError)
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one line: its message (its type too when that is not a plain user error)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if not isinstance(err, _USER_ERRORS) or isinstance(err, RecursionError):
+        text = f"{type(err).__name__}: {text}"
+    return text[:2000]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one sub-command. Any error ends as one line on stderr (``monai-icon <command>: error: ...``) and exit
+    status 2 (1 for an unexpected failure, 130 when interrupted); ``--debug`` or ``MONAI_ICON_DEBUG=1`` shows the
+    traceback instead."""
     args = build_parser().parse_args(argv)
-    if args.command in ("register", "register-pairs"):  # many large CPU tensors per step: reuse their memory
-        _apply_presets(args)
-        tune_cpu_allocator()
+    debug = args.debug or os.environ.get("MONAI_ICON_DEBUG", "") not in ("", "0")
     try:
-        if args.command == "register":
-            from monai_icon.apps.register import register_files
-
-            device = _default_device(args.device)
-            model = _load_model(args, device)
-            summary = register_files(
-                args.fixed, args.moving, model, warped=args.warped, ddf=args.ddf, transform=args.transform,
-                moving_label=args.moving_label, warped_label=args.warped_label, fixed_side=args.fixed_side,
-                moving_side=args.moving_side, io_steps=args.io_steps, device=device, io_mode=args.io_mode,
-                io_size=args.io_size, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
-                fixed_label=args.fixed_label, label_weight=args.label_weight, io_levels=args.io_levels,
-                io_lr=_io_lr(args), io_field_size=args.io_field_size, io_fine_steps=args.io_fine_steps,
-            )
-            print(json.dumps(summary, indent=1))
-        elif args.command == "register-pairs":
-            _register_pairs(args)
-        elif args.command == "warp":
-            from monai_icon.apps.transform_files import warp_file
-
-            print(f"wrote {warp_file(args.moving, args.transform, args.output, args.reference, args.mode)}")
-        elif args.command == "jacobian":
-            from monai_icon.apps.transform_files import jacobian_file
-
-            print(json.dumps(jacobian_file(args.transform, args.output, args.log), indent=1))
-        elif args.command == "datalist":
-            from pathlib import Path
-
-            from monai_icon.apps.validation import check_count, check_fraction, check_output_path
-            from monai_icon.data.knee_datalist import build_knee_datalist, write_datalist
-
-            if not check_fraction(args.test_fraction, "--test-fraction") > 0:
-                raise ValueError(f"--test-fraction must lie in (0, 1), got {args.test_fraction}.")
-            check_count(args.test_pairs, "--test-pairs")
-            check_fraction(args.val_fraction, "--val-fraction")
-            if args.val_pairs is not None:
-                check_count(args.val_pairs, "--val-pairs")
-            check_output_path(args.output, "--output", (".json",))
-            output = Path(args.output)
-            datalist = build_knee_datalist(args.folder, args.test_fraction, args.test_pairs, args.seed,
-                                           args.image_pattern, relative_to=output.parent,
-                                           val_fraction=args.val_fraction, num_val_pairs=args.val_pairs)
-            write_datalist(datalist, output)
-            print(f"{datalist['description']}; written to {output}")
-        elif args.command == "synthetic-knees":
-            from monai_icon.apps.validation import MIN_SPACING_MM, check_count, check_sizes
-            from monai_icon.data.synthetic_knee import write_synthetic_knees
-
-            check_count(args.subjects, "--subjects", minimum=1)
-            check_sizes(args.shape, "--shape", length=3, minimum=2)
-            check_sizes(args.spacing, "--spacing", length=3, minimum=MIN_SPACING_MM, integer=False)
-            records = write_synthetic_knees(args.folder, args.subjects, args.shape, args.spacing, seed=args.seed)
-            print(f"wrote {len(records)} knees (image + label) to {args.folder}")
-    except (FileNotFoundError, ValueError, MemoryError) as err:
-        print(f"monai-icon {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        _HANDLERS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"monai-icon {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        print(f"monai-icon {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, _USER_ERRORS) and not isinstance(err, RecursionError) else 1
     return 0
 
 

@@ -18,8 +18,7 @@ lies within half a voxel of the image's voxels gets the (edge-clamped) linear in
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,10 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, Orientation, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles
 
-from monai_icon.networks.maps import Map
+from monai_icon.apps.atomic_io import atomic_write, is_nifti, run_isolated, write_nifti
+from monai_icon.apps.validation import check_nifti_header
+from monai_icon.memory import available_memory
+from monai_icon.networks.maps import Map, one_hot_labels
 from monai_icon.transforms.laterality import left_right_axis, normalise_side
 
 __all__ = [
@@ -39,13 +41,14 @@ __all__ = [
     "world_points",
     "fixed_to_moving_world",
     "sample_world",
+    "sample_labels",
+    "label_dtype",
     "check_memory",
     "write_image",
     "write_displacement",
 ]
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".nhdr", ".h5", ".hdf5", ".tfm", ".txt", ".mat")
 _BITMAP_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _CHUNK = 1 << 21  # voxels evaluated at a time (bounds the memory of the world-space steps)
 
@@ -63,13 +66,20 @@ def load_image(path: str | Path, what: str = "image") -> MetaTensor:
     # 2D bitmaps through ITK, so that their geometry (LPS origin, spacing) is the one ITK tools give them (PIL
     # would give an identity RAS affine: a mirror image of ITK's physical space)
     reader = "ITKReader" if path.suffix.lower() in _BITMAP_SUFFIXES else None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        check_nifti_header(path, what)  # readers fall back to another affine on a broken sform/qform
     try:
         image = LoadImage(reader=reader, image_only=True, ensure_channel_first=True)(str(path))
     except Exception as err:  # readers raise many types for corrupt/unsupported files
         raise ValueError(f"cannot read the {what} {path} as an image: {err}") from err
     if not torch.isfinite(image).all():
-        raise ValueError(f"the {what} {path} contains NaN or infinite values.")
-    return _square_affine(image)
+        count = int((~torch.isfinite(image)).sum())
+        raise ValueError(f"the {what} {path} contains {count} NaN or infinite value(s).")
+    image = _square_affine(image)
+    if not torch.isfinite(torch.as_tensor(image.affine)).all():
+        raise ValueError(f"the {what} {path} has NaN or infinite values in its geometry (origin, spacing or "
+                         "direction).")
+    return image
 
 
 def _square_affine(image: MetaTensor) -> MetaTensor:
@@ -223,18 +233,25 @@ def sample_world(
     return out
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux ``MemAvailable``, else free pages), or None."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+def sample_labels(label: torch.Tensor, affine: np.ndarray, points: torch.Tensor,
+                  limit_bytes: int | None = None) -> torch.Tensor:
+    """Integer labels ``[1, *N]`` (voxel-to-world ``affine``) at world ``points`` ``[D, *P]``: ``[*P]`` (int64).
+
+    Each label present (and 0, the value outside the image) gets one channel, interpolated linearly, and every
+    point takes the label of its largest channel; so any label values work (``10**6`` costs what ``1`` does) and
+    the memory grows with the number of distinct labels, checked first (:func:`check_memory`).
+    """
+    values, compact = torch.unique(torch.cat([label.reshape(-1).long(), torch.zeros(1, dtype=torch.long)]),
+                                   return_inverse=True)
+    check_memory(int(np.prod(points.shape[1:])), 2 * len(values), f"warping {len(values)} labels", limit_bytes)
+    onehot = one_hot_labels(compact[:-1].reshape(1, 1, *label.shape[1:]), len(values))[0]
+    return values[sample_world(onehot, affine, points).argmax(0)]
+
+
+def label_dtype(labels: torch.Tensor) -> torch.dtype:
+    """The smallest integer type that holds these non-negative labels (uint8, int16 or int32)."""
+    top = int(labels.max()) if labels.numel() else 0
+    return torch.uint8 if top <= 255 else torch.int16 if top <= 32767 else torch.int32
 
 
 def check_memory(num_voxels: int, channels: int, what: str = "the outputs", limit_bytes: int | None = None) -> None:
@@ -244,36 +261,13 @@ def check_memory(num_voxels: int, channels: int, what: str = "the outputs", limi
         MemoryError: with the size needed and the memory available.
     """
     needed = 3 * 4 * int(num_voxels) * int(channels)
-    limit_bytes = _available_memory() if limit_bytes is None else limit_bytes
+    limit_bytes = available_memory() if limit_bytes is None else limit_bytes
     if limit_bytes is None:  # unknown on this platform: do not guess
         return
     if needed > limit_bytes:
         raise MemoryError(f"{what} need about {needed / 2**30:.1f} GiB ({num_voxels} voxels x {channels} channels) but "
                           f"only {limit_bytes / 2**30:.1f} GiB of memory is available; resample the fixed image to a "
                           "coarser grid first.")
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in _SUFFIXES:
-        if name.endswith(suffix):
-            return path.name[-len(suffix):]
-    return path.suffix
-
-
-def _atomic(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Run ``write(temporary_path)`` then rename onto ``path``, so no half-written file ever carries its name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _suffix(path)
-    tmp = path.with_name(path.name[: len(path.name) - len(suffix)] + ".partial" + suffix)
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _itk_image(array: np.ndarray, affine: np.ndarray, is_vector: bool = False):
@@ -292,20 +286,26 @@ def _itk_image(array: np.ndarray, affine: np.ndarray, is_vector: bool = False):
     return image
 
 
-def write_image(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    """Write a scalar image ``[*N]`` (MONAI array order, RAS ``affine``) with ITK (``.nii.gz``, ``.mha``, ``.nrrd``...),
-    atomically."""
+def write_image(array: np.ndarray, affine: np.ndarray, path: str | Path, what: str = "output") -> Path:
+    """Write a scalar image ``[*N]`` (MONAI array order, RAS ``affine``): NIfTI with nibabel, other formats
+    (``.mha``, ``.nrrd``, ``.mhd``...) with ITK; atomically (:mod:`monai_icon.apps.atomic_io`).
+
+    Raises:
+        WriteError: the file could not be written completely (an earlier file of that name is left intact).
+    """
+    if is_nifti(path):
+        return write_nifti(np.asarray(array), affine, path, what=what)
     import itk
 
     image = _itk_image(np.asarray(array), affine)
-    return _atomic(path, lambda tmp: itk.imwrite(image, tmp, compression=True))
+    return atomic_write(path, lambda tmp: run_isolated(lambda: itk.imwrite(image, tmp, compression=True)), what)
 
 
 def write_displacement(
     displacement: torch.Tensor | np.ndarray, affine: np.ndarray, ddf_path: str | Path | None = None,
     transform_path: str | Path | None = None,
 ) -> None:
-    """Write a world-space displacement field defined on a fixed image's grid.
+    """Write a world-space displacement field defined on a fixed image's grid (atomically, each file).
 
     Args:
         displacement: ``[D, *N]`` (D = 2 or 3) RAS millimetres: fixed voxel centre ``y`` maps to moving point
@@ -315,18 +315,31 @@ def write_displacement(
             grid: ITK's, ANTs' (``*Warp.nii.gz``) and 3D Slicer's displacement-field convention.
         transform_path: ITK transform file (``.h5``/``.hdf5``/``.tfm``) holding an ``itk.DisplacementFieldTransform``
             (fixed-to-moving physical points, as ``itk.ResampleImageFilter``/``antsApplyTransforms`` expect).
-    """
-    import itk
 
+    Raises:
+        ValueError: not a finite ``[D, *N]`` field.
+        WriteError: a file could not be written completely.
+    """
     disp = torch.as_tensor(displacement, dtype=torch.float64).numpy()
     dims = disp.shape[0]
     if dims not in (2, 3) or disp.ndim != dims + 1:
         raise ValueError(f"expected a 2D or 3D displacement [D, *N], got shape {disp.shape}.")
+    if not np.isfinite(disp).all():
+        raise ValueError(f"the displacement holds {int((~np.isfinite(disp)).sum())} NaN or infinite values; "
+                         "nothing was written.")
     lps = np.einsum("ij,j...->...i", _RAS_TO_LPS[:dims, :dims], disp)  # [*N, D] in LPS
+    import itk
+
     if ddf_path is not None:
-        field = _itk_image(lps.astype(np.float32), affine, is_vector=True)
-        _atomic(ddf_path, lambda tmp: itk.imwrite(field, tmp, compression=True))
+        if is_nifti(ddf_path):
+            write_nifti(lps.astype(np.float32), affine, ddf_path, vector=True, what="displacement field")
+        else:
+            field = _itk_image(lps.astype(np.float32), affine, is_vector=True)
+            atomic_write(ddf_path, lambda tmp: run_isolated(lambda: itk.imwrite(field, tmp, compression=True)),
+                         "displacement field")
     if transform_path is not None:
         transform = itk.DisplacementFieldTransform[itk.D, dims].New()
         transform.SetDisplacementField(_itk_image(lps, affine, is_vector=True))
-        _atomic(transform_path, lambda tmp: itk.transformwrite([transform], tmp, compression=True))
+        atomic_write(transform_path,
+                     lambda tmp: run_isolated(lambda: itk.transformwrite([transform], tmp, compression=True)),
+                     "transform")

@@ -20,6 +20,7 @@ knee side) and the loss used for optional instance optimisation. It is read from
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ from torch.nn.modules.loss import _Loss
 from monai_icon.apps.physical import (
     check_memory,
     fixed_to_moving_world,
+    label_dtype,
     load_image,
+    sample_labels,
     sample_world,
     to_network_grid,
     unit_to_world,
@@ -49,10 +52,12 @@ from monai_icon.apps.validation import (
     TRANSFORM_SUFFIXES,
     check_count,
     check_device,
+    check_finite,
     check_image_geometry,
     check_interval,
     check_label_values,
     check_output_path,
+    check_outputs_spare_inputs,
     check_positive_number,
     check_side,
     check_sizes,
@@ -68,7 +73,7 @@ from monai_icon.engines.instance_optimisation import (
 )
 from monai_icon.engines.trainer import to_channels_last
 from monai_icon.networks import pretrained
-from monai_icon.networks.maps import Map, one_hot_labels
+from monai_icon.networks.maps import Map
 from monai_icon.networks.registration_net import register_one_way
 from monai_icon.networks.spec import build_network, check_network_spec
 from monai_icon.networks.weights import load_weights, read_checkpoint
@@ -83,8 +88,11 @@ __all__ = [
     "instance_optimise",
     "register_images",
     "register_files",
+    "pair_id",
     "pair_outputs",
+    "check_pairs",
     "register_pairs",
+    "PairError",
     "score_labels",
 ]
 
@@ -447,9 +455,12 @@ def register_files(
     for path, name, suffixes in ((warped, "warped", IMAGE_SUFFIXES), (warped_label, "warped_label", IMAGE_SUFFIXES),
                                  (ddf, "ddf", IMAGE_SUFFIXES), (transform, "transform", TRANSFORM_SUFFIXES)):
         check_output_path(path, name, suffixes)
-    outputs = [str(Path(p).absolute()) for p in (warped, warped_label, ddf, transform) if p is not None]
-    if len(set(outputs)) != len(outputs):
-        raise ValueError(f"two outputs would be written to the same file: {outputs}.")
+    check_outputs_spare_inputs(
+        {"warped": warped, "warped_label": warped_label, "ddf": ddf, "transform": transform},
+        {"fixed image": fixed, "moving image": moving, "moving label": moving_label, "fixed label": fixed_label,
+         "fixed mask": fixed_mask, "moving mask": moving_mask,
+         "model file": model if isinstance(model, (str, Path)) and Path(model).is_file() else None},
+    )
     if not isinstance(model, RegistrationModel):
         model = load_registration_model(model, device)
     fixed_image, moving_image = load_image(fixed, "fixed image"), load_image(moving, "moving image")
@@ -481,7 +492,7 @@ def register_files(
                          f"{tuple(moving_image.shape[1:])}.")
     fixed_shape = tuple(fixed_image.shape[1:])
     fixed_affine = np.asarray(fixed_image.affine, dtype=np.float64)
-    num_classes = int(label.max()) + 1 if label is not None else 0
+    num_classes = len(torch.unique(label.as_tensor())) + 1 if label is not None else 0
     check_memory(int(np.prod(fixed_shape)), 3 + moving_image.shape[0] + num_classes, "the outputs on the fixed grid",
                  memory_limit_bytes)
 
@@ -492,21 +503,25 @@ def register_files(
                              io_mode, io_size, masks[0], masks[1], fixed_labels, label, float(label_weight),
                              io_levels, io_field_size, io_fine_steps)
     points = result.fixed_to_moving(fixed_affine, fixed_shape)
+    try:
+        check_finite(points, "the registration's result")
+    except ValueError as err:
+        raise ValueError(f"{err} Nothing was written: check the model's weights, the images' intensities and the "
+                         "instance-optimisation settings (a learning rate too large diverges).") from None
     moving_affine = np.asarray(moving_image.affine, dtype=np.float64)
     written = {}
     if warped is not None:
         values = sample_world(moving_image.as_tensor(), moving_affine, points)
         written["warped"] = str(
             write_image(
-                values[0].numpy() if values.shape[0] == 1 else values.movedim(0, -1).numpy(), fixed_affine, warped
+                values[0].numpy() if values.shape[0] == 1 else values.movedim(0, -1).numpy(), fixed_affine, warped,
+                "warped image",
             )
         )
     if label is not None and warped_label is not None:  # both or neither (checked above)
-        onehot = one_hot_labels(label.as_tensor().long().unsqueeze(0), num_classes)[0]
-        warped_labels = (
-            sample_world(onehot, moving_affine, points).argmax(0).to(torch.int16 if num_classes > 255 else torch.uint8)
-        )
-        written["warped_label"] = str(write_image(warped_labels.numpy(), fixed_affine, warped_label))
+        warped_labels = sample_labels(label.as_tensor()[:1], moving_affine, points, memory_limit_bytes)
+        written["warped_label"] = str(write_image(warped_labels.to(label_dtype(warped_labels)).numpy(), fixed_affine,
+                                                  warped_label, "warped label map"))
     displacement = points - world_points(fixed_affine, fixed_shape)
     if ddf is not None or transform is not None:
         write_displacement(displacement, fixed_affine, ddf, transform)
@@ -522,13 +537,29 @@ def register_files(
     }
 
 
+_PAIR_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def pair_id(pair: dict[str, Any], index: int) -> str:
+    """A pair's ``pair_id`` (default ``pair<index>``, e.g. ``pair003``), checked to be a safe file-name stem.
+
+    Raises:
+        ValueError: not a string or integer, or not 1-100 letters, digits, ``.``, ``_`` or ``-`` starting with a
+            letter or digit (no folders, no hidden files, no control characters).
+    """
+    name = pair.get("pair_id", f"pair{index:03d}")
+    if isinstance(name, bool) or not isinstance(name, (str, int)) or not _PAIR_ID.fullmatch(str(name)):
+        shown = repr(name)[:60] + ("..." if len(repr(name)) > 60 else "")
+        raise ValueError(f"pair {index}: pair_id {shown} must be a plain file name stem: 1-100 letters, digits, "
+                         "'.', '_' or '-', starting with a letter or digit (it names the pair's output files).")
+    return str(name)
+
+
 def pair_outputs(pair: dict[str, Any], index: int, output_dir: str | Path) -> dict[str, Path | None]:
     """The output files of one pair of a pair datalist: ``<pair_id>_warped.nii.gz``, ``_ddf.nii.gz`` (LPS mm),
     ``_phi.h5`` (ITK transform) and, when the pair has a ``moving_label``, ``_warped_label.nii.gz``
-    (``pair_id`` defaults to ``pair<index>``)."""
-    name = str(pair.get("pair_id", f"pair{index:03d}"))
-    if not name or Path(name).name != name:
-        raise ValueError(f"pair {index}: pair_id {name!r} must be a plain file name stem (no folders).")
+    (``pair_id`` defaults to ``pair<index>``; see :func:`pair_id`)."""
+    name = pair_id(pair, index)
     base = Path(output_dir)
     return {
         "warped": base / f"{name}_warped.nii.gz",
@@ -536,6 +567,39 @@ def pair_outputs(pair: dict[str, Any], index: int, output_dir: str | Path) -> di
         "transform": base / f"{name}_phi.h5",
         "warped_label": base / f"{name}_warped_label.nii.gz" if pair.get("moving_label") else None,
     }
+
+
+def check_pairs(pairs: Sequence[dict[str, Any]], output_dir: str | Path,
+                extra_outputs: dict[str, str | Path | None] | None = None) -> list[dict[str, Path | None]]:
+    """Check a whole pair datalist before any registration: unique, safe ``pair_id`` s, an output folder that is a
+    folder, and no output (of any pair, or ``extra_outputs`` such as the summary) that is an input of any pair.
+
+    Returns:
+        each pair's :func:`pair_outputs`.
+
+    Raises:
+        ValueError: the first problem, naming the pair.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"the output folder {str(output_dir)!r} is a file.")
+    ids: dict[str, int] = {}
+    outputs: dict[str, str | Path | None] = dict(extra_outputs or {})
+    inputs: dict[str, str | Path | None] = {}
+    files = []
+    for i, pair in enumerate(pairs):
+        name = pair_id(pair, i)
+        if name in ids:
+            raise ValueError(f"pairs {ids[name]} and {i} have the same pair_id {name!r}: their outputs would "
+                             "overwrite each other.")
+        ids[name] = i
+        pair_files = pair_outputs(pair, i, output_dir)
+        files.append(pair_files)
+        outputs.update({f"pair {name}'s {role}": path for role, path in pair_files.items()})
+        inputs.update({f"pair {name}'s {key}": pair.get(key) for key in ("fixed_image", "moving_image",
+                                                                         "moving_label", "fixed_label")})
+    check_outputs_spare_inputs(outputs, inputs)
+    return files
 
 
 def register_pairs(
@@ -553,7 +617,7 @@ def register_pairs(
 ) -> list[dict[str, Any]]:
     """Register every pair of a pair datalist (:func:`~monai_icon.data.load_pair_datalist`) in physical space with
     :func:`register_files` (the ``io_*`` arguments are its), writing :func:`pair_outputs` into ``output_dir``.
-    Prints one line per pair.
+    Prints one line per pair. The whole list is checked first (:func:`check_pairs`).
 
     Pairs with both ``moving_label`` and ``fixed_label`` are scored: Dice per label
     (:func:`~monai_icon.metrics.label_dice`) of the warped moving labels against the fixed labels on the fixed
@@ -562,25 +626,38 @@ def register_pairs(
     Returns:
         the summaries of :func:`register_files`, one per pair (with ``pair_id`` and, for scored pairs, ``dice``,
         ``dice_unregistered`` and their means ``mean_dice``, ``mean_dice_unregistered``).
+
+    Raises:
+        PairError: a pair failed (the message names it and its files; pairs before it are written).
     """
+    all_outputs = check_pairs(pairs, output_dir, {"summary": Path(output_dir) / "summary.json"})
     if not isinstance(model, RegistrationModel):
         model = load_registration_model(model, device)
     summaries = []
-    for i, pair in enumerate(pairs):
-        outputs = pair_outputs(pair, i, output_dir)
-        summary = register_files(pair["fixed_image"], pair["moving_image"], model, warped=outputs["warped"],
-                                 ddf=outputs["ddf"], transform=outputs["transform"],
-                                 moving_label=pair.get("moving_label"), warped_label=outputs["warped_label"],
-                                 io_steps=io_steps, io_lr=io_lr, device=device, io_mode=io_mode, io_size=io_size,
-                                 io_levels=io_levels, io_field_size=io_field_size, io_fine_steps=io_fine_steps)
-        summary["pair_id"] = pair.get("pair_id", f"pair{i:03d}")
-        line = f"{summary['pair_id']}: {summary['seconds']:.2f} s, folds {summary['folds_percent']:.3f} %"
-        if pair.get("fixed_label") and outputs["warped_label"] is not None:
-            summary.update(score_labels(pair["fixed_label"], pair["moving_label"], outputs["warped_label"]))
-            line += f", label Dice {summary['mean_dice_unregistered']:.3f} -> {summary['mean_dice']:.3f}"
+    for i, (pair, outputs) in enumerate(zip(pairs, all_outputs)):
+        name = pair_id(pair, i)
+        try:
+            summary = register_files(pair["fixed_image"], pair["moving_image"], model, warped=outputs["warped"],
+                                     ddf=outputs["ddf"], transform=outputs["transform"],
+                                     moving_label=pair.get("moving_label"), warped_label=outputs["warped_label"],
+                                     io_steps=io_steps, io_lr=io_lr, device=device, io_mode=io_mode,
+                                     io_size=io_size, io_levels=io_levels, io_field_size=io_field_size,
+                                     io_fine_steps=io_fine_steps)
+            summary["pair_id"] = name
+            line = f"{name}: {summary['seconds']:.2f} s, folds {summary['folds_percent']:.3f} %"
+            if pair.get("fixed_label") and outputs["warped_label"] is not None:
+                summary.update(score_labels(pair["fixed_label"], pair["moving_label"], outputs["warped_label"]))
+                line += f", label Dice {summary['mean_dice_unregistered']:.3f} -> {summary['mean_dice']:.3f}"
+        except Exception as err:
+            raise PairError(f"pair {name} (pair {i + 1} of {len(pairs)}; fixed {pair['fixed_image']}, moving "
+                            f"{pair['moving_image']}): {err}") from err
         print(line, flush=True)
         summaries.append(summary)
     return summaries
+
+
+class PairError(ValueError):
+    """A pair of :func:`register_pairs` failed; the message names the pair and its files."""
 
 
 def score_labels(fixed_label: str | Path, moving_label: str | Path, warped_label: str | Path) -> dict[str, Any]:

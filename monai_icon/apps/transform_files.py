@@ -17,15 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monai_icon.apps.physical import load_image, sample_world, world_points, write_image
+from monai_icon.apps.physical import label_dtype, load_image, sample_labels, sample_world, world_points, write_image
 from monai_icon.apps.validation import (
     IMAGE_SUFFIXES,
     TRANSFORM_SUFFIXES,
     check_label_values,
+    check_nifti_header,
     check_output_path,
+    check_outputs_spare_inputs,
 )
 from monai_icon.metrics.folds import jacobian_determinant
-from monai_icon.networks.maps import one_hot_labels
 
 __all__ = ["WARP_MODES", "read_displacement", "warp_file", "jacobian_file"]
 
@@ -49,6 +50,17 @@ def _from_itk(image) -> tuple[torch.Tensor, np.ndarray]:
     return values, _LPS @ affine
 
 
+def _check_nifti_field(path: Path) -> None:
+    """A NIfTI displacement field's header and values as stored (ITK's NIfTI reader turns NaN into 0)."""
+    import nibabel as nib
+
+    check_nifti_header(path, "transform")
+    values = np.asarray(nib.load(str(path)).dataobj)  # type: ignore[attr-defined]
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        raise ValueError(f"the transform {path} holds {int((~np.isfinite(values)).sum())} NaN or infinite "
+                         "displacement value(s); it cannot be applied or measured.")
+
+
 def read_displacement(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
     """Read a transform written by ``monai-icon register``.
 
@@ -58,7 +70,7 @@ def read_displacement(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a 3D displacement field / displacement-field transform.
+        ValueError: not a 3D displacement field / displacement-field transform, or non-finite values.
     """
     import itk
 
@@ -74,6 +86,8 @@ def read_displacement(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
                                  f"{[t.GetNameOfClass() for t in transforms]}.")
             field = fields[0].GetDisplacementField()
         else:
+            if path.name.lower().endswith((".nii", ".nii.gz")):
+                _check_nifti_field(path)
             field = itk.imread(str(path))
             if field.GetImageDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
                 raise ValueError(f"{path} is not a 3D displacement field (3 components per voxel): it has "
@@ -84,6 +98,11 @@ def read_displacement(path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
     except Exception as err:  # ITK raises RuntimeError/TypeError for unreadable or foreign files
         raise ValueError(f"cannot read {path} as a displacement field transform: {err}") from err
     lps, affine = _from_itk(field)
+    if not np.isfinite(affine).all():
+        raise ValueError(f"the transform {path} has NaN or infinite values in its grid's geometry.")
+    if not bool(torch.isfinite(lps).all()):
+        raise ValueError(f"the transform {path} holds {int((~torch.isfinite(lps)).sum())} NaN or infinite "
+                         "displacement value(s); it cannot be applied or measured.")
     ras = lps.clone()
     ras[:2] = -ras[:2]  # LPS -> RAS components
     return ras, affine
@@ -122,6 +141,8 @@ def warp_file(
     if mode not in WARP_MODES:
         raise ValueError(f"mode must be one of {WARP_MODES}, got {mode!r}.")
     check_output_path(output, "output", IMAGE_SUFFIXES)
+    check_outputs_spare_inputs({"output": output}, {"moving image": moving, "transform": transform,
+                                                    "reference image": reference})
     displacement, field_affine = read_displacement(transform)
     image = load_image(moving, "moving image")
     if image.ndim != 4:
@@ -135,10 +156,8 @@ def warp_file(
     moving_affine = np.asarray(image.affine, dtype=np.float64)
     if mode == "label":
         check_label_values(image.as_tensor(), f"the label map {moving}")
-        labels = image.as_tensor().long()
-        onehot = one_hot_labels(labels.unsqueeze(0), int(labels.max()) + 1)[0]
-        out = sample_world(onehot, moving_affine, points).argmax(0)
-        array = out.to(torch.int16 if int(labels.max()) > 255 else torch.uint8).numpy()
+        out = sample_labels(image.as_tensor()[:1], moving_affine, points)
+        array = out.to(label_dtype(out)).numpy()
     else:
         values = sample_world(image.as_tensor(), moving_affine, points, "nearest" if mode == "nearest" else "bilinear")
         array = values[0].numpy() if values.shape[0] == 1 else values.movedim(0, -1).numpy()
@@ -163,8 +182,12 @@ def jacobian_file(transform: str | Path, output: str | Path | None = None, log: 
     """
     if output is not None:
         check_output_path(output, "output", IMAGE_SUFFIXES)
+        check_outputs_spare_inputs({"output": output}, {"transform": transform})
     displacement, affine = read_displacement(transform)
     shape = tuple(displacement.shape[1:])
+    if min(shape) < 2:
+        raise ValueError(f"the transform {transform} has a grid of {shape} voxels: the Jacobian needs at least 2 "
+                         "voxels along every axis.")
     points = world_points(affine, shape) + displacement
     det = jacobian_determinant(points.unsqueeze(0))[0] / float(np.linalg.det(affine[:3, :3]))
     folds = int((det < 0).sum())

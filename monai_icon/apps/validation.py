@@ -11,9 +11,10 @@ long registration does not fail when it tries to write its result.
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,24 @@ __all__ = [
     "check_fraction",
     "check_interval",
     "check_sizes",
+    "check_grid_budget",
     "check_side",
     "check_device",
     "check_output_path",
     "check_label_values",
     "check_image_geometry",
+    "check_nifti_header",
+    "check_finite",
+    "same_file",
+    "check_outputs_spare_inputs",
 ]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
 MIN_SPACING_MM = 1e-3
+# memory per voxel of a grid that images are registered on (network activations, maps, fields, gradients): a
+# bound, not a measurement; grids that exceed the available memory by it are refused before anything is allocated
+GRID_BYTES_PER_VOXEL = 1024
 
 
 def check_count(value: Any, name: str, minimum: int = 0) -> int:
@@ -92,6 +101,22 @@ def check_sizes(values: Sequence[Any] | None, name: str, length: int | None = No
             kind = "integers" if integer else "finite numbers"
             raise ValueError(f"{name} must be {kind} >= {minimum}, got {values!r}.")
     return values
+
+
+def check_grid_budget(size: Sequence[int] | None, name: str, bytes_per_voxel: int = GRID_BYTES_PER_VOXEL,
+                      limit_bytes: int | None = None) -> None:
+    """Refuse a grid that cannot fit: ``prod(size) * bytes_per_voxel`` against ``limit_bytes`` (default: the
+    memory available now, :func:`monai_icon.memory.available_memory`)."""
+    if size is None:
+        return
+    from monai_icon.memory import available_memory
+
+    voxels = math.prod(int(v) for v in size)
+    limit_bytes = available_memory() if limit_bytes is None else limit_bytes
+    if limit_bytes is not None and voxels * bytes_per_voxel > limit_bytes:
+        raise ValueError(f"{name} {list(size)} is {voxels:,} voxels: registering on it needs about "
+                         f"{voxels * bytes_per_voxel / 2**30:.1f} GiB but {limit_bytes / 2**30:.1f} GiB of memory is "
+                         "available; use a smaller grid.")
 
 
 def check_side(side: str | None, name: str) -> str | None:
@@ -164,7 +189,11 @@ def check_image_geometry(affine: np.ndarray, shape: Sequence[int], name: str, sp
     """Voxel spacing not (nearly) zero and, for a ``spatial_dims``-D model, at least two voxels along every axis
     (a single-slice volume cannot be registered by a 3D model)."""
     dims = len(shape)
-    linear = np.asarray(affine, dtype=np.float64)[:dims, :dims]
+    matrix = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{name} has a voxel-to-world affine with NaN or infinite entries (origin, spacing or "
+                         f"direction): {np.round(matrix, 4).tolist()}.")
+    linear = matrix[:dims, :dims]
     spacing = np.linalg.norm(linear, axis=0)
     if not np.all(np.isfinite(spacing)) or np.any(spacing < MIN_SPACING_MM):
         raise ValueError(f"{name} has degenerate voxel spacing {np.round(spacing, 6).tolist()} mm "
@@ -174,3 +203,95 @@ def check_image_geometry(affine: np.ndarray, shape: Sequence[int], name: str, sp
     if spatial_dims is not None and spatial_dims == dims and min(shape) < 2:
         raise ValueError(f"{name} has a single slice along an axis (shape {tuple(shape)}): a {spatial_dims}D "
                          "model needs at least 2 voxels per axis.")
+
+
+def check_nifti_header(path: str | Path, what: str = "image") -> None:
+    """The orientation a NIfTI header states must be usable: readers silently fall back to another (or an
+    identity) affine when the sform or qform holds NaN, a zero column or a singular matrix, so such a file is
+    refused here instead of being registered in the wrong place.
+
+    Raises:
+        ValueError: names the file, the transform (sform, qform or pixdim) and the problem.
+    """
+    import nibabel as nib
+
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    try:  # the header as stored (nibabel's loader silently repairs some fields, e.g. zero voxel sizes)
+        with opener(path, "rb") as stream:
+            header = nib.Nifti1Header.from_fileobj(stream, check=False)
+    except Exception:  # noqa: BLE001 - not readable as NIfTI-1: the image reader reports it
+        return
+    dims = int(min(max(int(header["dim"][0]), 1), 3))
+    pixdim = np.asarray(header["pixdim"][1: dims + 1], dtype=np.float64)
+    where = f"the {what} {path}"
+    if int(header["sform_code"]) > 0:
+        srow = np.stack([header["srow_x"], header["srow_y"], header["srow_z"]]).astype(np.float64)
+        if not np.isfinite(srow).all():
+            raise ValueError(f"{where} has NaN or infinite values in its sform (its voxel-to-world matrix); fix the "
+                             "header or set sform_code to 0.")
+        columns = np.linalg.norm(srow[:, :dims], axis=0)
+        if np.any(columns < MIN_SPACING_MM):
+            axis = int(np.argmin(columns))
+            raise ValueError(f"{where} has degenerate voxel spacing in its sform: axis {axis} is "
+                             f"{columns[axis]:.3g} mm long (each axis must be >= {MIN_SPACING_MM} mm).")
+        if dims == 3 and abs(np.linalg.det(srow[:, :3])) < MIN_SPACING_MM ** 3:
+            raise ValueError(f"{where} has a singular sform (its voxel-to-world matrix has no inverse).")
+    if int(header["qform_code"]) > 0:
+        quaternion = np.asarray([header[k] for k in ("quatern_b", "quatern_c", "quatern_d", "qoffset_x",
+                                                     "qoffset_y", "qoffset_z")], dtype=np.float64)
+        if not np.isfinite(quaternion).all():
+            raise ValueError(f"{where} has NaN or infinite values in its qform (rotation or origin); fix the header "
+                             "or set qform_code to 0.")
+    if not np.isfinite(pixdim).all() or np.any(np.abs(pixdim) < MIN_SPACING_MM):
+        if int(header["sform_code"]) == 0:  # the voxel sizes are part of the affine used
+            raise ValueError(f"{where} has voxel sizes (pixdim) {pixdim.tolist()}: each must be a finite number >= "
+                             f"{MIN_SPACING_MM} mm.")
+
+
+def check_finite(values: torch.Tensor | np.ndarray, name: str) -> None:
+    """Refuse NaN or infinite values, with their count."""
+    tensor = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values)
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        count = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name} holds {count} NaN or infinite value(s).")
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file: the same path, a symbolic link to it, or a hard link (same device and
+    inode); for a path that does not exist yet, the same resolved location."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs_spare_inputs(outputs: Mapping[str, str | Path | None],
+                               inputs: Mapping[str, str | Path | None]) -> None:
+    """Refuse, before any computation, an output that would overwrite an input (by path, symbolic link or hard
+    link; for detached ``.mhd``/``.nhdr`` outputs, also their data files), or two outputs that are one file.
+
+    Args:
+        outputs, inputs: ``{role: path}`` (``None`` entries are skipped); roles name the files in the message.
+
+    Raises:
+        ValueError: ``"<output role> <path> would overwrite the <input role> <path>"``.
+    """
+    from monai_icon.apps.atomic_io import companion_files
+
+    given_outputs = [(role, Path(path)) for role, path in outputs.items() if path is not None]
+    given_inputs = [(role, Path(path)) for role, path in inputs.items() if path is not None]
+    given_inputs += [(f"{role}'s data file", data) for role, path in given_inputs for data in companion_files(path)
+                     if data.exists()]
+    for i, (role, path) in enumerate(given_outputs):
+        for target in (path, *companion_files(path)):
+            for input_role, input_path in given_inputs:
+                if same_file(target, input_path):
+                    link = "" if os.path.abspath(target) == os.path.abspath(input_path) else " (a link to it)"
+                    raise ValueError(f"{role} {str(path)!r} would overwrite the {input_role} {str(input_path)!r}"
+                                     f"{link}; write the output elsewhere.")
+        for other_role, other in given_outputs[i + 1:]:
+            if same_file(path, other):
+                raise ValueError(f"{role} and {other_role} are the same file {str(path)!r}.")

@@ -32,8 +32,10 @@ def load_pair_datalist(path: str | Path, key: str = "pairs") -> list[dict[str, A
         raise FileNotFoundError(f"pair datalist not found: {path}")
     try:
         content = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a pair datalist.") from None
     pairs = content.get(key) if isinstance(content, dict) else content
     if not isinstance(pairs, list) or not pairs:
         raise ValueError(f"{path} must hold a non-empty list of pairs (or {{'{key}': [...]}}).")
@@ -43,7 +45,12 @@ def load_pair_datalist(path: str | Path, key: str = "pairs") -> list[dict[str, A
             raise ValueError(f"{path}: pair {i} needs 'moving_image' and 'fixed_image', got {pair!r}.")
         item = dict(pair)
         for k in PAIR_FILE_KEYS:
+            if k in item and item[k] is None and k in ("moving_label", "fixed_label"):
+                del item[k]  # an optional file given as null: absent
             if k in item:
+                if not isinstance(item[k], str) or not item[k].strip() or "\0" in item[k]:
+                    raise ValueError(f"{path}: pair {i} {k} must be a file path (a non-empty string), got "
+                                     f"{str(item[k])[:80]!r}.")
                 file = Path(item[k]) if Path(item[k]).is_absolute() else path.parent / item[k]
                 if not file.is_file():
                     raise FileNotFoundError(f"{path}: pair {i} {k} file not found: {file}")

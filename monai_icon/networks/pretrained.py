@@ -37,7 +37,7 @@ import torch.nn as nn
 from monai_icon.networks.blocks import DisplacementField, Downsample, RegistrationModule, TwoStep
 from monai_icon.networks.nets.tall_unet import TallUNet
 from monai_icon.networks.registration_net import RegistrationNet
-from monai_icon.networks.weights import read_checkpoint
+from monai_icon.networks.weights import check_finite_weights, read_checkpoint
 
 __all__ = ["PRETRAINED", "PretrainedSpec", "build", "reference_key_map", "reference_shapes", "to_reference_state_dict",
            "from_reference_state_dict", "load"]
@@ -177,5 +177,6 @@ def load(path: str | Path, kind: str, device: str | torch.device = "cpu") -> Reg
     """
     spec = _spec(kind)
     state = read_checkpoint(path, hint="download the published file yourself")
+    check_finite_weights(state, path)
     network = from_reference_state_dict(spec.builder(), state, kind)
     return network.to(device).eval()

@@ -15,20 +15,34 @@ builder accepts only:
   ``torch.nn.Module`` class, or to one of the network factories in :data:`FACTORIES`;
 * literal arguments: numbers, booleans, None, strings that are not config syntax (no leading ``$``, ``@``, ``%``),
   lists/tuples of those, and nested specs (dicts with a ``_target_``);
-* no other ``_..._`` keys (``_requires_``, ``_disabled_``, ``_mode_``, ...).
+* no other ``_..._`` keys (``_requires_``, ``_disabled_``, ``_mode_``, ...);
+* nothing that reaches outside the process: no string that looks like a file path or URL, no argument named like
+  a file, folder, URL or download (``pretrained*``, ``*url*``, ``*path*``, ``*file*``, ``*dir*``, ``*weights*``,
+  ...) set to anything but ``None``/``False``, and no class whose defaults for such arguments would fetch something
+  on construction (e.g. MONAI's ``EfficientNetBN``, ``pretrained=True`` by default);
+* a registration network at the top (a :class:`~monai_icon.networks.RegistrationNet` or
+  :class:`~monai_icon.networks.RegistrationModule`: a forward taking the image pair and returning a map);
+* a size within a memory budget: the network is first built on PyTorch's ``meta`` device (no memory is allocated)
+  and its parameters and buffers are counted before the real build.
 
-Anything else raises a :class:`ValueError` that names the offending entry, before anything is imported or built.
+Anything else raises a :class:`ValueError` that names the offending entry, before anything is allocated. The
+weights that go into the network are checked separately (:func:`monai_icon.networks.weights.load_weights`: strict
+keys and shapes, finite values).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-__all__ = ["ALLOWED_PREFIXES", "FACTORIES", "check_network_spec", "build_network"]
+from monai_icon.memory import available_memory
+
+__all__ = ["ALLOWED_PREFIXES", "FACTORIES", "check_network_spec", "network_bytes", "build_network"]
 
 ALLOWED_PREFIXES = ("monai_icon.networks.", "monai.networks.", "torch.nn.")
 # functions (not Module classes) that build networks, with the arguments a model file may not set
@@ -41,6 +55,12 @@ FACTORIES: dict[str, frozenset[str]] = {
 }
 _CONFIG_SYNTAX = ("$", "@", "%")
 _LITERALS = (bool, int, float, str, type(None))
+# argument names (split at "_") that point outside the process, and those that fetch when merely true
+_OUTSIDE_WORDS = frozenset({"pretrained", "pretrain", "download", "url", "uri", "urls", "path", "paths", "file",
+                            "files", "filename", "filepath", "dir", "folder", "hub", "repo", "weights", "ckpt",
+                            "checkpoint", "root"})
+_FETCH_WORDS = frozenset({"pretrained", "pretrain", "download"})
+_PATH_MARKS = ("/", "\\", "://", "~")
 
 
 def _fail(where: str, problem: str) -> ValueError:
@@ -57,6 +77,8 @@ def _check_value(value: Any, where: str) -> None:
     elif isinstance(value, str):
         if value.lstrip().startswith(_CONFIG_SYNTAX):
             raise _fail(where, f"config expression/reference {value[:60]!r}")
+        if any(mark in value for mark in _PATH_MARKS):
+            raise _fail(where, f"{value[:60]!r} looks like a file path or URL")
     elif not isinstance(value, _LITERALS):
         raise _fail(where, f"a {type(value).__name__} is not a literal")
 
@@ -83,23 +105,47 @@ def check_network_spec(spec: Any, where: str = "network_def") -> None:
             raise _fail(f"{where}.{key}", "config directives are not allowed")
         if key in FACTORIES.get(target, ()):
             raise _fail(f"{where}.{key}", f"{target} may not be given {key!r} from a model file")
+        reason = _reaches_outside(key, value)
+        if reason:
+            raise _fail(f"{where}.{key}", reason)
         _check_value(value, f"{where}.{key}")
 
 
-def _resolve(target: str, where: str) -> Any:
+def _reaches_outside(name: str, value: Any) -> str | None:
+    """Why an argument ``name=value`` could reach the network or the file system (None: it cannot)."""
+    words = set(name.lower().split("_"))
+    if words & _FETCH_WORDS and value not in (None, False):
+        return f"{name}={value!r} would fetch pretrained weights"
+    names = [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] \
+        if isinstance(value, (list, tuple)) else []
+    if words & _OUTSIDE_WORDS and any(names):
+        return f"{name}={value!r} names a file, folder, URL or download"
+    return None
+
+
+def _resolve(target: str, given: Mapping[str, Any], where: str) -> Any:
     module_name, _, attribute = target.rpartition(".")
     try:
         obj = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as err:
         raise _fail(f"{where}._target_", f"{target!r} does not exist ({err})") from err
-    if target in FACTORIES or (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        return obj
-    raise _fail(f"{where}._target_", f"{target!r} is neither a torch.nn.Module class nor a known network factory")
+    if not (target in FACTORIES or (isinstance(obj, type) and issubclass(obj, nn.Module))):
+        raise _fail(f"{where}._target_", f"{target!r} is neither a torch.nn.Module class nor a known network factory")
+    try:
+        parameters = list(inspect.signature(obj).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature: nothing to check
+        parameters = []
+    for parameter in parameters:  # defaults that would fetch on construction (e.g. pretrained=True)
+        if parameter.name not in given and parameter.default is not inspect.Parameter.empty:
+            reason = _reaches_outside(parameter.name, parameter.default)
+            if reason:
+                raise _fail(f"{where}._target_", f"{target!r} is refused: by default {reason}")
+    return obj
 
 
 def _build(value: Any, where: str) -> Any:
     if isinstance(value, Mapping):
-        factory = _resolve(value["_target_"], where)
+        factory = _resolve(value["_target_"], value, where)
         kwargs = {k: _build(v, f"{where}.{k}") for k, v in value.items() if k != "_target_"}
         return factory(**kwargs)
     if isinstance(value, (list, tuple)):
@@ -107,14 +153,49 @@ def _build(value: Any, where: str) -> Any:
     return value
 
 
-def build_network(spec: Mapping[str, Any], where: str = "network_def") -> nn.Module:
-    """Build the network a declarative spec describes (checked first by :func:`check_network_spec`).
+def _is_registration_network(network: Any) -> bool:
+    from monai_icon.networks.blocks import RegistrationModule
+    from monai_icon.networks.registration_net import RegistrationNet
+
+    return isinstance(network, (RegistrationNet, RegistrationModule))
+
+
+def network_bytes(network: nn.Module) -> int:
+    """Bytes of a network's parameters and buffers (works on ``meta`` networks: nothing is read)."""
+    tensors = [*network.parameters(), *network.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def build_network(spec: Mapping[str, Any], where: str = "network_def", max_bytes: int | None = None) -> nn.Module:
+    """Build the registration network a declarative spec describes (see the module docstring for what is refused).
+
+    Args:
+        spec: the declarative spec.
+        where: the name of the spec in error messages.
+        max_bytes: the most bytes of parameters and buffers the network may have (default: half the memory
+            available, :func:`monai_icon.memory.available_memory`).
 
     Raises:
-        ValueError: a refused spec (named entry), an unknown name, or a build that does not return a Module.
+        ValueError: a refused spec (named entry), an unknown name, a build that does not return a registration
+            network, or one larger than ``max_bytes``.
     """
     check_network_spec(spec, where)
-    network = _build(spec, where)
-    if not isinstance(network, nn.Module):
-        raise _fail(where, f"it built a {type(network).__name__}, not a torch.nn.Module")
-    return network
+    try:
+        with torch.device("meta"):  # sized before anything is allocated
+            shape_only = _build(spec, where)
+    except ValueError:
+        raise
+    except Exception as err:  # a constructor that rejects its arguments, or one that needs real tensors
+        raise _fail(where, f"it cannot be built from these arguments without allocating memory "
+                           f"({type(err).__name__}: {str(err)[:200]})") from err
+    if not _is_registration_network(shape_only):
+        raise _fail(where, f"it builds a {type(shape_only).__name__}, not a registration network (a "
+                           "monai_icon.networks.RegistrationNet or RegistrationModule)")
+    if max_bytes is None:
+        available = available_memory()
+        max_bytes = None if available is None else available // 2
+    size = network_bytes(shape_only)
+    if max_bytes is not None and size > max_bytes:
+        raise _fail(where, f"its parameters would take {size / 2**30:.2f} GiB, more than the budget of "
+                           f"{max_bytes / 2**30:.2f} GiB")
+    return _build(spec, where)

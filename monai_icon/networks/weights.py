@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn as nn
 
-__all__ = ["read_checkpoint", "extract_state_dict", "load_weights"]
+__all__ = ["read_checkpoint", "extract_state_dict", "check_finite_weights", "load_weights"]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 _NESTED_KEYS = ("model", "network", "state_dict")
@@ -50,13 +50,28 @@ def extract_state_dict(checkpoint: Mapping[str, Any], network: nn.Module) -> Map
     raise ValueError(f"the checkpoint holds no state dict of this network (top-level keys: {sorted(checkpoint)[:8]}).")
 
 
+def check_finite_weights(state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse a state dict with a NaN or infinite value in any floating-point tensor, naming the first such tensor.
+
+    Raises:
+        ValueError: ``"<source>: weight '<key>' holds N NaN/infinite values ..."``.
+    """
+    bad = [(key, int((~torch.isfinite(value)).sum())) for key, value in state.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        key, count = bad[0]
+        raise ValueError(f"{source}: weight {key!r} holds {count} NaN or infinite value(s)"
+                         f"{f' ({len(bad) - 1} more tensors too)' if len(bad) > 1 else ''}; the file is corrupt.")
+
+
 def load_weights(network: ModuleT, path: str | Path) -> ModuleT:
     """Load a checkpoint file into ``network`` strictly (every key and shape must match) and return it (tensors
     are copied onto the network's own device).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unreadable file, or keys/shapes that do not match (the first differences are listed).
+        ValueError: unreadable file, keys/shapes that do not match (the first differences are listed), or
+            non-finite weights (the first such tensor is named).
     """
     checkpoint = read_checkpoint(path)
     state = extract_state_dict(checkpoint, network)
@@ -69,5 +84,6 @@ def load_weights(network: ModuleT, path: str | Path) -> ModuleT:
             f"{path} does not match the network: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} "
             f"unexpected keys {unexpected[:5]}, {len(wrong)} shape mismatches {wrong[:5]}."
         )
+    check_finite_weights(state, path)
     network.load_state_dict(state, strict=True)
     return network

@@ -21,6 +21,7 @@ bottleneck is ``2 x 3 x 3`` (3D inputs of 40 x 96 x 96, the ICON OAI model's qua
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -95,7 +96,7 @@ class TallUNet(nn.Module):
         self.lastConv = conv(down[0] + up_channels[0], spatial_dims, kernel_size=3, padding=1)
         nn.init.zeros_(self.lastConv.weight)
         if chunky_middle:
-            width = int(torch.tensor(_CHUNKY_BOTTLENECK).prod())
+            width = math.prod(_CHUNKY_BOTTLENECK)
             self.middle_dense = nn.ModuleList([nn.Linear(width, width // 4), nn.Linear(width // 4, width)])
         else:
             nn.init.zeros_(self.lastConv.bias)
