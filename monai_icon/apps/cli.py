@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--key", default="pairs", help="key of the pairs in the JSON (default pairs; test_pairs or "
                                                    "validation_pairs for a monai-icon datalist)")
     rp.add_argument("--output-dir", required=True, help="folder of the outputs and summary.json")
+    rp.add_argument("--resume", action="store_true",
+                    help="keep each finished pair's summary (OUTPUT_DIR/.register_pairs) and skip the pairs an earlier "
+                         "run with --resume finished (after a stop, a failure or a killed process)")
     rp.add_argument("--fast-sampler", action="store_true",
                     help="on CPU, warp 3D images with a compiled sampler (monai_icon.networks.trilinear: same values "
                          "up to rounding, faster refinement steps; the first pair waits for the compilation)")
@@ -320,11 +323,11 @@ def _default_device(name: str | None):
     return check_device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _prepare(args: argparse.Namespace):
+def _prepare(args: argparse.Namespace, device_name: str | None = None):
     """Shared start of ``register`` and ``register-pairs``: presets, checks, device, CPU allocator, model."""
     _apply_presets(args)
     _check_arguments(args)
-    device = _default_device(args.device)
+    device = _default_device(device_name or args.device)
     if device.type == "cpu":  # many large CPU tensors per step: reuse their memory (nothing to tune on GPUs)
         tune_cpu_allocator()
     return device, _load_model(args, device)
@@ -346,8 +349,11 @@ def _run_register(args: argparse.Namespace) -> None:
 
 
 def _run_register_pairs(args: argparse.Namespace) -> None:
+    """Every pair of the datalist; under ``torchrun`` each process (rank) registers its share of the pairs on its
+    own device (:mod:`monai_icon.apps.distributed`) and rank 0 writes the one ``summary.json``."""
     from monai_icon.apps.atomic_io import write_text
-    from monai_icon.apps.register import check_pairs, register_pairs
+    from monai_icon.apps.distributed import gather_in_order, process_group, rank_device, shard_pairs, torchrun_env
+    from monai_icon.apps.register import PairError, check_pairs, pair_id, register_pairs
     from monai_icon.apps.validation import check_outputs_spare_inputs
     from monai_icon.data import load_pair_datalist
     from monai_icon.losses.compiled_lncc import compiled_lncc
@@ -358,11 +364,24 @@ def _run_register_pairs(args: argparse.Namespace) -> None:
     summary_file = output_dir / "summary.json"
     check_pairs(pairs, output_dir, {"summary": summary_file})  # everything about the pairs, before the model
     check_outputs_spare_inputs({"summary": summary_file}, {"datalist": args.datalist})
-    device, model = _prepare(args)
+    pairs = [{**pair, "pair_id": pair_id(pair, i)} for i, pair in enumerate(pairs)]  # ids of the whole list
+    env = torchrun_env()
+    device, model = _prepare(args, str(rank_device(args.device, env)) if env.distributed else None)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with fast_trilinear(args.fast_sampler), compiled_lncc(args.compiled_lncc):
-        summaries = register_pairs(pairs, model, output_dir, args.io_steps, _io_lr(args), device, args.io_mode,
-                                   args.io_size, args.io_levels, args.io_field_size, args.io_fine_steps)
+    with process_group(device) as env:
+        mine = shard_pairs(pairs, env.rank, env.world_size)
+        try:
+            with fast_trilinear(args.fast_sampler), compiled_lncc(args.compiled_lncc):
+                done = register_pairs([pair for _, pair in mine], model, output_dir, args.io_steps, _io_lr(args),
+                                      device, args.io_mode, args.io_size, args.io_levels, args.io_field_size,
+                                      args.io_fine_steps, resume=args.resume)
+        except PairError as err:
+            if env.distributed:
+                raise PairError(f"{err} [rank {env.rank} of {env.world_size}]") from err
+            raise
+        summaries = gather_in_order([(index, summary) for (index, _), summary in zip(mine, done)], len(pairs))
+    if summaries is None:  # not rank 0: its pairs are in rank 0's summary
+        return
     scored = [s for s in summaries if "mean_dice" in s]
     means = {"pairs": len(summaries), "seconds_per_pair": float(np.mean([s["seconds"] for s in summaries])),
              "folds_percent": float(np.mean([s["folds_percent"] for s in summaries]))}
@@ -374,6 +393,8 @@ def _run_register_pairs(args: argparse.Namespace) -> None:
     if scored:
         text += (f"; mean label Dice {means['mean_dice_unregistered']:.3f} (unregistered) -> {means['mean_dice']:.3f}"
                  f" on {len(scored)} labelled pairs")
+    if env.distributed:
+        text += f"; {env.world_size} processes"
     print(f"{text}; outputs and summary.json in {output_dir}")
 
 

@@ -20,9 +20,12 @@ knee side) and the loss used for optional instance optimisation. It is read from
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -34,6 +37,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from torch.nn.modules.loss import _Loss
 
+from monai_icon.apps.atomic_io import write_text
 from monai_icon.apps.physical import (
     check_memory,
     fixed_to_moving_world,
@@ -537,6 +541,7 @@ def register_files(
     }
 
 
+RESUME_FOLDER = ".register_pairs"  # per-pair summaries of register_pairs(resume=True), inside the output folder
 _PAIR_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -614,6 +619,7 @@ def register_pairs(
     io_levels: int = 1,
     io_field_size: Sequence[int] | None = None,
     io_fine_steps: int | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Register every pair of a pair datalist (:func:`~monai_icon.data.load_pair_datalist`) in physical space with
     :func:`register_files` (the ``io_*`` arguments are its), writing :func:`pair_outputs` into ``output_dir``.
@@ -622,6 +628,12 @@ def register_pairs(
     Pairs with both ``moving_label`` and ``fixed_label`` are scored: Dice per label
     (:func:`~monai_icon.metrics.label_dice`) of the warped moving labels against the fixed labels on the fixed
     image's own grid, and of the moving labels placed on that grid unregistered (identity in world space).
+
+    Each pair's random draws (the random points of instance optimisation) are seeded from its ``pair_id``, so its
+    result does not depend on the order of the pairs or on the process that registers it (``torchrun``). With
+    ``resume``, each finished pair's summary is also kept in ``output_dir/.register_pairs/<pair_id>.json``, and
+    a pair whose summary and outputs are there from an earlier run (stopped, failed or killed) is not registered
+    again.
 
     Returns:
         the summaries of :func:`register_files`, one per pair (with ``pair_id`` and, for scored pairs, ``dice``,
@@ -636,13 +648,19 @@ def register_pairs(
     summaries = []
     for i, (pair, outputs) in enumerate(zip(pairs, all_outputs)):
         name = pair_id(pair, i)
+        record = Path(output_dir) / RESUME_FOLDER / f"{name}.json"
+        if resume and record.is_file() and all(p is None or p.is_file() for p in outputs.values()):
+            summaries.append(json.loads(record.read_text()))
+            print(f"{name}: done by an earlier run", flush=True)
+            continue
         try:
-            summary = register_files(pair["fixed_image"], pair["moving_image"], model, warped=outputs["warped"],
-                                     ddf=outputs["ddf"], transform=outputs["transform"],
-                                     moving_label=pair.get("moving_label"), warped_label=outputs["warped_label"],
-                                     io_steps=io_steps, io_lr=io_lr, device=device, io_mode=io_mode,
-                                     io_size=io_size, io_levels=io_levels, io_field_size=io_field_size,
-                                     io_fine_steps=io_fine_steps)
+            with _seeded(name):
+                summary = register_files(pair["fixed_image"], pair["moving_image"], model, warped=outputs["warped"],
+                                         ddf=outputs["ddf"], transform=outputs["transform"],
+                                         moving_label=pair.get("moving_label"), warped_label=outputs["warped_label"],
+                                         io_steps=io_steps, io_lr=io_lr, device=device, io_mode=io_mode,
+                                         io_size=io_size, io_levels=io_levels, io_field_size=io_field_size,
+                                         io_fine_steps=io_fine_steps)
             summary["pair_id"] = name
             line = f"{name}: {summary['seconds']:.2f} s, folds {summary['folds_percent']:.3f} %"
             if pair.get("fixed_label") and outputs["warped_label"] is not None:
@@ -651,9 +669,21 @@ def register_pairs(
         except Exception as err:
             raise PairError(f"pair {name} (pair {i + 1} of {len(pairs)}; fixed {pair['fixed_image']}, moving "
                             f"{pair['moving_image']}): {err}") from err
+        if resume:
+            write_text(record, json.dumps(summary, default=str), "pair summary")
         print(line, flush=True)
         summaries.append(summary)
     return summaries
+
+
+@contextmanager
+def _seeded(name: str) -> Iterator[None]:
+    """PyTorch's random draws (the random points of instance optimisation) seeded from the pair's id, the global
+    generators restored afterwards: a pair's result does not depend on the order or the process it runs in."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(zlib.crc32(name.encode()))
+        yield
 
 
 class PairError(ValueError):
