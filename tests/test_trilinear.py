@@ -149,8 +149,8 @@ def test_interpolate_of_a_large_image_matches_grid_sample_both_ways(monkeypatch)
     fresh_state(monkeypatch, enabled=True)
     assert use_fast_trilinear(image, points.reshape(2, 3, -1), "bilinear", "border")
     calls = []
-    monkeypatch.setattr(maps, "fast_trilinear_interpolate",
-                        lambda *args: calls.append(1) or fast_trilinear_interpolate(*args))
+    run_fast = trilinear._run_fast  # the compiled sampler, as interpolate's backend runs it
+    monkeypatch.setattr(trilinear, "_run_fast", lambda *args: calls.append(1) or run_fast(*args))
     fast = interpolate(image, points)
     (grad_fast,) = torch.autograd.grad(fast.square().sum(), points)
     monkeypatch.setenv("MONAI_ICON_FAST_TRILINEAR", "0")
@@ -286,7 +286,7 @@ def test_interpolate_takes_the_planar_sampler_by_default_where_it_applies(monkey
     monkeypatch.delenv("MONAI_ICON_PLANAR_TRILINEAR")
 
     calls = []
-    monkeypatch.setattr(maps, "planar_trilinear_interpolate",
+    monkeypatch.setattr(trilinear, "planar_trilinear_interpolate",
                         lambda *args: calls.append(1) or planar_trilinear_interpolate(*args))
     g = torch.Generator().manual_seed(8)
     field = torch.randn(2, 3, 16, 8, 12, generator=g, requires_grad=True)

@@ -25,9 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from monai_icon.networks.trilinear import (
-    fast_trilinear_interpolate, planar_trilinear_interpolate, use_fast_trilinear, use_planar_trilinear,
-)
+from monai_icon.networks.trilinear import sample as cpu_sample
 from monai_icon.precision import at_least_float32, autocast_disabled
 
 __all__ = [
@@ -118,11 +116,8 @@ def interpolate(
             raise ValueError(f"batch sizes differ: field {batch}, points {points.shape[0]}.")
         points = points.expand(batch, *points.shape[1:])
     point_shape = points.shape[2:]
-    if use_fast_trilinear(field, points, mode, padding_mode):
-        values = fast_trilinear_interpolate(field, points.reshape(batch, spatial_dims, -1))
-        return values.reshape(batch, field.shape[1], *point_shape)
-    if use_planar_trilinear(field, points, mode, padding_mode):
-        values = planar_trilinear_interpolate(field, points.reshape(batch, spatial_dims, -1))
+    values = cpu_sample(field, points.reshape(batch, spatial_dims, -1), mode, padding_mode)  # None: not run
+    if values is not None:
         return values.reshape(batch, field.shape[1], *point_shape)
     # grid_sample wants [B, *out, D] with the last-axis coordinate first, in [-1, 1].
     grid = points.reshape(batch, spatial_dims, -1).flip(1).movedim(1, -1) * 2.0 - 1.0

@@ -37,7 +37,7 @@ from monai_icon.compilation import compiler_available as _compiler_available
 from monai_icon.compilation import enabled_in, run_compiled, switched_off
 
 __all__ = [
-    "trilinear_interpolate", "planar_trilinear_interpolate", "fast_trilinear_interpolate", "fast_trilinear",
+    "trilinear_interpolate", "planar_trilinear_interpolate", "fast_trilinear_interpolate", "fast_trilinear", "sample",
     "use_fast_trilinear", "use_planar_trilinear", "FAST_TRILINEAR_MIN_POINTS", "PLANAR_TRILINEAR_MIN_POINTS",
     "PLANAR_TRILINEAR_MAX_ROWS",
 ]
@@ -218,20 +218,41 @@ def _compiled() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return _state["compiled"]
 
 
-def fast_trilinear_interpolate(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """:func:`trilinear_interpolate` compiled by Inductor (one compilation per input signature, kept on disk by
-    PyTorch's cache for later processes). Falls back to ``grid_sample`` (the same values) for signatures beyond
-    the first six in a process, and for good once a compilation fails (with a warning)."""
+def _run_fast(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor | None:
+    """The compiled sampler's result, or ``None`` where it did not run (a signature beyond the first six in a
+    process, or a compilation that failed: warned once, then never tried again)."""
     signature = (tuple(field.shape), tuple(points.shape), field.requires_grad, points.requires_grad,
                  torch.is_grad_enabled())
     # plain tensors in (Dynamo cannot trace MONAI's MetaTensor and would run the slow eager gathers); a MetaTensor
     # field gives a MetaTensor with its metadata, as grid_sample would
     ran, out = run_compiled(_state, _state["signatures"], signature, _MAX_SIGNATURES, _compiled,
                             (_plain(field), _plain(points)),
-                            "the trilinear sampler failed ({error}); using grid_sample.")
-    if ran:
-        return convert_to_dst_type(out, field)[0] if isinstance(field, MetaTensor) else out
-    return _grid_sample(field, points)
+                            "the trilinear sampler failed ({error}); using grid_sample.", stacklevel=4)
+    if not ran:
+        return None
+    return convert_to_dst_type(out, field)[0] if isinstance(field, MetaTensor) else out
+
+
+def fast_trilinear_interpolate(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """:func:`trilinear_interpolate` compiled by Inductor (one compilation per input signature, kept on disk by
+    PyTorch's cache for later processes). Falls back to ``grid_sample`` (the same values) for signatures beyond
+    the first six in a process, and for good once a compilation fails (with a warning)."""
+    out = _run_fast(field, points)
+    return _grid_sample(field, points) if out is None else out
+
+
+def sample(field: torch.Tensor, points: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor | None:
+    """The CPU backend of :func:`monai_icon.networks.maps.interpolate` (its one hook): ``field`` ``[B, C, *N]`` at
+    ``points`` ``[B, 3, P]`` by the compiled sampler (:func:`use_fast_trilinear`) or the planar one
+    (:func:`use_planar_trilinear`), ``[B, C, P]``; ``None`` ("not run") where neither applies or the compiled one
+    did not run, and the caller samples with ``grid_sample`` itself."""
+    if use_fast_trilinear(field, points, mode, padding_mode):
+        out = _run_fast(field, points)
+        if out is not None:
+            return out
+    if use_planar_trilinear(field, points, mode, padding_mode):
+        return planar_trilinear_interpolate(field, points)
+    return None
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -239,8 +260,8 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
 
 
 def _grid_sample(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """``interpolate``'s own ``grid_sample`` path (the compiled sampler switched off for the call)."""
-    from monai_icon.networks.maps import interpolate  # maps imports this module
-
-    with fast_trilinear(False):
-        return interpolate(field, points)
+    """``grid_sample`` with this module's conventions (``points`` ``[B, 3, P]`` in ``[0, 1]``, border padding,
+    corners aligned): the values :func:`monai_icon.networks.maps.interpolate` gives without a backend."""
+    grid = (points.flip(1).movedim(1, -1) * 2.0 - 1.0).reshape(points.shape[0], -1, 1, 1, 3)
+    values = F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return values.reshape(field.shape[0], field.shape[1], -1)
