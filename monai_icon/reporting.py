@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_summary"]
+__all__ = ["evaluation_title", "format_summary", "print_summary"]
 
 _NAMES = {
     "dice": "Dice (pixels > 0.5)",
@@ -52,3 +52,29 @@ def format_summary(
             f"figures in {output_dir}: {len(figures)} PNG" + (f" (newest {figures[-1].name})" if figures else "")
         )
     return "\n".join(lines)
+
+
+def print_summary(
+    engine: Any,
+    model_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    title: str = "ICON",
+    loss: Any = None,
+    enabled: bool = True,
+) -> str:
+    """Print (when ``enabled``: rank 0 of several processes) and return :func:`format_summary` of ``engine``'s
+    metrics (``engine.state.metrics``); with a ``loss``, its current lambda is appended to the title as
+    ``(lambda now 1.23)``. The bundles call it at the end of their ``run`` list."""
+    if loss is not None:
+        title = f"{title} (lambda now {float(loss.lmbda):.2f})"
+    text = format_summary(engine.state.metrics, model_dir, output_dir, title)
+    if enabled:
+        print(text)
+    return text
+
+
+def evaluation_title(model_file: str | Path, pairs: int, io_steps: int | str = 0) -> str:
+    """``"ICON evaluation of <model_file> on <pairs> test pairs"``, with ``", instance optimisation <n> steps"``
+    when ``io_steps`` is not zero."""
+    title = f"ICON evaluation of {model_file} on {pairs} test pairs"
+    return title + (f", instance optimisation {io_steps} steps" if int(io_steps) else "")
