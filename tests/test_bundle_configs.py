@@ -20,7 +20,6 @@ NOT_YET = {"knee_atlas_segmentation/configs/inference.json"}
 PENDING = {
     "mnist_icon/configs/evaluate.yaml",
     "mnist_icon/configs/inference.json",
-    "mnist_icon/configs/multi_gpu_train.yaml",
     "knee3d_icon/configs/common.yaml",
     "knee3d_icon/configs/evaluate.yaml",
     "knee3d_icon/configs/inference.json",
