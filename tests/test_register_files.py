@@ -637,7 +637,7 @@ def test_register_pairs_cli_enters_the_compiled_contexts_it_is_asked_for(tmp_pat
     """``--fast-sampler`` and ``--compiled-lncc`` hold for the whole loop over pairs, and only when given."""
     from conftest import labelled_pairs_and_tiny_model
 
-    import monai_icon.apps.register as register_module
+    import monai_icon.apps.batch as register_module  # the CLI's register_pairs
     import monai_icon.losses.compiled_lncc as compiled_lncc
     from monai_icon.networks import trilinear
 

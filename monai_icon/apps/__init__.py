@@ -15,17 +15,9 @@ from monai_icon.apps.physical import (
     write_displacement,
     write_image,
 )
-from monai_icon.apps.register import (
-    RegistrationModel,
-    instance_optimise,
-    load_registration_model,
-    pair_outputs,
-    register_files,
-    register_images,
-    register_pairs,
-    restored_weights,
-    save_registration_model,
-)
+from monai_icon.apps.batch import pair_outputs, register_pairs
+from monai_icon.apps.model_files import RegistrationModel, load_registration_model, save_registration_model
+from monai_icon.apps.register import instance_optimise, register_files, register_images, restored_weights
 
 __all__ = [
     "AtlasSegmentation",

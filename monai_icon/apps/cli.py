@@ -160,7 +160,7 @@ def _apply_refinement_grids(args: argparse.Namespace, spatial_size) -> None:
 
 
 def _load_model(args: argparse.Namespace, device):
-    from monai_icon.apps.register import load_registration_model
+    from monai_icon.apps.model_files import load_registration_model
 
     overrides = {k: v for k, v in (("window", args.window), ("percentiles", args.percentiles),
                                    ("similarity", args.similarity), ("lmbda", args.lmbda),
@@ -353,7 +353,7 @@ def _run_register_pairs(args: argparse.Namespace) -> None:
     own device (:mod:`monai_icon.apps.distributed`) and rank 0 writes the one ``summary.json``."""
     from monai_icon.apps.atomic_io import write_text
     from monai_icon.apps.distributed import gather_in_order, process_group, rank_device, shard_pairs, torchrun_env
-    from monai_icon.apps.register import PairError, check_pairs, pair_id, register_pairs
+    from monai_icon.apps.batch import PairError, check_pairs, pair_id, register_pairs
     from monai_icon.apps.validation import check_outputs_spare_inputs
     from monai_icon.data import load_pair_datalist
     from monai_icon.losses.compiled_lncc import compiled_lncc

@@ -5,32 +5,26 @@
 """Fine-tuning published ICON-family weights on one's own images (``configs/pretrained/finetune.yaml``).
 
 Training images must reach the network exactly as ``monai-icon register`` will bring them at inference:
-:class:`ToNetworkGridd` applies :func:`~monai_icon.apps.physical.to_network_grid` with the published model's
-settings (:func:`pretrained_settings`) inside a MONAI ``Compose``, and :func:`export_finetuned` writes a
-self-describing model file whose ``network_def`` rebuilds the published architecture
+:class:`~monai_icon.transforms.ToNetworkGridd` applies :func:`~monai_icon.transforms.to_network_grid` with the
+published model's settings (:func:`pretrained_settings`) inside a MONAI ``Compose``, and :func:`export_finetuned`
+writes a self-describing model file whose ``network_def`` rebuilds the published architecture
 (``monai_icon.networks.pretrained.build``) with the fine-tuned weights and those same settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
-from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform
 
-from monai_icon.apps.physical import to_network_grid
-from monai_icon.apps.register import save_registration_model
+from monai_icon.apps.model_files import save_registration_model
 from monai_icon.apps.validation import check_interval, check_sizes
 from monai_icon.networks import pretrained
+from monai_icon.transforms.network_grid import ToNetworkGridd
 
-__all__ = ["pretrained_settings", "ToNetworkGridd", "export_finetuned"]
-
-_GRID_SETTINGS = ("spatial_size", "axcodes", "percentiles", "window", "target_side", "resize_mode", "reverse_axes",
-                  "normalise_first")
+__all__ = ["pretrained_settings", "ToNetworkGridd", "export_finetuned"]  # ToNetworkGridd lives in transforms
 
 
 def pretrained_settings(kind: str, spatial_size: Sequence[int] | None = None,
@@ -54,40 +48,6 @@ def pretrained_settings(kind: str, spatial_size: Sequence[int] | None = None,
         check_interval(window, "window")
         settings["window"], settings["percentiles"] = (float(window[0]), float(window[1])), None
     return settings
-
-
-class ToNetworkGridd(MapTransform):
-    """Bring channel-first images (``MetaTensor`` with their affines, e.g. from ``LoadImaged(...,
-    ensure_channel_first=True)``) onto a model's network grid exactly as ``monai-icon register`` does
-    (:func:`~monai_icon.apps.physical.to_network_grid`: reorientation, axis order, resizing, intensity
-    normalisation); the affine of the result maps network voxels to the world.
-
-    Args:
-        keys: image keys.
-        settings: grid settings of a model (``spatial_size`` required; ``axcodes``, ``percentiles``, ``window``,
-            ``target_side``, ``resize_mode``, ``reverse_axes``, ``normalise_first`` optional, as
-            :class:`~monai_icon.apps.RegistrationModel`); other keys (the loss settings) are ignored.
-        allow_missing_keys: as MONAI's ``MapTransform``.
-    """
-
-    def __init__(self, keys: KeysCollection, settings: Mapping[str, Any], allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if "spatial_size" not in settings:
-            raise ValueError("ToNetworkGridd needs settings['spatial_size'] (the network grid).")
-        self.settings = {k: settings[k] for k in _GRID_SETTINGS if k in settings}
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        s = self.settings
-        for key in self.key_iterator(d):
-            image = d[key]
-            if not isinstance(image, MetaTensor):
-                raise TypeError(f"ToNetworkGridd needs a MetaTensor with its affine under {key!r} (load it with "
-                                f"LoadImaged(..., ensure_channel_first=True)), got {type(image).__name__}.")
-            d[key] = to_network_grid(image, s["spatial_size"], s.get("axcodes"), s.get("percentiles", (1.0, 99.0)),
-                                     None, None, s.get("window"), s.get("resize_mode", "area"),
-                                     s.get("reverse_axes", False), s.get("normalise_first", False))
-        return d
 
 
 def export_finetuned(path: str | Path, network: nn.Module, kind: str, settings: Mapping[str, Any]) -> Path:

@@ -5,12 +5,12 @@
 """Registration in physical space: network grids of real image files, world-space transforms, ITK/NIfTI output.
 
 Each image is reoriented, resized to the network's grid and normalised on its own
-(:func:`to_network_grid`); its MetaTensor affine then maps network voxels to world millimetres (RAS, MONAI's
-convention), so ``U = affine @ diag(N - 1, 1)`` maps the network's ``[0, 1]`` coordinates to the world
-(:func:`unit_to_world`). A map ``phi_AB`` (fixed ``[0, 1]`` -> moving ``[0, 1]``) becomes the world-space
-transform ``y -> U_moving(phi_AB(U_fixed^-1(y)))`` from fixed to moving physical points, the direction of an ITK
-transform used for resampling. It is evaluated exactly (maps are functions) at every voxel of the fixed image's
-own grid, whatever its spacing, orientation and size.
+(:func:`~monai_icon.transforms.to_network_grid`); its MetaTensor affine then maps network voxels to world
+millimetres (RAS, MONAI's convention), so ``U = affine @ diag(N - 1, 1)`` maps the network's ``[0, 1]``
+coordinates to the world (:func:`unit_to_world`). A map ``phi_AB`` (fixed ``[0, 1]`` -> moving ``[0, 1]``)
+becomes the world-space transform ``y -> U_moving(phi_AB(U_fixed^-1(y)))`` from fixed to moving physical points,
+the direction of an ITK transform used for resampling. It is evaluated exactly (maps are functions) at every voxel
+of the fixed image's own grid, whatever its spacing, orientation and size.
 
 Outside-the-image rule (as ITK's linear interpolator with a default value of 0): a point whose continuous index
 lies within half a voxel of the image's voxels gets the (edge-clamped) linear interpolation, others get 0.
@@ -20,19 +20,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, Orientation, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles
+from monai.transforms import LoadImage
 
 from monai_icon.apps.atomic_io import atomic_write, is_nifti, run_isolated, write_nifti
 from monai_icon.apps.validation import check_nifti_header
 from monai_icon.memory import available_memory
 from monai_icon.networks.maps import Map, one_hot_labels
-from monai_icon.transforms.laterality import left_right_axis, normalise_side
+from monai_icon.transforms.network_grid import to_network_grid  # noqa: F401  (its home is transforms/)
 
 __all__ = [
     "load_image",
@@ -94,75 +93,6 @@ def _square_affine(image: MetaTensor) -> MetaTensor:
         image.affine = affine[keep][:, keep]
         return image
     raise ValueError(f"a {dims}D image with a {tuple(affine.shape)} affine is not supported.")
-
-
-def to_network_grid(
-    image: MetaTensor,
-    spatial_size: Sequence[int],
-    axcodes: str | None = None,
-    percentiles: tuple[float, float] | None = (1.0, 99.0),
-    side: str | None = None,
-    target_side: str | None = None,
-    window: tuple[float, float] | None = None,
-    resize_mode: str = "area",
-    reverse_axes: bool = False,
-    normalise_first: bool = False,
-) -> MetaTensor:
-    """Resample an image onto a network grid, keeping track of where every network voxel lies in the world.
-
-    Steps: reorient to ``axcodes`` (if given); reverse the order of the spatial axes when ``reverse_axes`` (ITK's
-    z, y, x array order, as networks trained with ITK-loaded arrays expect); resize to ``spatial_size``
-    (``resize_mode``: ``"area"`` = average pooling when shrinking, or ``"trilinear"``); mirror the array along its
-    left-right axis when ``side`` differs from ``target_side``; normalise intensities (``window``: this fixed
-    range to 0..1, e.g. CT ``(-1000, 1000)``; else ``percentiles`` to 0 and 1), clamped, before resizing when
-    ``normalise_first``. Every step updates the affine so that the world image is unchanged (the network may see a
-    mirrored or transposed array; the physical transform stays right).
-
-    Returns:
-        float32 MetaTensor ``[C, *spatial_size]`` whose affine maps network voxel indices to world (RAS, mm).
-    """
-    if image.ndim - 1 != len(spatial_size):
-        raise ValueError(f"the network grid {tuple(spatial_size)} is {len(spatial_size)}D but the image is "
-                         f"{image.ndim - 1}D (shape {tuple(image.shape[1:])}).")
-    out = _as_meta(image.float())
-    if axcodes is not None:
-        out = _as_meta(Orientation(axcodes=axcodes, labels=None)(out))
-    if reverse_axes:
-        dims = out.ndim - 1
-        order = list(range(dims))[::-1]
-        out = _with_affine(out.as_tensor().permute(0, *[d + 1 for d in order]), out, out.affine[:, [*order, dims]])
-    if normalise_first:
-        out = _normalise(out, window, percentiles)
-    out = _as_meta(Resize(tuple(spatial_size), mode=resize_mode)(out))
-    if side is not None and target_side is not None and normalise_side(side) != normalise_side(target_side):
-        axis = left_right_axis(out.affine)
-        flip = torch.eye(out.affine.shape[0], dtype=out.affine.dtype)
-        flip[axis, axis], flip[axis, -1] = -1.0, float(out.shape[axis + 1] - 1)
-        out = _with_affine(torch.flip(out.as_tensor(), dims=[axis + 1]), out, out.affine @ flip)
-    return out if normalise_first else _normalise(out, window, percentiles)
-
-
-def _as_meta(image: Any) -> MetaTensor:
-    """``image`` as a MetaTensor: MONAI's array transforms return one for a MetaTensor input (their annotations
-    say ``Tensor``), so anything else is an error in the pipeline."""
-    if not isinstance(image, MetaTensor):
-        raise TypeError(f"expected a MetaTensor carrying the affine, got {type(image).__name__}.")
-    return image
-
-
-def _with_affine(array: torch.Tensor, like: MetaTensor, affine: torch.Tensor) -> MetaTensor:
-    meta = {k: v for k, v in like.meta.items() if k != "affine"}
-    return MetaTensor(array.contiguous(), affine=affine, meta=meta)
-
-
-def _normalise(
-    image: MetaTensor, window: tuple[float, float] | None, percentiles: tuple[float, float] | None
-) -> MetaTensor:
-    if window is not None:
-        return _as_meta(ScaleIntensityRange(window[0], window[1], 0.0, 1.0, clip=True)(image))
-    if percentiles is not None:
-        return _as_meta(ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 1.0, clip=True)(image))
-    return image
 
 
 def unit_to_world(affine: torch.Tensor | np.ndarray, spatial_size: Sequence[int]) -> np.ndarray:

@@ -20,6 +20,7 @@ from monai_icon.transforms.laterality import (
     normalise_side,
     side_from_filename,
 )
+from monai_icon.transforms.network_grid import NetworkGrid, ToNetworkGridd, to_network_grid
 from monai_icon.transforms.oai import OAI_SPATIAL_SIZE, oai_pair_transforms, oai_preprocessing, oai_train_transforms
 from monai_icon.transforms.pair import EnsureSameShaped, Warpd
 from monai_icon.transforms.self_pair import TARGET_MAP, TARGET_WEIGHT, RandSelfPaird
@@ -32,6 +33,9 @@ from monai_icon.transforms.synthesis import (
 )
 
 __all__ = [
+    "NetworkGrid",
+    "ToNetworkGridd",
+    "to_network_grid",
     "RandBatchAugmentd",
     "affine_warp",
     "chain_batch_transforms",

@@ -1,0 +1,173 @@
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Bringing an image onto a registration network's grid while keeping track of where every network voxel lies in
+the world: :func:`to_network_grid`, its settings as one value (:class:`NetworkGrid`, a model's preprocessing) and
+the dictionary transform :class:`ToNetworkGridd` for MONAI pipelines (training on images prepared exactly as
+``monai-icon register`` prepares them)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Orientation, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles
+
+from monai_icon.transforms.laterality import left_right_axis, normalise_side
+
+__all__ = ["to_network_grid", "NetworkGrid", "ToNetworkGridd"]
+
+
+def to_network_grid(
+    image: MetaTensor,
+    spatial_size: Sequence[int],
+    axcodes: str | None = None,
+    percentiles: tuple[float, float] | None = (1.0, 99.0),
+    side: str | None = None,
+    target_side: str | None = None,
+    window: tuple[float, float] | None = None,
+    resize_mode: str = "area",
+    reverse_axes: bool = False,
+    normalise_first: bool = False,
+) -> MetaTensor:
+    """Resample an image onto a network grid, keeping track of where every network voxel lies in the world.
+
+    Steps: reorient to ``axcodes`` (if given); reverse the order of the spatial axes when ``reverse_axes`` (ITK's
+    z, y, x array order, as networks trained with ITK-loaded arrays expect); resize to ``spatial_size``
+    (``resize_mode``: ``"area"`` = average pooling when shrinking, or ``"trilinear"``); mirror the array along its
+    left-right axis when ``side`` differs from ``target_side``; normalise intensities (``window``: this fixed
+    range to 0..1, e.g. CT ``(-1000, 1000)``; else ``percentiles`` to 0 and 1), clamped, before resizing when
+    ``normalise_first``. Every step updates the affine so that the world image is unchanged (the network may see a
+    mirrored or transposed array; the physical transform stays right).
+
+    Returns:
+        float32 MetaTensor ``[C, *spatial_size]`` whose affine maps network voxel indices to world (RAS, mm).
+    """
+    if image.ndim - 1 != len(spatial_size):
+        raise ValueError(f"the network grid {tuple(spatial_size)} is {len(spatial_size)}D but the image is "
+                         f"{image.ndim - 1}D (shape {tuple(image.shape[1:])}).")
+    out = _as_meta(image.float())
+    if axcodes is not None:
+        out = _as_meta(Orientation(axcodes=axcodes, labels=None)(out))
+    if reverse_axes:
+        dims = out.ndim - 1
+        order = list(range(dims))[::-1]
+        out = _with_affine(out.as_tensor().permute(0, *[d + 1 for d in order]), out, out.affine[:, [*order, dims]])
+    if normalise_first:
+        out = _normalise(out, window, percentiles)
+    out = _as_meta(Resize(tuple(spatial_size), mode=resize_mode)(out))
+    if side is not None and target_side is not None and normalise_side(side) != normalise_side(target_side):
+        axis = left_right_axis(out.affine)
+        flip = torch.eye(out.affine.shape[0], dtype=out.affine.dtype)
+        flip[axis, axis], flip[axis, -1] = -1.0, float(out.shape[axis + 1] - 1)
+        out = _with_affine(torch.flip(out.as_tensor(), dims=[axis + 1]), out, out.affine @ flip)
+    return out if normalise_first else _normalise(out, window, percentiles)
+
+
+def _as_meta(image: Any) -> MetaTensor:
+    """``image`` as a MetaTensor: MONAI's array transforms return one for a MetaTensor input (their annotations
+    say ``Tensor``), so anything else is an error in the pipeline."""
+    if not isinstance(image, MetaTensor):
+        raise TypeError(f"expected a MetaTensor carrying the affine, got {type(image).__name__}.")
+    return image
+
+
+def _with_affine(array: torch.Tensor, like: MetaTensor, affine: torch.Tensor) -> MetaTensor:
+    meta = {k: v for k, v in like.meta.items() if k != "affine"}
+    return MetaTensor(array.contiguous(), affine=affine, meta=meta)
+
+
+def _normalise(
+    image: MetaTensor, window: tuple[float, float] | None, percentiles: tuple[float, float] | None
+) -> MetaTensor:
+    if window is not None:
+        return _as_meta(ScaleIntensityRange(window[0], window[1], 0.0, 1.0, clip=True)(image))
+    if percentiles is not None:
+        return _as_meta(ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 1.0, clip=True)(image))
+    return image
+
+
+@dataclass(frozen=True)
+class NetworkGrid:
+    """How images reach a network (a model's preprocessing): the arguments of :func:`to_network_grid` but the image
+    and its side, as one value.
+
+    Attributes:
+        spatial_size: the network grid (e.g. ``(192, 192, 80)``).
+        axcodes: orientation images are brought to before resizing (``None``: the file's array order).
+        percentiles: intensity percentiles mapped to 0 and 1 (``None``: intensities unchanged).
+        target_side: knee side the model was trained on (``None`` for non-knee models).
+        window: a fixed intensity range mapped to 0 and 1 instead of the percentiles (e.g. CT ``(-1000, 1000)``).
+        resize_mode, reverse_axes, normalise_first: see :func:`to_network_grid`.
+    """
+
+    spatial_size: tuple[int, ...]
+    axcodes: str | None = None
+    percentiles: tuple[float, float] | None = (1.0, 99.0)
+    target_side: str | None = None
+    window: tuple[float, float] | None = None
+    resize_mode: str = "area"
+    reverse_axes: bool = False
+    normalise_first: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> NetworkGrid:
+        """The grid of a model's settings (``spatial_size`` required; other keys, e.g. the loss's, ignored)."""
+        if "spatial_size" not in settings:
+            raise ValueError("the network grid needs settings['spatial_size'].")
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in settings.items() if k in names}
+        values["spatial_size"] = tuple(int(s) for s in values["spatial_size"])
+        for key in ("percentiles", "window"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def apply(self, image: MetaTensor, side: str | None = None, size: Sequence[int] | None = None,
+              labels: bool = False) -> MetaTensor:
+        """``image`` on this grid (or on ``size``, the same field of view; e.g. the finer grid of a refinement);
+        ``labels``: a label map or mask (nearest resizing, intensities unchanged)."""
+        size = self.spatial_size if size is None else size
+        if labels:
+            return to_network_grid(image, size, self.axcodes, None, side, self.target_side, None, "nearest",
+                                   self.reverse_axes)
+        return to_network_grid(image, size, self.axcodes, self.percentiles, side, self.target_side, self.window,
+                               self.resize_mode, self.reverse_axes, self.normalise_first)
+
+
+class ToNetworkGridd(MapTransform):
+    """Bring channel-first images (``MetaTensor`` with their affines, e.g. from ``LoadImaged(...,
+    ensure_channel_first=True)``) onto a model's network grid exactly as ``monai-icon register`` does
+    (:func:`to_network_grid`: reorientation, axis order, resizing, intensity normalisation); the affine of the result
+    maps network voxels to the world.
+
+    Args:
+        keys: image keys.
+        settings: grid settings of a model (``spatial_size`` required; ``axcodes``, ``percentiles``, ``window``,
+            ``target_side``, ``resize_mode``, ``reverse_axes``, ``normalise_first`` optional, as
+            :class:`~monai_icon.apps.RegistrationModel`), or a :class:`NetworkGrid`; other keys (the loss settings)
+            are ignored.
+        allow_missing_keys: as MONAI's ``MapTransform``.
+    """
+
+    def __init__(self, keys: KeysCollection, settings: Mapping[str, Any] | NetworkGrid,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not isinstance(settings, NetworkGrid) and "spatial_size" not in settings:
+            raise ValueError("ToNetworkGridd needs settings['spatial_size'] (the network grid).")
+        self.grid = settings if isinstance(settings, NetworkGrid) else NetworkGrid.from_settings(settings)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if not isinstance(image, MetaTensor):
+                raise TypeError(f"ToNetworkGridd needs a MetaTensor with its affine under {key!r} (load it with "
+                                f"LoadImaged(..., ensure_channel_first=True)), got {type(image).__name__}.")
+            d[key] = self.grid.apply(image)
+        return d
