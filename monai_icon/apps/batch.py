@@ -98,7 +98,7 @@ def register_pairs(
     model: RegistrationModel | str | Path,
     output_dir: str | Path,
     io_steps: int = 0,
-    io_lr: float = 2e-5,
+    io_lr: float | None = None,
     device: str | torch.device | None = None,
     io_mode: str = "network",
     io_size: Sequence[int] | None = None,

@@ -235,7 +235,9 @@ def _check_model_arguments(args: argparse.Namespace, model) -> None:
 
 
 def _io_lr(args: argparse.Namespace) -> float:
-    return args.io_lr if args.io_lr is not None else (2e-3 if args.io_mode == "residual" else 2e-5)
+    from monai_icon.engines.instance_optimisation import default_io_lr
+
+    return args.io_lr if args.io_lr is not None else default_io_lr(args.io_mode)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,6 +58,7 @@ from monai_icon.losses.icon import ICONLoss
 from monai_icon.metrics.folds import count_folds
 from monai_icon.engines.instance_optimisation import (
     IO_MODES,
+    default_io_lr,
     instance_optimise,
     residual_instance_optimise,
     restored_weights,
@@ -99,7 +100,8 @@ class PhysicalRegistration:
 
 def register_images(
     model: RegistrationModel, fixed: MetaTensor, moving: MetaTensor, fixed_side: str | None = None,
-    moving_side: str | None = None, io_steps: int = 0, io_lr: float = 2e-5, device: str | torch.device | None = None,
+    moving_side: str | None = None, io_steps: int = 0, io_lr: float | None = None,
+    device: str | torch.device | None = None,
     io_mode: str = "network", io_size: Sequence[int] | None = None,
     fixed_mask: MetaTensor | None = None, moving_mask: MetaTensor | None = None,
     fixed_label: MetaTensor | None = None, moving_label: MetaTensor | None = None, label_weight: float = 0.0,
@@ -107,8 +109,10 @@ def register_images(
 ) -> PhysicalRegistration:
     """Register two channel-first MetaTensors (with affines) in physical space.
 
-    Each image is brought to the model's grid by :func:`~monai_icon.apps.physical.to_network_grid`; with
-    ``io_steps > 0`` instance optimisation refines the result on this pair: ``io_mode="network"`` fine-tunes the
+    Each image is brought to the model's grid (:attr:`RegistrationModel.grid`); with ``io_steps > 0`` instance
+    optimisation (Adam at ``io_lr``, by default the mode's
+    :data:`~monai_icon.engines.instance_optimisation.DEFAULT_IO_LR`: 2e-5 for the network's weights, 2e-3 for
+    residual fields) refines the result on this pair: ``io_mode="network"`` fine-tunes the
     network's weights (restored afterwards), ``"residual"`` keeps the network and optimises free residual
     displacement fields on top of its maps
     (:func:`~monai_icon.engines.instance_optimisation.residual_instance_optimise`), on the network grid or, with
@@ -131,6 +135,7 @@ def register_images(
         raise ValueError("give both masks (fixed and moving) or neither.")
     if io_mode not in IO_MODES:
         raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
+    io_lr = default_io_lr(io_mode) if io_lr is None else io_lr
     for name, image in (("fixed", fixed), ("moving", moving)):
         if image.ndim - 1 != model.spatial_dims:
             raise ValueError(f"the model registers {model.spatial_dims}D images but the {name} image is "
@@ -217,7 +222,7 @@ def register_files(
     fixed_side: str | None = None,
     moving_side: str | None = None,
     io_steps: int = 0,
-    io_lr: float = 2e-5,
+    io_lr: float | None = None,
     device: str | torch.device | None = None,
     memory_limit_bytes: int | None = None,
     io_mode: str = "network",
@@ -267,6 +272,7 @@ def register_files(
         raise ValueError("nothing to write: give at least one of warped, ddf, transform, warped_label.")
     # every argument and output checked before any computation, so a long registration cannot fail at the end
     io_steps = check_count(io_steps, "io_steps")
+    io_lr = default_io_lr(io_mode) if io_lr is None and io_mode in IO_MODES else io_lr
     io_lr = check_positive_number(io_lr, "io_lr")
     if not (isinstance(label_weight, (int, float)) and 0 <= label_weight < float("inf")):
         raise ValueError(f"label_weight must be a finite number >= 0, got {label_weight!r}.")

@@ -20,6 +20,8 @@ from monai_icon.networks.registration_net import register_pair
 
 __all__ = [
     "IO_MODES",
+    "DEFAULT_IO_LR",
+    "default_io_lr",
     "WeightSnapshot",
     "restored_weights",
     "instance_optimise",
@@ -31,6 +33,15 @@ __all__ = [
 ]
 
 IO_MODES = ("network", "residual")
+#: The default learning rate (Adam) of each mode: fine-tuning the network's weights, or residual fields on its maps.
+DEFAULT_IO_LR = {"network": 2e-5, "residual": 2e-3}
+
+
+def default_io_lr(io_mode: str) -> float:
+    """The default learning rate of instance optimisation in ``io_mode`` (:data:`DEFAULT_IO_LR`)."""
+    if io_mode not in DEFAULT_IO_LR:
+        raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
+    return DEFAULT_IO_LR[io_mode]
 
 
 class WeightSnapshot:
