@@ -47,3 +47,32 @@ def test_refinement_arguments_half_grid_and_unknown_names():
     assert settings["io_steps"] == RECOMMENDED_REFINEMENT["io_steps"] and settings["io_lr"] == 1e-3
     with pytest.raises(ValueError, match="unknown refinement settings"):
         refinement_arguments((8, 8), io_stepz=3)
+
+
+def test_a_refinement_value_gives_what_its_keywords_give_and_is_not_mixed_with_them(tmp_path):
+    """``register_files(..., refinement=Refinement(...))`` is ``register_files(..., **refinement.arguments())``; a
+    refinement given together with differing ``io_*`` keywords is refused."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from monai_icon.apps import register_files
+    from monai_icon.apps.presets import recommended_refinement
+    from monai_icon.engines.instance_optimisation import Refinement
+    from test_register_files import _shifted_balls_and_identity_model
+
+    fixed, moving, model = _shifted_balls_and_identity_model(tmp_path, (12, 12, 6))
+    refinement = Refinement(steps=3, lr=5e-3, mode="residual", size=(24, 24, 12), levels=2, field_size=(12, 12, 6),
+                            fine_steps=1)
+    warped = {}
+    for name, kwargs in (("value", {"refinement": refinement}), ("keywords", refinement.arguments())):
+        torch.manual_seed(0)
+        summary = register_files(fixed, moving, model, warped=tmp_path / f"{name}.nii.gz", **kwargs)
+        assert len(summary["io_losses"]) == 3
+        warped[name] = np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj)
+    np.testing.assert_array_equal(warped["value"], warped["keywords"])
+    with pytest.raises(ValueError, match="either as refinement= or as \\['io_steps'\\]"):
+        register_files(fixed, moving, model, warped=tmp_path / "x.nii.gz", refinement=refinement, io_steps=5)
+    recommended = recommended_refinement((64, 32, 64))
+    assert recommended.arguments() == {**{k: v for k, v in RECOMMENDED_REFINEMENT.items() if k.startswith("io_")},
+                                       "io_size": (64, 32, 64), "io_field_size": (32, 16, 32)}

@@ -23,6 +23,7 @@ from monai_icon.apps.model_files import RegistrationModel, load_registration_mod
 from monai_icon.apps.physical import load_image, sample_world, world_points
 from monai_icon.apps.register import register_files
 from monai_icon.apps.validation import check_outputs_spare_inputs
+from monai_icon.engines.instance_optimisation import Refinement
 from monai_icon.metrics.dice import label_dice
 
 __all__ = ["RESUME_FOLDER", "pair_id", "pair_outputs", "check_pairs", "register_pairs", "PairError", "score_labels"]
@@ -106,10 +107,12 @@ def register_pairs(
     io_field_size: Sequence[int] | None = None,
     io_fine_steps: int | None = None,
     resume: bool = False,
+    refinement: Refinement | None = None,
 ) -> list[dict[str, Any]]:
     """Register every pair of a pair datalist (:func:`~monai_icon.data.load_pair_datalist`) in physical space with
     :func:`register_files` (the ``io_*`` arguments are its), writing :func:`pair_outputs` into ``output_dir``.
-    Prints one line per pair. The whole list is checked first (:func:`check_pairs`).
+    Prints one line per pair. The whole list is checked first (:func:`check_pairs`). ``refinement``: the ``io_*``
+    settings as one value (:class:`~monai_icon.engines.instance_optimisation.Refinement`) instead.
 
     Pairs with both ``moving_label`` and ``fixed_label`` are scored: Dice per label
     (:func:`~monai_icon.metrics.label_dice`) of the warped moving labels against the fixed labels on the fixed
@@ -128,6 +131,8 @@ def register_pairs(
     Raises:
         PairError: a pair failed (the message names it and its files; pairs before it are written).
     """
+    io = Refinement.merge(refinement, io_steps=io_steps, io_lr=io_lr, io_mode=io_mode, io_size=io_size,
+                          io_levels=io_levels, io_field_size=io_field_size, io_fine_steps=io_fine_steps)
     all_outputs = check_pairs(pairs, output_dir, {"summary": Path(output_dir) / "summary.json"})
     if not isinstance(model, RegistrationModel):
         model = load_registration_model(model, device)
@@ -144,9 +149,7 @@ def register_pairs(
                 summary = register_files(pair["fixed_image"], pair["moving_image"], model, warped=outputs["warped"],
                                          ddf=outputs["ddf"], transform=outputs["transform"],
                                          moving_label=pair.get("moving_label"), warped_label=outputs["warped_label"],
-                                         io_steps=io_steps, io_lr=io_lr, device=device, io_mode=io_mode,
-                                         io_size=io_size, io_levels=io_levels, io_field_size=io_field_size,
-                                         io_fine_steps=io_fine_steps)
+                                         device=device, **io)
             summary["pair_id"] = name
             line = f"{name}: {summary['seconds']:.2f} s, folds {summary['folds_percent']:.3f} %"
             if pair.get("fixed_label") and outputs["warped_label"] is not None:

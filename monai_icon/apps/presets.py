@@ -20,7 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["RECOMMENDED_ENSEMBLE", "RECOMMENDED_REFINEMENT", "refinement_arguments"]
+from monai_icon.engines.instance_optimisation import Refinement
+
+__all__ = ["RECOMMENDED_ENSEMBLE", "RECOMMENDED_REFINEMENT", "refinement_arguments", "recommended_refinement"]
 
 RECOMMENDED_ENSEMBLE: dict[str, Any] = {"symmetric": True, "flip_axes": [0], "passes": 2}
 
@@ -52,3 +54,13 @@ def refinement_arguments(spatial_size: Sequence[int], **overrides: Any) -> dict[
         raise ValueError(f"unknown refinement settings {unknown}; known: {sorted(settings)}.")
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings
+
+
+def recommended_refinement(spatial_size: Sequence[int]) -> Refinement:
+    """The instance-optimisation part of :func:`refinement_arguments` as one value for
+    :func:`monai_icon.apps.register_files` (``refinement=``). The refinement's loss belongs to the model; set it as
+    ``--refine`` does: ``model.similarity = monai_icon.losses.get_similarity("lncc", model.spatial_dims,
+    kernel_size=5)``, ``model.regularizer = "gradicon"``, ``model.lmbda = 4.0``."""
+    s = refinement_arguments(spatial_size)
+    return Refinement(steps=s["io_steps"], lr=s["io_lr"], mode=s["io_mode"], size=tuple(s["io_size"]),
+                      levels=s["io_levels"], field_size=tuple(s["io_field_size"]), fine_steps=s["io_fine_steps"])

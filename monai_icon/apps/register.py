@@ -58,6 +58,7 @@ from monai_icon.losses.icon import ICONLoss
 from monai_icon.metrics.folds import count_folds
 from monai_icon.engines.instance_optimisation import (
     IO_MODES,
+    Refinement,
     default_io_lr,
     instance_optimise,
     residual_instance_optimise,
@@ -234,6 +235,7 @@ def register_files(
     io_levels: int = 1,
     io_field_size: Sequence[int] | None = None,
     io_fine_steps: int | None = None,
+    refinement: Refinement | None = None,
 ) -> dict[str, Any]:
     """Register ``moving`` to ``fixed`` (image files) and write the results on the fixed image's grid.
 
@@ -254,6 +256,8 @@ def register_files(
             (see :func:`register_images`).
         fixed_label, label_weight: label-supervised instance optimisation: the fixed label map and the weight of
             the Dice term on the warped ``moving_label`` (needs both label maps and ``io_steps > 0``).
+        refinement: the ``io_*`` settings as one value (:class:`~monai_icon.engines.instance_optimisation.Refinement`,
+            e.g. :func:`monai_icon.apps.presets.recommended_refinement`), instead of the ``io_*`` keywords.
 
     Returns:
         a summary: the files written, seconds, instance-optimisation losses, the folds of the final map (% of the
@@ -266,6 +270,10 @@ def register_files(
             (checked before any computation), degenerate geometry, label maps that are not integer-valued.
         MemoryError: outputs on the fixed grid that would not fit in memory.
     """
+    io = Refinement.merge(refinement, io_steps=io_steps, io_lr=io_lr, io_mode=io_mode, io_size=io_size,
+                          io_levels=io_levels, io_field_size=io_field_size, io_fine_steps=io_fine_steps)
+    io_steps, io_lr, io_mode, io_size = io["io_steps"], io["io_lr"], io["io_mode"], io["io_size"]
+    io_levels, io_field_size, io_fine_steps = io["io_levels"], io["io_field_size"], io["io_fine_steps"]
     if (moving_label is None) != (warped_label is None):
         raise ValueError("give both moving_label and warped_label, or neither.")
     if not any((warped, ddf, transform, warped_label)):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,6 +23,7 @@ from monai_icon.networks.registration_net import register_pair
 __all__ = [
     "IO_MODES",
     "DEFAULT_IO_LR",
+    "Refinement",
     "default_io_lr",
     "WeightSnapshot",
     "restored_weights",
@@ -35,6 +38,52 @@ __all__ = [
 IO_MODES = ("network", "residual")
 #: The default learning rate (Adam) of each mode: fine-tuning the network's weights, or residual fields on its maps.
 DEFAULT_IO_LR = {"network": 2e-5, "residual": 2e-3}
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """The instance-optimisation settings of a registration as one value (the ``io_*`` arguments of
+    :func:`monai_icon.apps.register_files`; the recommended one:
+    :func:`monai_icon.apps.presets.recommended_refinement`).
+
+    Attributes:
+        steps: optimisation steps (0: the network alone).
+        lr: Adam's learning rate (``None``: :data:`DEFAULT_IO_LR` of the mode).
+        mode: ``"network"`` (fine-tune the weights) or ``"residual"`` (residual fields on the network's maps).
+        size: the grid the images are compared on (residual mode; ``None``: the network grid).
+        levels: residual fields on this many grids, each half the previous one.
+        field_size: the grid of the residual fields when it differs from ``size``.
+        fine_steps: with ``size``, only the last this many steps compare the images on it.
+    """
+
+    steps: int = 0
+    lr: float | None = None
+    mode: str = "network"
+    size: tuple[int, ...] | None = None
+    levels: int = 1
+    field_size: tuple[int, ...] | None = None
+    fine_steps: int | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The settings as the ``io_*`` keyword arguments of :func:`monai_icon.apps.register_files`."""
+        return {"io_steps": self.steps, "io_lr": self.lr, "io_mode": self.mode, "io_size": self.size,
+                "io_levels": self.levels, "io_field_size": self.field_size, "io_fine_steps": self.fine_steps}
+
+    @staticmethod
+    def merge(refinement: Refinement | None, **io_arguments: Any) -> dict[str, Any]:
+        """``io_arguments`` (the ``io_*`` keywords as given), or the ``refinement``'s when one is given, in which case
+        every keyword must be at its default (one source of settings, never a silent mix).
+
+        Raises:
+            ValueError: a ``refinement`` together with ``io_*`` keywords that differ from their defaults.
+        """
+        if refinement is None:
+            return io_arguments
+        defaults = Refinement().arguments()
+        mixed = sorted(k for k, v in io_arguments.items() if v != defaults[k])
+        if mixed:
+            raise ValueError(f"give the instance-optimisation settings either as refinement= or as {mixed}, not both.")
+        return refinement.arguments()
 
 
 def default_io_lr(io_mode: str) -> float:
