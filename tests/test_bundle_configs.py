@@ -1,5 +1,5 @@
 """The bundle configs hold settings, not programs: at most 25 ``$``-expressions per config file, none longer than
-120 characters, no ``lambda`` (issue 40, item 4). The logic lives in tested factories (``*.factories``)."""
+120 characters, no ``lambda``. The logic lives in tested factories (``*.factories``)."""
 
 import ast
 import json
