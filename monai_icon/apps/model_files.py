@@ -34,7 +34,7 @@ from monai_icon.apps.validation import check_device, check_interval, check_sizes
 from monai_icon.engines.trainer import to_channels_last
 from monai_icon.networks import pretrained
 from monai_icon.networks.spec import build_network, check_network_spec
-from monai_icon.networks.weights import load_weights, read_checkpoint
+from monai_icon.networks.weights import apply_checkpoint, load_weights, read_checkpoint
 from monai_icon.transforms.network_grid import NetworkGrid
 
 __all__ = ["MODEL_FORMAT", "RegistrationModel", "save_registration_model", "load_registration_model"]
@@ -179,7 +179,7 @@ def load_registration_model(
                              "pass a bundle folder); for plain weights build the network and use load_weights.")
         spec = cast(dict, content.get("network_def"))  # checked by build_network: a dict of allowed names/literals
         network = build_network(spec, f"{path}: network_def")  # data only: nothing runs
-        load_weights(network, path)
+        apply_checkpoint(network, content, path)  # the file read once
         settings, source = dict(content["settings"]), str(path)
     if spatial_size is not None:
         settings["spatial_size"] = list(spatial_size)

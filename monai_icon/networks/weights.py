@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn as nn
 
-__all__ = ["read_checkpoint", "extract_state_dict", "check_finite_weights", "load_weights"]
+__all__ = ["read_checkpoint", "extract_state_dict", "check_finite_weights", "load_weights", "apply_checkpoint"]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 _NESTED_KEYS = ("model", "network", "state_dict")
@@ -73,7 +73,15 @@ def load_weights(network: ModuleT, path: str | Path) -> ModuleT:
         ValueError: unreadable file, keys/shapes that do not match (the first differences are listed), or
             non-finite weights (the first such tensor is named).
     """
-    checkpoint = read_checkpoint(path)
+    return apply_checkpoint(network, read_checkpoint(path), path)
+
+
+def apply_checkpoint(network: ModuleT, checkpoint: Mapping[str, Any], source: str | Path) -> ModuleT:
+    """:func:`load_weights` for a checkpoint already read (:func:`read_checkpoint`); ``source`` names it in errors.
+
+    Raises:
+        ValueError: keys/shapes that do not match, or non-finite weights.
+    """
     state = extract_state_dict(checkpoint, network)
     own = network.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -81,9 +89,9 @@ def load_weights(network: ModuleT, path: str | Path) -> ModuleT:
              for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
         raise ValueError(
-            f"{path} does not match the network: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} "
+            f"{source} does not match the network: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} "
             f"unexpected keys {unexpected[:5]}, {len(wrong)} shape mismatches {wrong[:5]}."
         )
-    check_finite_weights(state, path)
+    check_finite_weights(state, source)
     network.load_state_dict(state, strict=True)
     return network
