@@ -76,6 +76,18 @@ def labelled_pairs_and_tiny_model(tmp_path: Path, num_pairs: int, spatial_size: 
     return Path(datalist), Path(model)
 
 
+def activate_backend(monkeypatch, **fields: bool) -> None:
+    """For the rest of the test, the CPU backend's settings outside any ``use_backend`` are the defaults with
+    ``fields`` changed (``monai_icon.backend.settings``: a fresh context variable, restored after the test)."""
+    import contextvars
+    import dataclasses
+
+    from monai_icon.backend import settings
+
+    default = dataclasses.replace(settings.DEFAULT, **fields)
+    monkeypatch.setattr(settings, "_ACTIVE", contextvars.ContextVar("test_cpu_backend", default=default))
+
+
 def assert_trainer_iterates_inside_a_context_only_when_asked(flag: str, value: bool, state: dict) -> None:
     """A tiny 3D ``ICONTrainer`` built with ``flag=value`` runs each iteration with ``state["enabled"] == value``
     (seen from its augmentation), leaves it off afterwards, and refuses a string for ``flag``."""

@@ -11,6 +11,9 @@ import pytest
 import torch
 from monai.losses import LocalNormalizedCrossCorrelationLoss
 
+from conftest import activate_backend
+
+from monai_icon.backend import lncc_kernels as kernels
 from monai_icon.compilation import compiler_available
 from monai_icon.losses import compiled_lncc as module
 from monai_icon.losses.compiled_lncc import (
@@ -22,10 +25,11 @@ needs_compiler = pytest.mark.skipif(not compiler_available(), reason="no C++ com
 
 
 def fresh_state(monkeypatch, enabled: bool = False) -> None:
-    """This test's own state (no compiled functions or signatures, no earlier failure in the session)."""
-    monkeypatch.setattr(module, "_state", {"enabled": enabled, "forward": None, "backward": None, "failed": None,
-                                           "signatures": {"forward": set(), "backward": set()}})
-    monkeypatch.delenv("MONAI_ICON_COMPILED_LNCC", raising=False)
+    """This test's own compile cache (no compiled functions or signatures, no earlier failure in the session), the
+    compiled LNCC ``enabled`` outside any context."""
+    monkeypatch.setattr(kernels, "_state", {"forward": None, "backward": None, "failed": None,
+                                            "signatures": {"forward": set(), "backward": set()}})
+    activate_backend(monkeypatch, compiled_lncc=enabled)
 
 
 def images(shape, seed=0, dtype=torch.float64):
@@ -69,7 +73,7 @@ def test_padded_filtering_is_the_zero_padded_separable_filter():
 
 def test_the_loss_takes_the_compiled_lncc_only_where_it_pays(monkeypatch):
     fresh_state(monkeypatch)
-    monkeypatch.setattr(module, "compiler_available", lambda: True)
+    monkeypatch.setattr(kernels, "compiler_available", lambda: True)
     large = torch.zeros(1, 1, COMPILED_LNCC_MIN_VOXELS)
     assert not use_compiled_lncc(large, large)  # opt-in only
     with compiled_lncc():
@@ -81,10 +85,9 @@ def test_the_loss_takes_the_compiled_lncc_only_where_it_pays(monkeypatch):
         assert not use_compiled_lncc(large.double(), large.double())
         assert not use_compiled_lncc(large, large.reshape(1, 1, -1, 2))
         assert not use_compiled_lncc(large.to("meta"), large.to("meta"))
-        monkeypatch.setenv("MONAI_ICON_COMPILED_LNCC", "0")
-        assert not use_compiled_lncc(large, large)
-        monkeypatch.delenv("MONAI_ICON_COMPILED_LNCC")
-        monkeypatch.setattr(module, "compiler_available", lambda: False)
+        with compiled_lncc(False):
+            assert not use_compiled_lncc(large, large)
+        monkeypatch.setattr(kernels, "compiler_available", lambda: False)
         assert not use_compiled_lncc(large, large)
     assert module._state["enabled"] is False
 
@@ -112,12 +115,12 @@ def test_compiled_loss_matches_the_eager_loss(monkeypatch):
 
 def test_a_failed_compilation_warns_once_and_computes_eagerly(monkeypatch):
     fresh_state(monkeypatch, enabled=True)
-    monkeypatch.setattr(module, "compiler_available", lambda: True)
+    monkeypatch.setattr(kernels, "compiler_available", lambda: True)
 
     def broken(*args):
         raise RuntimeError("no toolchain")
 
-    monkeypatch.setattr(module, "_compiled", lambda name: broken)
+    monkeypatch.setattr(kernels, "_compiled", lambda name: broken)
     pred, target = images((1, 1, COMPILED_LNCC_MIN_VOXELS // 4096, 64, 64), dtype=torch.float32)
     loss = StackedLNCCLoss(spatial_dims=3, kernel_size=3, reduction="mean")
     with pytest.warns(RuntimeWarning, match="no toolchain"):
@@ -130,9 +133,9 @@ def test_a_failed_compilation_warns_once_and_computes_eagerly(monkeypatch):
 
 def test_signatures_beyond_the_limit_stay_eager(monkeypatch):
     fresh_state(monkeypatch, enabled=True)
-    monkeypatch.setattr(module, "compiler_available", lambda: True)
-    monkeypatch.setattr(module, "_MAX_SIGNATURES", 0)
-    monkeypatch.setattr(module, "_compiled", lambda name: pytest.fail("compiled beyond the limit"))
+    monkeypatch.setattr(kernels, "compiler_available", lambda: True)
+    monkeypatch.setattr(kernels, "_MAX_SIGNATURES", 0)
+    monkeypatch.setattr(kernels, "_compiled", lambda name: pytest.fail("compiled beyond the limit"))
     pred, target = images((1, 1, COMPILED_LNCC_MIN_VOXELS // 4096, 64, 64), dtype=torch.float32)
     p = pred.clone().requires_grad_(True)
     loss = StackedLNCCLoss(spatial_dims=3, kernel_size=3, reduction="mean")

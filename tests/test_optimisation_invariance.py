@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import smooth_random_field
+from monai_icon.backend.trilinear import chunked_grid_sample as _chunked_grid_sample
 from monai_icon.losses import ICONLoss
 from monai_icon.networks import DisplacementField, Downsample, TwoStep
-from monai_icon.networks.maps import ComposedMap, DisplacementMap, Map, _chunked_grid_sample, interpolate
+from monai_icon.networks.maps import ComposedMap, DisplacementMap, Map, interpolate
 from monai_icon.networks.nets import UNet
 
 PINNED = {

@@ -11,6 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import activate_backend
+
+from monai_icon.backend import trilinear as kernels
 from monai_icon.networks import maps, trilinear
 from monai_icon.networks.maps import interpolate
 from monai_icon.networks.trilinear import (
@@ -19,7 +22,7 @@ from monai_icon.networks.trilinear import (
     use_planar_trilinear,
 )
 
-needs_compiler = pytest.mark.skipif(not trilinear._compiler_available(), reason="no C++ compiler for Inductor")
+needs_compiler = pytest.mark.skipif(not kernels._compiler_available(), reason="no C++ compiler for Inductor")
 
 
 def reference(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -98,9 +101,10 @@ def test_compiled_sampler_equals_grid_sample_in_float32(field_grad):
 
 
 def fresh_state(monkeypatch, enabled: bool = False) -> None:
-    """This test's own sampler state (no signatures, no earlier failure in the session)."""
-    monkeypatch.setattr(trilinear, "_state", {"compiled": None, "signatures": set(), "failed": None,
-                                              "enabled": enabled})
+    """This test's own compile cache (no signatures, no earlier failure in the session), the compiled sampler
+    ``enabled`` outside any context."""
+    monkeypatch.setattr(kernels, "_state", {"compiled": None, "signatures": set(), "failed": None})
+    activate_backend(monkeypatch, fast_sampler=enabled)
 
 
 def assert_refuses_what_neither_sampler_takes(policy, field, points):
@@ -117,8 +121,7 @@ def assert_refuses_what_neither_sampler_takes(policy, field, points):
 
 def test_interpolate_takes_the_fast_sampler_only_where_it_pays(monkeypatch):
     fresh_state(monkeypatch)
-    monkeypatch.setattr(trilinear, "_compiler_available", lambda: True)
-    monkeypatch.delenv("MONAI_ICON_FAST_TRILINEAR", raising=False)
+    monkeypatch.setattr(kernels, "_compiler_available", lambda: True)
     image = torch.zeros(1, 1, 64, 32, 64)
     points = torch.zeros(1, 3, FAST_TRILINEAR_MIN_POINTS)
     assert not use_fast_trilinear(image, points, "bilinear", "border")  # opt-in only
@@ -128,14 +131,14 @@ def test_interpolate_takes_the_fast_sampler_only_where_it_pays(monkeypatch):
             assert not use_fast_trilinear(image, points, "bilinear", "border")
         assert use_fast_trilinear(image, points, "bilinear", "border")  # restored
     assert not use_fast_trilinear(image, points, "bilinear", "border")
-    monkeypatch.setitem(trilinear._state, "enabled", True)
+    activate_backend(monkeypatch, fast_sampler=True)
     assert not use_fast_trilinear(image.requires_grad_(True), points, "bilinear", "border")  # a field with grads
     image = image.detach()
     assert_refuses_what_neither_sampler_takes(use_fast_trilinear, image, points)
-    monkeypatch.setenv("MONAI_ICON_FAST_TRILINEAR", "0")
+    activate_backend(monkeypatch, fast_sampler=False)
     assert not use_fast_trilinear(image, points, "bilinear", "border")
-    monkeypatch.delenv("MONAI_ICON_FAST_TRILINEAR")
-    monkeypatch.setattr(trilinear, "_compiler_available", lambda: False)
+    activate_backend(monkeypatch, fast_sampler=True)
+    monkeypatch.setattr(kernels, "_compiler_available", lambda: False)
     assert not use_fast_trilinear(image, points, "bilinear", "border")
 
 
@@ -145,16 +148,14 @@ def test_interpolate_of_a_large_image_matches_grid_sample_both_ways(monkeypatch)
     image = torch.randn(2, 1, 32, 24, 40, generator=g)
     points = (maps.identity_grid((64, 32, 64)) + 0.03 * torch.randn(2, 3, 64, 32, 64, generator=g))
     points.requires_grad_(True)
-    monkeypatch.delenv("MONAI_ICON_FAST_TRILINEAR", raising=False)
     fresh_state(monkeypatch, enabled=True)
     assert use_fast_trilinear(image, points.reshape(2, 3, -1), "bilinear", "border")
     calls = []
-    run_fast = trilinear._run_fast  # the compiled sampler, as interpolate's backend runs it
-    monkeypatch.setattr(trilinear, "_run_fast", lambda *args: calls.append(1) or run_fast(*args))
+    run_fast = kernels._run_fast  # the compiled sampler, as interpolate's backend runs it
+    monkeypatch.setattr(kernels, "_run_fast", lambda *args: calls.append(1) or run_fast(*args))
     fast = interpolate(image, points)
     (grad_fast,) = torch.autograd.grad(fast.square().sum(), points)
-    monkeypatch.setenv("MONAI_ICON_FAST_TRILINEAR", "0")
-    monkeypatch.setenv("MONAI_ICON_PLANAR_TRILINEAR", "0")  # grid_sample itself
+    activate_backend(monkeypatch, fast_sampler=False, planar_sampler=False)  # grid_sample itself
     slow = interpolate(image, points)
     (grad_slow,) = torch.autograd.grad(slow.square().sum(), points)
     assert calls == [1] and fast.shape == (2, 1, 64, 32, 64)
@@ -168,7 +169,7 @@ def test_a_failed_compilation_warns_once_and_falls_back_to_grid_sample(monkeypat
     def broken(*args):
         raise RuntimeError("no toolchain")
 
-    monkeypatch.setattr(trilinear, "_compiled", lambda: broken)
+    monkeypatch.setattr(kernels, "_compiled", lambda: broken)
     field, points = torch.randn(1, 2, 4, 5, 6), torch.rand(1, 3, 50)
     with pytest.warns(RuntimeWarning, match="no toolchain"):
         out = fast_trilinear_interpolate(field, points)
@@ -179,8 +180,8 @@ def test_a_failed_compilation_warns_once_and_falls_back_to_grid_sample(monkeypat
 
 def test_signatures_beyond_the_limit_use_grid_sample(monkeypatch):
     fresh_state(monkeypatch, enabled=True)
-    monkeypatch.setattr(trilinear, "_MAX_SIGNATURES", 0)
-    monkeypatch.setattr(trilinear, "_compiled", lambda: pytest.fail("compiled beyond the limit"))
+    monkeypatch.setattr(kernels, "_MAX_SIGNATURES", 0)
+    monkeypatch.setattr(kernels, "_compiled", lambda: pytest.fail("compiled beyond the limit"))
     field, points = torch.randn(1, 1, 4, 5, 6), torch.rand(1, 3, 20)
     torch.testing.assert_close(fast_trilinear_interpolate(field, points), reference(field, points))
 
@@ -210,7 +211,7 @@ def test_gradients_on_voxel_planes_are_grid_samples_one_sided_ones(compiled):
     """On the identity grid (a map sampled on its own grid, the start of every refinement) every point lies on voxel
     planes, where the interpolant has kinks: the derivative must be the one grid_sample takes (the cell above; none
     on the border planes)."""
-    if compiled is True and not trilinear._compiler_available():
+    if compiled is True and not kernels._compiler_available():
         pytest.skip("no C++ compiler for Inductor")
     g = torch.Generator().manual_seed(5)
     field = torch.randn(2, 1, 7, 5, 9, generator=g) ** 2  # kinks at every voxel plane
@@ -274,26 +275,25 @@ def test_planar_sampler_keeps_a_point_just_below_a_slice_top_in_its_slice():
 
 def test_interpolate_takes_the_planar_sampler_by_default_where_it_applies(monkeypatch):
     fresh_state(monkeypatch)
-    monkeypatch.delenv("MONAI_ICON_PLANAR_TRILINEAR", raising=False)
     field = torch.zeros(1, 3, 64, 32, 64, requires_grad=True)  # fields with gradients too
     points = torch.zeros(1, 3, PLANAR_TRILINEAR_MIN_POINTS)
     assert use_planar_trilinear(field, points, "bilinear", "border")
     assert_refuses_what_neither_sampler_takes(use_planar_trilinear, field, points)
     rows = PLANAR_TRILINEAR_MAX_ROWS // 64 + 1  # past the rounding bound: grid_sample
     assert not use_planar_trilinear(torch.zeros(1, 1, 64, rows, 4), points, "bilinear", "border")
-    monkeypatch.setenv("MONAI_ICON_PLANAR_TRILINEAR", "0")
+    activate_backend(monkeypatch, planar_sampler=False)
     assert not use_planar_trilinear(field, points, "bilinear", "border")
-    monkeypatch.delenv("MONAI_ICON_PLANAR_TRILINEAR")
+    activate_backend(monkeypatch, planar_sampler=True)
 
     calls = []
-    monkeypatch.setattr(trilinear, "planar_trilinear_interpolate",
+    monkeypatch.setattr(kernels, "planar_trilinear_interpolate",
                         lambda *args: calls.append(1) or planar_trilinear_interpolate(*args))
     g = torch.Generator().manual_seed(8)
     field = torch.randn(2, 3, 16, 8, 12, generator=g, requires_grad=True)
     grid_points = (maps.identity_grid((32, 32, 16)) + 0.05 * torch.randn(2, 3, 32, 32, 16, generator=g))
     ours = interpolate(field, grid_points)
     assert calls == [1] and ours.shape == (2, 3, 32, 32, 16)
-    monkeypatch.setenv("MONAI_ICON_PLANAR_TRILINEAR", "0")
+    activate_backend(monkeypatch, planar_sampler=False)
     theirs = interpolate(field, grid_points)
     assert calls == [1]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)  # rows of 16 x 8: within 2^-16 voxels

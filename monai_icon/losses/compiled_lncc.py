@@ -2,185 +2,33 @@
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
-"""The LNCC's per-voxel value and its closed-form gradient as two functions that ``torch.compile`` fuses (CPU).
-
-:class:`~monai_icon.losses.similarity.StackedLNCCLoss` computes its forward pass and its hand-written backward pass
-eagerly: each is a chain of full-size elementwise operations and shifted sums (the local sums of ``t``, ``p``,
-``t^2``, ``p^2`` and ``t p`` along every axis), each one pass over memory. Inductor turns the same chain into about
-one loop per axis: the products are formed inside the first axis's sums, and the LNCC's formula inside the last
-one, which makes forward and backward several times faster than eagerly on large 3D images
-(``docs/benchmarks.md``).
-
-Opt-in, like the compiled trilinear sampler: the first call of each input signature in a process waits for the
-compiler (once per shape, longest the first time on a machine; PyTorch's on-disk cache keeps the kernels for
-later processes). Inside :func:`compiled_lncc` the loss takes it where :func:`use_compiled_lncc` allows
-(large float32 CPU images); :class:`~monai_icon.engines.ICONTrainer` enters it with ``compiled_lncc=True``.
-:func:`lncc_forward` and :func:`lncc_backward` are plain PyTorch functions (any device; the tests compare them
-with the eager loss).
-"""
+"""Deprecated path of :mod:`monai_icon.backend.lncc_kernels` (the LNCC's plain and compiled functions), kept for
+existing code; the setting that turns the compiled ones on is :class:`monai_icon.backend.CPUBackend`
+(:func:`monai_icon.backend.use_backend`)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Callable
 
-import torch
-import torch.nn.functional as F
-
-from monai_icon.compilation import compiler_available, enabled_in, run_compiled, switched_off
+from monai_icon.backend import lncc_kernels as _kernels
+from monai_icon.backend._legacy import KernelState, one_setting
+from monai_icon.backend.lncc_kernels import (
+    COMPILED_LNCC_MIN_VOXELS, compiled_lncc_backward, compiled_lncc_forward, lncc_backward, lncc_forward,
+    padded_filtering, use_compiled_lncc,
+)
 
 __all__ = [
     "COMPILED_LNCC_MIN_VOXELS", "compiled_lncc", "use_compiled_lncc", "lncc_forward", "lncc_backward",
     "compiled_lncc_forward", "compiled_lncc_backward", "padded_filtering",
 ]
 
-#: Images with fewer voxels than this (over the batch) stay eager: the compiled loops pay on large images, and small
-#: calls (unit tests, 2D-sized work, the coarse scales of a multi-scale loss) then never wait for a compilation.
-COMPILED_LNCC_MIN_VOXELS = 2**18
-#: At most this many input signatures (shape, which inputs need gradients) of each function (forward, backward) are
-#: compiled per process; further ones stay eager (Dynamo itself recompiles a function at most 8 times before
-#: falling back to slower eager tracing).
-_MAX_SIGNATURES = 4
-_ENV_SWITCH = "MONAI_ICON_COMPILED_LNCC"
-
-_state: dict[str, Any] = {"enabled": False, "forward": None, "backward": None, "failed": None,
-                          "signatures": {"forward": set(), "backward": set()}}
+_state = KernelState(_kernels, "compiled_lncc")
 
 
 @contextlib.contextmanager
 def compiled_lncc(enabled: bool = True) -> Iterator[None]:
-    """Within this context (``enabled=True``) :class:`~monai_icon.losses.similarity.StackedLNCCLoss` computes its
-    value and gradient with the compiled functions where :func:`use_compiled_lncc` allows it; the previous setting is
-    restored on exit."""
-    with enabled_in(_state, enabled):
+    """The active CPU backend with its ``compiled_lncc`` set to ``enabled`` (restored on exit); the same as
+    ``use_backend(...)`` with a :class:`~monai_icon.backend.CPUBackend` whose ``compiled_lncc`` is ``enabled``."""
+    with one_setting("compiled_lncc", enabled):
         yield
-
-
-def use_compiled_lncc(pred: torch.Tensor, target: torch.Tensor) -> bool:
-    """Whether the LNCC of ``pred`` and ``target`` takes the compiled functions: inside :func:`compiled_lncc`, float32
-    CPU tensors of the same shape with at least :data:`COMPILED_LNCC_MIN_VOXELS` voxels, outside ``torch.compile``
-    (a compiled caller fuses the loss itself), with a C++ compiler available, not switched off (environment variable
-    ``MONAI_ICON_COMPILED_LNCC=0``) and no earlier compilation failure in this process."""
-    if not _state["enabled"] or _state["failed"] is not None:
-        return False
-    if pred.device.type != "cpu" or target.device != pred.device or pred.shape != target.shape:
-        return False
-    if pred.dtype != torch.float32 or target.dtype != torch.float32 or pred.numel() < COMPILED_LNCC_MIN_VOXELS:
-        return False
-    if torch.compiler.is_compiling() or switched_off(_ENV_SWITCH):
-        return False
-    return compiler_available()
-
-
-Filtering = Callable[[torch.Tensor, tuple[float, ...]], torch.Tensor]
-
-
-def padded_filtering(x: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
-    """``x`` (``[B, C, *N]``) filtered along every spatial axis by the odd-length kernel ``taps``, zeros outside:
-    weighted sums of shifted slices of a zero-padded copy (which Inductor reads in place, one loop per axis)."""
-    radius = len(taps) // 2
-    for axis in range(2, x.ndim):
-        pad = [0, 0] * (x.ndim - 2)
-        pad[2 * (x.ndim - 1 - axis)] = pad[2 * (x.ndim - 1 - axis) + 1] = radius
-        padded = F.pad(x, pad)
-        size = x.shape[axis]
-        x = sum(padded.narrow(axis, k, size) * w for k, w in enumerate(taps))  # type: ignore[assignment]
-    return x
-
-
-def _terms(sums: torch.Tensor, channels: int, kernel_vol: torch.Tensor, smooth_dr: float):
-    """``cross``, the floored variances and their raw values from the local sums ``[t, p, t^2, p^2, t p]``."""
-    t_sum, p_sum, t2_sum, p2_sum, tp_sum = sums.split(channels, dim=1)
-    cross = tp_sum - p_sum * t_sum / kernel_vol
-    t_var_raw = t2_sum - t_sum * t_sum / kernel_vol
-    p_var_raw = p2_sum - p_sum * p_sum / kernel_vol
-    return cross, t_var_raw.clamp(min=smooth_dr), p_var_raw.clamp(min=smooth_dr), t_var_raw, p_var_raw
-
-
-def lncc_forward(
-    pred: torch.Tensor, target: torch.Tensor, kernel_vol: torch.Tensor, taps: tuple[float, ...], smooth_nr: float,
-    smooth_dr: float, filtering: Filtering = padded_filtering,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MONAI's per-voxel local NCC ``(cross^2 + smooth_nr) / (t_var p_var)`` (variances floored at ``smooth_dr``).
-
-    Args:
-        pred, target: ``[B, C, *N]`` images.
-        kernel_vol: the filter's volume (sum of its weights over all axes), a 0-dim tensor.
-        taps: the symmetric 1D filter, odd length.
-        filtering: ``filtering(x, taps)`` filters ``x`` along every spatial axis (zeros outside):
-            :func:`padded_filtering` (what Inductor fuses) or the eager loss's
-            :func:`~monai_icon.losses.similarity.shifted_filtering`.
-
-    Returns:
-        the per-voxel value ``[B, C, *N]`` and the local sums ``[B, 5 C, *N]`` (``t, p, t^2, p^2, t p``) that
-        :func:`lncc_backward` needs.
-    """
-    channels = pred.shape[1]
-    sums = filtering(torch.cat([target, pred, target * target, pred * pred, target * pred], dim=1), taps)
-    cross, t_var, p_var, _, _ = _terms(sums, channels, kernel_vol, smooth_dr)
-    return (cross * cross + smooth_nr) / (t_var * p_var), sums
-
-
-def lncc_backward(
-    grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, sums: torch.Tensor, kernel_vol: torch.Tensor,
-    taps: tuple[float, ...], smooth_nr: float, smooth_dr: float, need_pred: bool, need_target: bool,
-    filtering: Filtering = padded_filtering,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The gradients of ``sum(grad * ncc)`` with respect to ``pred`` and ``target`` (each only if needed), in closed
-    form from the local sums (the filter is symmetric and zero-padded, hence self-adjoint: ``d/ds = K * d/dS``)."""
-    channels = pred.shape[1]
-    cross, t_var, p_var, t_var_raw, p_var_raw = _terms(sums, channels, kernel_vol, smooth_dr)
-    t_sum, p_sum = sums[:, :channels], sums[:, channels : 2 * channels]
-    denominator = t_var * p_var
-    g_cross = grad * 2.0 * cross / denominator  # d / d tp_sum
-    ncc_g = grad * (cross * cross + smooth_nr) / denominator
-    parts = []
-    if need_pred:  # d / d (p_sum, p2_sum)
-        g_p_var = -(ncc_g / p_var) * (p_var_raw > smooth_dr)
-        parts += [-(g_cross * t_sum + 2.0 * g_p_var * p_sum) / kernel_vol, g_p_var]
-    if need_target:  # d / d (t_sum, t2_sum)
-        g_t_var = -(ncc_g / t_var) * (t_var_raw > smooth_dr)
-        parts += [-(g_cross * p_sum + 2.0 * g_t_var * t_sum) / kernel_vol, g_t_var]
-    filtered = filtering(torch.cat([*parts, g_cross], dim=1), taps).split(channels, dim=1)
-    g_tp = filtered[-1]
-    grad_pred = grad_target = None
-    if need_pred:
-        grad_pred = filtered[0] + 2.0 * pred * filtered[1] + target * g_tp
-    if need_target:
-        first = 2 if need_pred else 0
-        grad_target = filtered[first] + 2.0 * target * filtered[first + 1] + pred * g_tp
-    return grad_pred, grad_target
-
-
-def _compiled(name: str):
-    if _state[name] is None:
-        _state[name] = torch.compile(lncc_forward if name == "forward" else lncc_backward, dynamic=False)
-    return _state[name]
-
-
-def _run_compiled(name: str, signature: tuple, *args: Any) -> Any:
-    """The compiled ``name`` function on ``args``, or None (the caller then computes eagerly) beyond the signature
-    limit or once a compilation has failed (with a warning, after which the loss stays eager in this process)."""
-    ran, out = run_compiled(_state, _state["signatures"][name], signature, _MAX_SIGNATURES, lambda: _compiled(name),
-                            args, "the LNCC failed ({error}); computing it eagerly.", stacklevel=4)
-    return out if ran else None
-
-
-def compiled_lncc_forward(
-    pred: torch.Tensor, target: torch.Tensor, kernel_vol: torch.Tensor, taps: tuple[float, ...], smooth_nr: float,
-    smooth_dr: float,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """:func:`lncc_forward` compiled by Inductor, or None where it is not (signature limit, failed compilation)."""
-    signature = ("forward", tuple(pred.shape), taps)
-    return _run_compiled("forward", signature, pred, target, kernel_vol, taps, float(smooth_nr), float(smooth_dr))
-
-
-def compiled_lncc_backward(
-    grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, sums: torch.Tensor, kernel_vol: torch.Tensor,
-    taps: tuple[float, ...], smooth_nr: float, smooth_dr: float, need_pred: bool, need_target: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
-    """:func:`lncc_backward` compiled by Inductor, or None where it is not."""
-    signature = ("backward", tuple(pred.shape), taps, need_pred, need_target)
-    return _run_compiled("backward", signature, grad.contiguous(), pred, target, sums, kernel_vol, taps,
-                         float(smooth_nr), float(smooth_dr), need_pred, need_target)

@@ -14,13 +14,8 @@ from monai.utils import LossReduction
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.loss import _Loss
 
-from monai_icon.losses.compiled_lncc import (
-    compiled_lncc_backward,
-    compiled_lncc_forward,
-    lncc_backward,
-    lncc_forward,
-    use_compiled_lncc,
-)
+from monai_icon import backend
+from monai_icon.backend.lncc_kernels import lncc_backward, lncc_forward
 from monai_icon.losses.mind import MINDSSCLoss
 
 __all__ = ["SIMILARITIES", "StackedLNCCLoss", "get_similarity", "per_pair", "shifted_filtering"]
@@ -102,15 +97,15 @@ def _shifted_filtering(x: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor
 
 class _LocalNCC(torch.autograd.Function):
     """Per-voxel local NCC ``(cross^2 + nr) / (t_var p_var)`` with a hand-written backward
-    (:func:`~monai_icon.losses.compiled_lncc.lncc_forward` and :func:`~monai_icon.losses.compiled_lncc.lncc_backward`
-    with :func:`shifted_filtering`).
+    (:func:`~monai_icon.backend.lncc_kernels.lncc_forward` and
+    :func:`~monai_icon.backend.lncc_kernels.lncc_backward` with :func:`shifted_filtering`).
 
     Autograd through the formula keeps about twenty full-size intermediates alive until the backward pass; this
     function keeps the five filtered sums only and computes the gradient in closed form: with ``S = K * s`` the
     sums of ``s = [t, p, t^2, p^2, t p]`` under MONAI's (symmetric, zero-padded, hence self-adjoint) filter ``K``,
     ``d ncc / d s = K * (d ncc / d S)``, then ``d/dp = g_p + 2 p g_{p^2} + t g_{tp}`` (and likewise for ``t``).
-    Inside :func:`~monai_icon.losses.compiled_lncc.compiled_lncc` both passes run compiled where
-    :func:`~monai_icon.losses.compiled_lncc.use_compiled_lncc` allows it (the same formulas, fused by Inductor).
+    The CPU backend's hook (:func:`monai_icon.backend.lncc`) may compute both passes instead (the same formulas,
+    compiled).
     """
 
     @staticmethod
@@ -118,10 +113,12 @@ class _LocalNCC(torch.autograd.Function):
         ctx, pred, target, kernel_vol, taps, smooth_nr: float, smooth_dr: float
     ):
         ctx.taps, ctx.smooth_nr, ctx.smooth_dr = taps, smooth_nr, smooth_dr
-        ctx.compiled = use_compiled_lncc(pred, target)
-        out = compiled_lncc_forward(pred, target, kernel_vol, taps, smooth_nr, smooth_dr) if ctx.compiled else None
-        ncc, sums = out if out is not None else lncc_forward(pred, target, kernel_vol, taps, smooth_nr, smooth_dr,
-                                                             filtering=_shifted_filtering)
+        out = backend.lncc(pred, target, kernel_vol, taps, smooth_nr, smooth_dr)  # None: not run
+        if out is None:
+            ncc, sums = lncc_forward(pred, target, kernel_vol, taps, smooth_nr, smooth_dr, filtering=_shifted_filtering)
+            ctx.backend_backward = None
+        else:
+            ncc, sums, ctx.backend_backward = out
         ctx.save_for_backward(pred, target, sums, kernel_vol)
         return ncc
 
@@ -134,7 +131,7 @@ class _LocalNCC(torch.autograd.Function):
             return None, None, None, None, None, None
         args = (grad_ncc, pred, target, sums, kernel_vol, ctx.taps, ctx.smooth_nr, ctx.smooth_dr, need_pred,
                 need_target)
-        grads = compiled_lncc_backward(*args) if ctx.compiled else None
+        grads = ctx.backend_backward(*args) if ctx.backend_backward is not None else None  # None: not run
         if grads is None:
             grads = lncc_backward(*args, filtering=_shifted_filtering)
         return grads[0], grads[1], None, None, None, None

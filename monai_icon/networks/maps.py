@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from monai_icon.networks.trilinear import sample as cpu_sample
+from monai_icon import backend
 from monai_icon.precision import at_least_float32, autocast_disabled
 
 __all__ = [
@@ -94,14 +94,9 @@ def interpolate(
     Returns:
         ``[B, C, *P]`` interpolated values, differentiable with respect to ``field`` and ``points``.
 
-    On CPU, PyTorch's 3D ``grid_sample`` kernel is scalar code. Inside
-    :func:`monai_icon.networks.trilinear.fast_trilinear` (opt-in), a large linear border-padded sampling of a 3D
-    float32 field that needs no gradient (an image warp) runs as a compiled gather loop (the same values up to float
-    rounding, faster: ``docs/benchmarks.md``); otherwise large linear border-padded 3D float32 samplings (fields
-    with gradients too) run as two samplings of the field's stacked slices by the vectorised 2D kernel
-    (:func:`~monai_icon.networks.trilinear.planar_trilinear_interpolate`: no compilation, a faster backward pass;
-    positions along axis 1 rounded to ``2^-10`` voxels at most;
-    ``MONAI_ICON_PLANAR_TRILINEAR=0`` switches it off). Everything else is ``grid_sample``.
+    The sampling is ``grid_sample``'s unless the CPU backend's hook (:func:`monai_icon.backend.sample`) runs a
+    faster kernel for it (large linear border-padded 3D float32 samplings on the CPU, the same values up to float
+    rounding; :mod:`monai_icon.backend.trilinear`, ``docs/benchmarks.md``).
     """
     spatial_dims = field.ndim - 2
     if spatial_dims not in (2, 3):
@@ -116,16 +111,11 @@ def interpolate(
             raise ValueError(f"batch sizes differ: field {batch}, points {points.shape[0]}.")
         points = points.expand(batch, *points.shape[1:])
     point_shape = points.shape[2:]
-    values = cpu_sample(field, points.reshape(batch, spatial_dims, -1), mode, padding_mode)  # None: not run
+    values = backend.sample(field, points.reshape(batch, spatial_dims, -1), mode, padding_mode)  # None: not run
     if values is not None:
         return values.reshape(batch, field.shape[1], *point_shape)
     # grid_sample wants [B, *out, D] with the last-axis coordinate first, in [-1, 1].
     grid = points.reshape(batch, spatial_dims, -1).flip(1).movedim(1, -1) * 2.0 - 1.0
-    chunks = _cpu_chunks(field, grid.shape[1])
-    if chunks > 1:
-        return _chunked_grid_sample(field, grid, chunks, mode, padding_mode).reshape(
-            batch, field.shape[1], *point_shape
-        )
     grid = grid.reshape(batch, -1, *([1] * (spatial_dims - 1)), spatial_dims)
     values = F.grid_sample(field, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return values.reshape(batch, field.shape[1], *point_shape)
@@ -198,44 +188,6 @@ def _linear_resize_matrix(n_in: int, n_out: int, dtype: torch.dtype) -> torch.Te
     if n_in > 1:
         matrix[rows, lower + 1] = weight
     return matrix.to(dtype)
-
-
-_MIN_POINTS_PER_CHUNK = 4096
-
-
-def _cpu_chunks(field: torch.Tensor, num_points: int) -> int:
-    """How many pseudo-batches to split the points into so that ``grid_sample`` uses every CPU thread.
-
-    PyTorch's CPU ``grid_sample`` parallelises over the batch only (in 3D), so a batch smaller than the thread
-    count leaves cores idle. Not used on other devices, whose kernels parallelise over points.
-    """
-    if field.device.type != "cpu" or torch.compiler.is_compiling():  # compiled code has its own parallel loops
-        return 1
-    threads = torch.get_num_threads()
-    batch = field.shape[0]
-    if batch >= threads:
-        return 1
-    return max(1, min(threads // batch, num_points // _MIN_POINTS_PER_CHUNK))
-
-
-def _chunked_grid_sample(
-    field: torch.Tensor, grid: torch.Tensor, chunks: int, mode: str, padding_mode: str
-) -> torch.Tensor:
-    """``grid_sample`` of ``grid`` (``[B, P, D]``) split into ``chunks`` pseudo-batches; returns ``[B, C, P]``.
-
-    Values are identical to one call; gradients with respect to ``field`` are summed over the chunks (equal up to
-    floating-point summation order).
-    """
-    batch, num_points, dims = grid.shape
-    per_chunk = -(-num_points // chunks)
-    pad = per_chunk * chunks - num_points
-    if pad:
-        grid = torch.cat([grid, grid.new_zeros(batch, pad, dims)], dim=1)
-    grid = grid.reshape(batch * chunks, per_chunk, *([1] * (dims - 1)), dims)
-    fields = field.unsqueeze(1).expand(batch, chunks, *field.shape[1:]).reshape(batch * chunks, *field.shape[1:])
-    values = F.grid_sample(fields, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    values = values.reshape(batch, chunks, field.shape[1], per_chunk).transpose(1, 2)
-    return values.reshape(batch, field.shape[1], chunks * per_chunk)[..., :num_points]
 
 
 def map_grid_to_ddf(grid: torch.Tensor) -> torch.Tensor:
