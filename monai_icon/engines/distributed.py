@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from monai_icon.backend import CPUBackend, as_backend
 from monai_icon.config import as_bool
 
 __all__ = [
@@ -309,17 +310,19 @@ def convert_batchnorm(module: nn.Module, device: str | torch.device | None = Non
 
 
 def distributed_network(network: nn.Module, device: str | torch.device, sync_batchnorm: bool | str = True,
-                        channels_last: bool | str = False) -> nn.Module:
+                        channels_last: bool | str = False, backend: CPUBackend | str | None = None) -> nn.Module:
     """``network`` on ``device`` for training in the started process group: its batch norm layers normalising
     over the global batch (:func:`convert_batchnorm`, with ``sync_batchnorm``; otherwise each process normalises
-    its own part), its convolution weights channels-last (with ``channels_last``, before the wrapping, so that the
-    gradient buckets match them), wrapped in ``DistributedDataParallel`` (its own GPU, ``device_ids=[device]``,
-    on CUDA). In a single process: ``network`` on ``device``, unwrapped."""
+    its own part), its convolution weights channels-last (with ``channels_last``, or where the CPU backend
+    ``backend``, a :class:`~monai_icon.backend.CPUBackend` or its mode, has it on ``device``; before the wrapping,
+    so that the gradient buckets match them), wrapped in ``DistributedDataParallel`` (its own GPU,
+    ``device_ids=[device]``, on CUDA). In a single process: ``network`` on ``device``, unwrapped."""
     from monai_icon.engines.trainer import to_channels_last
 
     device = torch.device(device)
     network = network.to(device)
-    if as_bool(channels_last, "channels_last"):
+    backend_channels_last = backend is not None and as_backend(backend).resolve(device).channels_last
+    if as_bool(channels_last, "channels_last") or backend_channels_last:
         to_channels_last(network)
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return network

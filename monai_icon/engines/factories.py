@@ -13,7 +13,7 @@ from monai.engines import Evaluator
 from torch import nn
 
 from monai_icon.config import as_bool
-from monai_icon.cpu_allocator import tune_cpu_allocator
+from monai_icon.backend.allocator import tune_cpu_allocator
 from monai_icon.engines.instance_optimisation import InstanceOptimisedNet
 from monai_icon.losses.icon import ICONLoss
 
@@ -26,8 +26,11 @@ def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
 
 
 def tune_cpu_allocator_on_cpu(enabled: bool | str, device: str | torch.device) -> bool:
-    """:func:`~monai_icon.cpu_allocator.tune_cpu_allocator` when ``enabled`` (read by
-    :func:`~monai_icon.config.as_bool`) and ``device`` is the CPU; returns whether it was tuned."""
+    """:func:`~monai_icon.backend.allocator.tune_cpu_allocator` when ``enabled`` (read by
+    :func:`~monai_icon.config.as_bool`) and ``device`` is the CPU; returns whether it was tuned.
+
+    Deprecated: the CPU backend tunes the allocator (:class:`monai_icon.backend.CPUBackend`, ``tune_allocator``;
+    the bundles' ``cpu_backend`` key)."""
     if as_bool(enabled, "tune_cpu_allocator") and torch.device(device).type == "cpu":
         return bool(tune_cpu_allocator())
     return False

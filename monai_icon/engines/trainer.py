@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
@@ -16,18 +17,17 @@ from monai.engines.utils import IterationEvents
 from monai.transforms import Transform
 from torch.optim import Optimizer
 
+from monai_icon.backend import CPUBackend, ResolvedBackend, as_backend, use_backend
 from monai_icon.engines.keys import RegKeys
 from monai_icon.engines.prepare_batch import PrepareRegistrationBatch
-from monai_icon.losses.compiled_lncc import compiled_lncc
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.losses.map_supervision import MapSupervisionLoss
 from monai_icon.networks.maps import map_grid_to_ddf
 from monai_icon.networks.registration_net import register_pair
-from monai_icon.networks.trilinear import fast_trilinear
 from monai_icon.precision import resolve_cpu_amp
 from monai_icon.transforms.self_pair import TARGET_MAP, TARGET_WEIGHT
 
-__all__ = ["ICONTrainer", "MAP_ERROR", "channels_last_copy", "known_maps", "to_channels_last"]
+__all__ = ["ICONTrainer", "MAP_ERROR", "channels_last_copy", "known_maps", "to_channels_last", "trainer_backend"]
 
 
 def batch_masks(batchdata: dict[str, Any], like: torch.Tensor, device: Any = None,
@@ -89,6 +89,41 @@ def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+#: the keywords that ICONTrainer took before its ``backend`` (each is one field of the backend)
+CPU_OPTIONS = ("channels_last", "fast_sampler", "compiled_lncc")
+
+
+def trainer_backend(
+    backend: CPUBackend | str | None, device: str | torch.device, options: dict[str, Any]
+) -> CPUBackend | None:
+    """:class:`ICONTrainer`'s CPU backend from its ``backend`` and its earlier keywords ``options``
+    (:data:`CPU_OPTIONS`): ``backend`` itself (a mode string as a :class:`~monai_icon.backend.CPUBackend`); with
+    ``backend=None``, ``None`` (the settings around the trainer, by default the samplers that need no compilation)
+    or, when an earlier keyword is ``True``, those defaults with the keywords that are ``True`` on.
+
+    Raises:
+        TypeError: a keyword other than :data:`CPU_OPTIONS`, or one that is not a bool.
+        ValueError: a keyword that disagrees with ``backend`` on ``device``.
+    """
+    unknown = sorted(set(options) - set(CPU_OPTIONS))
+    if unknown:
+        raise TypeError(f"ICONTrainer got unexpected keyword arguments {unknown}.")
+    for name, value in options.items():
+        if not isinstance(value, bool):  # a string "false" would be true
+            raise TypeError(f"{name} must be a bool, got {value!r} (monai_icon.config.as_bool reads strings).")
+    if backend is None:
+        if not any(options.values()):
+            return None
+        return CPUBackend("off", planar_sampler=True, threaded_sampler=True, **options)
+    backend = as_backend(backend)
+    resolved = backend.resolve(device)
+    conflicts = [f"{name}={value}" for name, value in options.items() if getattr(resolved, name) != value]
+    if conflicts:
+        raise ValueError(f"backend={backend} on {torch.device(device)} disagrees with {', '.join(conflicts)}: give "
+                         "the CPU optimisations in the backend alone (e.g. CPUBackend('auto', fast_sampler=False)).")
+    return backend
+
+
 class ICONTrainer(SupervisedTrainer):
     """Train a registration network with :class:`~monai_icon.losses.ICONLoss`.
 
@@ -119,9 +154,6 @@ class ICONTrainer(SupervisedTrainer):
             ``lmbda`` costs one recompilation, not one per value. Inside compiled code the finiteness check of the
             inputs is skipped. See ``docs/benchmarks.md`` for when it pays off.
         compile_kwargs: arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
-        channels_last: keep the network's 4D / 5D weights and the input images in channels-last memory format
-            (``torch.channels_last`` / ``torch.channels_last_3d``; values and state-dict unchanged, results equal
-            up to rounding), in which oneDNN's CPU convolutions run faster (``docs/benchmarks.md``).
         mask_inputs: when batches carry ``moving_mask`` / ``fixed_mask`` (``[B, 1, *N]``, e.g. from a datalist's mask
             files through ``RandomPairDataset(keys=("image", "mask"))``), the similarity is always restricted to
             them (loss masking); with ``mask_inputs`` the images are also zeroed outside them before the network.
@@ -136,14 +168,16 @@ class ICONTrainer(SupervisedTrainer):
             (:class:`~monai_icon.transforms.RandSelfPaird` in ``augment``), and ``map_supervision_weight`` times its
             value on ``phi_AB`` (on the images' grid) is added to the ICON loss. ``None``: the ICON loss alone.
         map_supervision_weight: its weight (>= 0; handlers may change ``engine.map_supervision_weight``).
-        fast_sampler: run each iteration inside :func:`monai_icon.networks.trilinear.fast_trilinear`: on CPU, the
-            warps of 3D images take a compiled sampler (same values up to float rounding, faster steps:
-            ``docs/benchmarks.md``), compiled at the first iteration (longest the first time on a machine, shorter
-            with PyTorch's on-disk cache).
-        compiled_lncc: run each iteration inside :func:`monai_icon.losses.compiled_lncc.compiled_lncc`: on CPU, the
-            LNCC of large images (and its gradient) is computed by loops that Inductor fuses (same values up to float
-            rounding, faster than eagerly: ``docs/benchmarks.md``), compiled at the first iteration (once per image
-            size).
+        backend: the CPU optimisations (:class:`monai_icon.backend.CPUBackend` or its mode ``"auto"`` / ``"on"`` /
+            ``"off"``; same results up to float rounding, faster CPU steps: ``docs/benchmarks.md``), resolved on
+            ``device`` (all off unless it is the CPU); each iteration runs inside
+            :func:`monai_icon.backend.use_backend`. ``"auto"`` on a CPU: channels-last weights and images, the
+            planar and threaded samplers, glibc's allocator tuned, and, with a C++ compiler, the compiled sampler
+            and LNCC (compiled at the first iteration, once per image size). ``None`` (default): the settings
+            around the trainer (outside any ``use_backend``: the samplers that need no compilation).
+        cpu_options: the earlier keywords ``channels_last``, ``fast_sampler`` and ``compiled_lncc`` (bools), still
+            accepted: each turns on that optimisation of the backend (with ``backend=None``: on top of the
+            defaults); with a ``backend`` they must agree with it on ``device`` (``ValueError`` otherwise).
         Other arguments: as ``monai.engines.SupervisedTrainer``.
     """
 
@@ -172,21 +206,20 @@ class ICONTrainer(SupervisedTrainer):
         amp_kwargs: dict | None = None,
         compile: bool = False,
         compile_kwargs: dict | None = None,
-        channels_last: bool = False,
         mask_inputs: bool = False,
         augment: Callable | None = None,
         map_supervision: MapSupervisionLoss | None = None,
         map_supervision_weight: float = 1.0,
-        fast_sampler: bool = False,
-        compiled_lncc: bool = False,
+        backend: CPUBackend | str | None = None,
+        **cpu_options: bool,
     ) -> None:
         if not isinstance(loss_function, ICONLoss):
             raise ValueError(f"loss_function must be a monai_icon.losses.ICONLoss, got {type(loss_function).__name__}.")
-        flags = (("compile", compile), ("channels_last", channels_last), ("fast_sampler", fast_sampler),
-                 ("compiled_lncc", compiled_lncc))
-        for name, value in flags:
-            if not isinstance(value, bool):  # a string "false" would be true
-                raise TypeError(f"{name} must be a bool, got {value!r} (monai_icon.config.as_bool reads strings).")
+        if not isinstance(compile, bool):  # a string "false" would be true
+            raise TypeError(f"compile must be a bool, got {compile!r} (monai_icon.config.as_bool reads strings).")
+        self.backend = trainer_backend(backend, device, cpu_options)
+        self.cpu_settings: ResolvedBackend | None = None if self.backend is None else self.backend.resolve(device)
+        channels_last = self.cpu_settings is not None and self.cpu_settings.channels_last
         if channels_last:
             to_channels_last(network)
         if compile:
@@ -229,11 +262,10 @@ class ICONTrainer(SupervisedTrainer):
             raise ValueError(f"map_supervision_weight must be >= 0, got {map_supervision_weight}.")
         self.map_supervision = map_supervision
         self.map_supervision_weight = float(map_supervision_weight)
-        self.fast_sampler = fast_sampler
-        self.compiled_lncc = compiled_lncc
 
     def _iteration(self, engine: ICONTrainer, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
-        with fast_trilinear(engine.fast_sampler), compiled_lncc(engine.compiled_lncc):
+        settings = engine.cpu_settings
+        with contextlib.nullcontext() if settings is None else use_backend(settings):
             return self._step(engine, batchdata)
 
     def _step(self, engine: ICONTrainer, batchdata: dict[str, Any]) -> dict:
