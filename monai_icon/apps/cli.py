@@ -19,6 +19,7 @@ Sub-commands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_icon.cpu_allocator import tune_cpu_allocator
 
 __all__ = ["build_parser", "main"]
 
@@ -240,6 +240,32 @@ def _io_lr(args: argparse.Namespace) -> float:
     return args.io_lr if args.io_lr is not None else default_io_lr(args.io_mode)
 
 
+def _add_backend_arguments(parser: argparse.ArgumentParser, expert: bool = False) -> None:
+    parser.add_argument("--cpu-backend", choices=["auto", "on", "off"], default="auto",
+                        help="CPU optimisations (monai_icon.backend; same results up to rounding, faster on CPU; none "
+                             "on GPUs): auto (default) = those that need no compilation (trilinear sampling by "
+                             "vectorised kernels, glibc's allocator keeping freed memory); on = also the sampler and "
+                             "the LNCC compiled by torch.compile (the first registration waits for the compilation); "
+                             "off = none")
+    if not expert:
+        return
+    parser.add_argument("--fast-sampler", action="store_true",
+                        help="with --cpu-backend auto or off: the compiled sampler all the same (3D image warps)")
+    parser.add_argument("--compiled-lncc", action="store_true",
+                        help="with --cpu-backend auto or off: the compiled LNCC all the same (refinement steps)")
+
+
+def _cpu_backend(args: argparse.Namespace):
+    """``--cpu-backend`` with ``--fast-sampler`` / ``--compiled-lncc`` as one
+    :class:`~monai_icon.backend.CPUBackend`: ``auto`` leaves the compiled kernels to ``on`` or to their flags (their
+    compilation pays over many registrations, not for one pair)."""
+    from monai_icon.backend import CPUBackend
+
+    compiled = None if args.cpu_backend == "on" else False  # None: as the mode says
+    return CPUBackend(args.cpu_backend, fast_sampler=True if getattr(args, "fast_sampler", False) else compiled,
+                      compiled_lncc=True if getattr(args, "compiled_lncc", False) else compiled)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="monai-icon", description="ICON inverse-consistent registration (MONAI).")
     parser.add_argument("--debug", action="store_true",
@@ -263,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--fixed-side", help="knee side of the fixed image (LEFT/RIGHT) for one-sided knee models")
     reg.add_argument("--moving-side", help="knee side of the moving image")
     _add_io_arguments(reg)
+    _add_backend_arguments(reg)
 
     rp = sub.add_parser("register-pairs", help="register every pair of a pair datalist (outputs per pair; label Dice "
                                                "before/after where pairs have both label maps)")
@@ -274,15 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--resume", action="store_true",
                     help="keep each finished pair's summary (OUTPUT_DIR/.register_pairs) and skip the pairs an earlier "
                          "run with --resume finished (after a stop, a failure or a killed process)")
-    rp.add_argument("--fast-sampler", action="store_true",
-                    help="on CPU, warp 3D images with a compiled sampler (monai_icon.networks.trilinear: same values "
-                         "up to rounding, faster refinement steps; the first pair waits for the compilation)")
-    rp.add_argument("--compiled-lncc", action="store_true",
-                    help="on CPU, compute the refinement's LNCC with loops fused by torch.compile "
-                         "(monai_icon.losses.compiled_lncc: same values up to rounding; the first pair waits for "
-                         "the compilation)")
     _add_model_arguments(rp)
     _add_io_arguments(rp)
+    _add_backend_arguments(rp, expert=True)
 
     wp = sub.add_parser("warp", help="apply a written transform (.h5 or LPS-mm displacement image) to an image/labels")
     wp.add_argument("--moving", required=True, help="image or label map to warp")
@@ -326,13 +347,16 @@ def _default_device(name: str | None):
 
 
 def _prepare(args: argparse.Namespace, device_name: str | None = None):
-    """Shared start of ``register`` and ``register-pairs``: presets, checks, device, CPU allocator, model."""
+    """Shared start of ``register`` and ``register-pairs``: presets, checks, device, model, and the CPU backend
+    (``--cpu-backend``; it tunes the allocator on the CPU) in force on that device until the command ends."""
     _apply_presets(args)
     _check_arguments(args)
     device = _default_device(device_name or args.device)
-    if device.type == "cpu":  # many large CPU tensors per step: reuse their memory (nothing to tune on GPUs)
-        tune_cpu_allocator()
-    return device, _load_model(args, device)
+    from monai_icon.backend import use_backend
+
+    model = _load_model(args, device)
+    args.scope.enter_context(use_backend(_cpu_backend(args), device))
+    return device, model
 
 
 def _run_register(args: argparse.Namespace) -> None:
@@ -358,8 +382,6 @@ def _run_register_pairs(args: argparse.Namespace) -> None:
     from monai_icon.apps.batch import PairError, check_pairs, pair_id, register_pairs
     from monai_icon.apps.validation import check_outputs_spare_inputs
     from monai_icon.data import load_pair_datalist
-    from monai_icon.losses.compiled_lncc import compiled_lncc
-    from monai_icon.networks.trilinear import fast_trilinear
 
     pairs = load_pair_datalist(args.datalist, args.key)
     output_dir = Path(args.output_dir)
@@ -373,10 +395,9 @@ def _run_register_pairs(args: argparse.Namespace) -> None:
     with process_group(device) as env:
         mine = shard_pairs(pairs, env.rank, env.world_size)
         try:
-            with fast_trilinear(args.fast_sampler), compiled_lncc(args.compiled_lncc):
-                done = register_pairs([pair for _, pair in mine], model, output_dir, args.io_steps, _io_lr(args),
-                                      device, args.io_mode, args.io_size, args.io_levels, args.io_field_size,
-                                      args.io_fine_steps, resume=args.resume)
+            done = register_pairs([pair for _, pair in mine], model, output_dir, args.io_steps, _io_lr(args),
+                                  device, args.io_mode, args.io_size, args.io_levels, args.io_field_size,
+                                  args.io_fine_steps, resume=args.resume)
         except PairError as err:
             if env.distributed:
                 raise PairError(f"{err} [rank {env.rank} of {env.world_size}]") from err
@@ -469,7 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("MONAI_ICON_DEBUG", "") not in ("", "0")
     try:
-        _HANDLERS[args.command](args)
+        with contextlib.ExitStack() as scope:
+            args.scope = scope  # what a sub-command keeps in force until it ends (the CPU backend: _prepare)
+            _HANDLERS[args.command](args)
     except KeyboardInterrupt:
         print(f"monai-icon {args.command}: interrupted", file=sys.stderr)
         return 130
