@@ -16,8 +16,10 @@ from monai_icon.apps.physical import (
     write_image,
 )
 from monai_icon.apps.batch import pair_outputs, register_pairs
+from monai_icon.apps.files import OutputFiles, PairFiles
 from monai_icon.apps.model_files import RegistrationModel, load_registration_model, save_registration_model
 from monai_icon.apps.register import instance_optimise, register_files, register_images, restored_weights
+from monai_icon.engines.instance_optimisation import Refinement
 
 __all__ = [
     "AtlasSegmentation",
@@ -29,6 +31,9 @@ __all__ = [
     "load_registration_model",
     "register_images",
     "register_files",
+    "PairFiles",
+    "OutputFiles",
+    "Refinement",
     "register_pairs",
     "pair_outputs",
     "instance_optimise",

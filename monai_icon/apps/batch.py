@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from monai_icon.apps.atomic_io import write_text
+from monai_icon.apps.files import REFINEMENT_KEYWORDS, OutputFiles, PairFiles, refinement_from_keywords, split_keywords
 from monai_icon.apps.model_files import RegistrationModel, load_registration_model
 from monai_icon.apps.physical import load_image, sample_world, world_points
 from monai_icon.apps.register import register_files
-from monai_icon.apps.validation import check_outputs_spare_inputs
+from monai_icon.apps.validation import check_outputs_spare_inputs, check_registration_arguments
 from monai_icon.engines.instance_optimisation import Refinement
 from monai_icon.metrics.dice import label_dice
 
@@ -98,21 +99,19 @@ def register_pairs(
     pairs: Sequence[dict[str, Any]],
     model: RegistrationModel | str | Path,
     output_dir: str | Path,
-    io_steps: int = 0,
-    io_lr: float | None = None,
-    device: str | torch.device | None = None,
-    io_mode: str = "network",
-    io_size: Sequence[int] | None = None,
-    io_levels: int = 1,
-    io_field_size: Sequence[int] | None = None,
-    io_fine_steps: int | None = None,
-    resume: bool = False,
+    *,
     refinement: Refinement | None = None,
+    device: str | torch.device | None = None,
+    resume: bool = False,
+    **io_keywords: Any,
 ) -> list[dict[str, Any]]:
     """Register every pair of a pair datalist (:func:`~monai_icon.data.load_pair_datalist`) in physical space with
-    :func:`register_files` (the ``io_*`` arguments are its), writing :func:`pair_outputs` into ``output_dir``.
-    Prints one line per pair. The whole list is checked first (:func:`check_pairs`). ``refinement``: the ``io_*``
-    settings as one value (:class:`~monai_icon.engines.instance_optimisation.Refinement`) instead.
+    :func:`register_files`, writing :func:`pair_outputs` into ``output_dir``. Prints one line per pair. The settings
+    and the whole list are checked first (:func:`~monai_icon.apps.validation.check_registration_arguments`,
+    :func:`check_pairs`). ``refinement``: the instance-optimisation settings
+    (:class:`~monai_icon.engines.instance_optimisation.Refinement`; default: none), or as the ``io_*`` keywords of
+    :func:`register_files` (``io_steps``, ``io_lr``, ``io_mode``, ``io_size``, ``io_levels``, ``io_field_size``,
+    ``io_fine_steps``), not both.
 
     Pairs with both ``moving_label`` and ``fixed_label`` are scored: Dice per label
     (:func:`~monai_icon.metrics.label_dice`) of the warped moving labels against the fixed labels on the fixed
@@ -130,9 +129,12 @@ def register_pairs(
 
     Raises:
         PairError: a pair failed (the message names it and its files; pairs before it are written).
+        ValueError: settings out of range, a ``refinement`` together with ``io_*`` keywords, or a problem of the
+            list (before any pair is registered).
+        TypeError: an unknown keyword.
     """
-    io = Refinement.merge(refinement, io_steps=io_steps, io_lr=io_lr, io_mode=io_mode, io_size=io_size,
-                          io_levels=io_levels, io_field_size=io_field_size, io_fine_steps=io_fine_steps)
+    (io_keywords,) = split_keywords("register_pairs", io_keywords, REFINEMENT_KEYWORDS)
+    settings = check_registration_arguments(refinement_from_keywords(refinement, **io_keywords))
     all_outputs = check_pairs(pairs, output_dir, {"summary": Path(output_dir) / "summary.json"})
     if not isinstance(model, RegistrationModel):
         model = load_registration_model(model, device)
@@ -146,10 +148,10 @@ def register_pairs(
             continue
         try:
             with _seeded(name):
-                summary = register_files(pair["fixed_image"], pair["moving_image"], model, warped=outputs["warped"],
-                                         ddf=outputs["ddf"], transform=outputs["transform"],
-                                         moving_label=pair.get("moving_label"), warped_label=outputs["warped_label"],
-                                         device=device, **io)
+                summary = register_files(inputs=PairFiles(pair["fixed_image"], pair["moving_image"],
+                                                          moving_label=pair.get("moving_label")),
+                                         outputs=OutputFiles(**outputs), model=model, refinement=settings,
+                                         device=device)
             summary["pair_id"] = name
             line = f"{name}: {summary['seconds']:.2f} s, folds {summary['folds_percent']:.3f} %"
             if pair.get("fixed_label") and outputs["warped_label"] is not None:

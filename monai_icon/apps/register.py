@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,26 +40,26 @@ from monai_icon.apps.physical import (
     write_displacement,
     write_image,
 )
+from monai_icon.apps.files import (
+    OUTPUT_KEYWORDS,
+    PAIR_KEYWORDS,
+    REFINEMENT_KEYWORDS,
+    OutputFiles,
+    PairFiles,
+    refinement_from_keywords,
+    split_keywords,
+)
 from monai_icon.apps.validation import (
-    IMAGE_SUFFIXES,
-    TRANSFORM_SUFFIXES,
-    check_count,
     check_device,
     check_finite,
     check_image_geometry,
     check_label_values,
-    check_output_path,
-    check_outputs_spare_inputs,
-    check_positive_number,
-    check_side,
-    check_sizes,
+    check_registration_arguments,
 )
 from monai_icon.losses.icon import ICONLoss
 from monai_icon.metrics.folds import count_folds
 from monai_icon.engines.instance_optimisation import (
-    IO_MODES,
     Refinement,
-    default_io_lr,
     instance_optimise,
     residual_instance_optimise,
     restored_weights,
@@ -78,7 +78,11 @@ __all__ = [
     "PhysicalRegistration",
     "register_images",
     "register_files",
+    "PairFiles",
+    "OutputFiles",
 ]
+
+_DEFAULT = Refinement()  # the default of each instance-optimisation setting
 
 
 @dataclass
@@ -101,12 +105,13 @@ class PhysicalRegistration:
 
 def register_images(
     model: RegistrationModel, fixed: MetaTensor, moving: MetaTensor, fixed_side: str | None = None,
-    moving_side: str | None = None, io_steps: int = 0, io_lr: float | None = None,
+    moving_side: str | None = None, io_steps: int = _DEFAULT.steps, io_lr: float | None = _DEFAULT.lr,
     device: str | torch.device | None = None,
-    io_mode: str = "network", io_size: Sequence[int] | None = None,
+    io_mode: str = _DEFAULT.mode, io_size: Sequence[int] | None = _DEFAULT.size,
     fixed_mask: MetaTensor | None = None, moving_mask: MetaTensor | None = None,
     fixed_label: MetaTensor | None = None, moving_label: MetaTensor | None = None, label_weight: float = 0.0,
-    io_levels: int = 1, io_field_size: Sequence[int] | None = None, io_fine_steps: int | None = None,
+    io_levels: int = _DEFAULT.levels, io_field_size: Sequence[int] | None = _DEFAULT.field_size,
+    io_fine_steps: int | None = _DEFAULT.fine_steps,
 ) -> PhysicalRegistration:
     """Register two channel-first MetaTensors (with affines) in physical space.
 
@@ -129,14 +134,14 @@ def register_images(
     ``io_fine_steps``: with ``io_size``, only the last this many steps compare the images on ``io_size``, the
     others on the residual fields' grid (the network's inputs, or for a network that takes the finer images
     itself, those average-pooled; default: all steps on ``io_size``).
+
+    The settings are checked by :func:`~monai_icon.apps.validation.check_registration_arguments`.
     """
-    if io_levels != 1 and io_mode != "residual":
-        raise ValueError(f"io_levels ({io_levels}) needs io_mode='residual'.")
+    settings = Refinement(io_steps, io_lr, io_mode, None if io_size is None else tuple(io_size), io_levels,
+                          None if io_field_size is None else tuple(io_field_size), io_fine_steps)
+    io_lr = cast(float, check_registration_arguments(settings, label_weight, model=model).lr)
     if (fixed_mask is None) != (moving_mask is None):
         raise ValueError("give both masks (fixed and moving) or neither.")
-    if io_mode not in IO_MODES:
-        raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
-    io_lr = default_io_lr(io_mode) if io_lr is None else io_lr
     for name, image in (("fixed", fixed), ("moving", moving)):
         if image.ndim - 1 != model.spatial_dims:
             raise ValueError(f"the model registers {model.spatial_dims}D images but the {name} image is "
@@ -175,9 +180,6 @@ def register_images(
     num_classes = None
     if label_weight > 0 and fixed_label is not None and moving_label is not None:
         num_classes = int(max(float(fixed_label.max()), float(moving_label.max()))) + 1
-    for name, size in (("io_size", io_size), ("io_field_size", io_field_size)):
-        if size is not None and (io_mode != "residual" or len(size) != model.spatial_dims):
-            raise ValueError(f"{name} ({size}) needs io_mode='residual' and {model.spatial_dims} sizes.")
     loss = ICONLoss(model.similarity, model.lmbda, model.regularizer, spatial_dims=model.spatial_dims,
                     label_weight=label_weight if num_classes else 0.0, num_classes=num_classes,
                     regularizer_size=None if io_field_size is None else tuple(int(v) for v in io_field_size),
@@ -212,52 +214,48 @@ def register_images(
 
 
 def register_files(
-    fixed: str | Path,
-    moving: str | Path,
-    model: RegistrationModel | str | Path,
-    warped: str | Path | None = None,
-    ddf: str | Path | None = None,
-    transform: str | Path | None = None,
-    moving_label: str | Path | None = None,
-    warped_label: str | Path | None = None,
-    fixed_side: str | None = None,
-    moving_side: str | None = None,
-    io_steps: int = 0,
-    io_lr: float | None = None,
-    device: str | torch.device | None = None,
-    memory_limit_bytes: int | None = None,
-    io_mode: str = "network",
-    io_size: Sequence[int] | None = None,
-    fixed_mask: str | Path | None = None,
-    moving_mask: str | Path | None = None,
-    fixed_label: str | Path | None = None,
-    label_weight: float = 0.0,
-    io_levels: int = 1,
-    io_field_size: Sequence[int] | None = None,
-    io_fine_steps: int | None = None,
+    fixed: str | Path | None = None,
+    moving: str | Path | None = None,
+    model: RegistrationModel | str | Path | None = None,
+    *,
+    inputs: PairFiles | None = None,
+    outputs: OutputFiles | None = None,
     refinement: Refinement | None = None,
+    device: str | torch.device | None = None,
+    label_weight: float = 0.0,
+    memory_limit_bytes: int | None = None,
+    **keywords: Any,
 ) -> dict[str, Any]:
-    """Register ``moving`` to ``fixed`` (image files) and write the results on the fixed image's grid.
+    """Register a moving image file to a fixed one and write the results on the fixed image's grid::
+
+        register_files(inputs=PairFiles("F.nii.gz", "M.nii.gz"), model=model,
+                       outputs=OutputFiles(warped="W.nii.gz", transform="phi.h5"),
+                       refinement=recommended_refinement(model.spatial_size))
+
+    or, with the same meaning, the loose keywords: ``register_files("F.nii.gz", "M.nii.gz", model,
+    warped="W.nii.gz", transform="phi.h5", io_steps=36, ...)``.
 
     Args:
-        fixed, moving: image files (NIfTI, MHA, NRRD, ...), any spacing, orientation and size.
+        fixed, moving: image files (NIfTI, MHA, NRRD, ...), any spacing, orientation and size (or ``inputs``).
         model: a :class:`RegistrationModel` or a model file / bundle folder (:func:`load_registration_model`).
-        warped: output file of the moving image resampled onto the fixed grid (linear).
-        ddf: output displacement field (LPS mm, ITK/ANTs convention; see
-            :func:`~monai_icon.apps.physical.write_displacement`).
-        transform: output ITK displacement-field transform (``.h5``), applied by ITK/3D Slicer/ANTs.
-        moving_label, warped_label: a moving label map and where to write it warped onto the fixed grid
-            (one-hot linear interpolation + arg-max, integer labels kept).
-        fixed_side, moving_side: knee sides, for models trained on one side (see :class:`RegistrationModel`);
-            by default taken from ``LEFT``/``RIGHT`` in the file names when the model has a ``target_side``.
-        io_steps, io_lr, io_mode, io_size, io_levels, io_field_size, io_fine_steps: instance optimisation (see
-            :func:`register_images`).
-        fixed_mask, moving_mask: optional mask files (both or neither) on the images' grids: input and loss masking
-            (see :func:`register_images`).
-        fixed_label, label_weight: label-supervised instance optimisation: the fixed label map and the weight of
-            the Dice term on the warped ``moving_label`` (needs both label maps and ``io_steps > 0``).
-        refinement: the ``io_*`` settings as one value (:class:`~monai_icon.engines.instance_optimisation.Refinement`,
-            e.g. :func:`monai_icon.apps.presets.recommended_refinement`), instead of the ``io_*`` keywords.
+        inputs: the pair's files and knee sides as one value (:class:`~monai_icon.apps.files.PairFiles`: ``fixed``,
+            ``moving``, ``fixed_label``, ``moving_label``, ``fixed_mask``, ``moving_mask``, ``fixed_side``,
+            ``moving_side``).
+        outputs: the files to write as one value (:class:`~monai_icon.apps.files.OutputFiles`: ``warped``, ``ddf``,
+            ``transform``, ``warped_label``; at least one).
+        refinement: the instance-optimisation settings as one value
+            (:class:`~monai_icon.engines.instance_optimisation.Refinement`, e.g.
+            :func:`monai_icon.apps.presets.recommended_refinement`; default: none, the network alone).
+        device: the torch device (default: the model's).
+        label_weight: label-supervised instance optimisation: the weight of the Dice term of the warped
+            ``moving_label`` against ``fixed_label`` (needs both label maps and instance-optimisation steps).
+        memory_limit_bytes: refuse outputs on the fixed grid that need more memory than this (default: the memory
+            available).
+        keywords: the fields of ``inputs`` (but ``fixed``, ``moving``), ``outputs`` and ``refinement`` as loose
+            keywords, as earlier versions took them: ``moving_label``, ``fixed_label``, ``fixed_mask``,
+            ``moving_mask``, ``fixed_side``, ``moving_side``; ``warped``, ``ddf``, ``transform``, ``warped_label``;
+            ``io_steps``, ``io_lr``, ``io_mode``, ``io_size``, ``io_levels``, ``io_field_size``, ``io_fine_steps``
+            (see :func:`register_images`). A value and keywords for the same settings are not mixed.
 
     Returns:
         a summary: the files written, seconds, instance-optimisation losses, the folds of the final map (% of the
@@ -267,51 +265,30 @@ def register_files(
     Raises:
         FileNotFoundError, ValueError: unreadable inputs or model, 2D/3D or channel mismatches, out-of-range
             arguments, sides other than LEFT/RIGHT, an unavailable device, outputs that cannot be written
-            (checked before any computation), degenerate geometry, label maps that are not integer-valued.
+            (checked before any computation), degenerate geometry, label maps that are not integer-valued; a value
+            (``inputs``, ``outputs``, ``refinement``) together with keywords for its settings.
+        TypeError: no model, no images, or an unknown keyword.
         MemoryError: outputs on the fixed grid that would not fit in memory.
     """
-    io = Refinement.merge(refinement, io_steps=io_steps, io_lr=io_lr, io_mode=io_mode, io_size=io_size,
-                          io_levels=io_levels, io_field_size=io_field_size, io_fine_steps=io_fine_steps)
-    io_steps, io_lr, io_mode, io_size = io["io_steps"], io["io_lr"], io["io_mode"], io["io_size"]
-    io_levels, io_field_size, io_fine_steps = io["io_levels"], io["io_field_size"], io["io_fine_steps"]
-    if (moving_label is None) != (warped_label is None):
-        raise ValueError("give both moving_label and warped_label, or neither.")
-    if not any((warped, ddf, transform, warped_label)):
-        raise ValueError("nothing to write: give at least one of warped, ddf, transform, warped_label.")
+    pair_keywords, output_keywords, io_keywords = split_keywords("register_files", keywords, PAIR_KEYWORDS,
+                                                                 OUTPUT_KEYWORDS, REFINEMENT_KEYWORDS)
+    inputs = PairFiles.merge(inputs, fixed=fixed, moving=moving, **pair_keywords)
+    outputs = OutputFiles.merge(outputs, **output_keywords)
+    if model is None:
+        raise TypeError("register_files() needs a model (a RegistrationModel, a model file or a bundle folder).")
     # every argument and output checked before any computation, so a long registration cannot fail at the end
-    io_steps = check_count(io_steps, "io_steps")
-    io_lr = default_io_lr(io_mode) if io_lr is None and io_mode in IO_MODES else io_lr
-    io_lr = check_positive_number(io_lr, "io_lr")
-    if not (isinstance(label_weight, (int, float)) and 0 <= label_weight < float("inf")):
-        raise ValueError(f"label_weight must be a finite number >= 0, got {label_weight!r}.")
-    if label_weight > 0 and (fixed_label is None or moving_label is None or io_steps == 0):
-        raise ValueError("label_weight > 0 needs fixed_label, moving_label and io_steps > 0 (it weights the label "
-                         "term of instance optimisation).")
-    if io_mode not in IO_MODES:
-        raise ValueError(f"io_mode must be one of {IO_MODES}, got {io_mode!r}.")
-    check_sizes(io_size, "io_size", minimum=2)
-    check_sizes(io_field_size, "io_field_size", minimum=2)
-    io_levels = check_count(io_levels, "io_levels", minimum=1)
-    if io_levels > 1 and io_mode != "residual":
-        raise ValueError(f"io_levels > 1 needs io_mode='residual' (coarse-to-fine residual fields), got io_levels "
-                         f"{io_levels} with io_mode={io_mode!r}.")
-    fixed_side, moving_side = check_side(fixed_side, "fixed_side"), check_side(moving_side, "moving_side")
+    settings = check_registration_arguments(refinement_from_keywords(refinement, **io_keywords), label_weight,
+                                            inputs=inputs, outputs=outputs, model=model)
     device = check_device(device)
-    for path, name, suffixes in ((warped, "warped", IMAGE_SUFFIXES), (warped_label, "warped_label", IMAGE_SUFFIXES),
-                                 (ddf, "ddf", IMAGE_SUFFIXES), (transform, "transform", TRANSFORM_SUFFIXES)):
-        check_output_path(path, name, suffixes)
-    check_outputs_spare_inputs(
-        {"warped": warped, "warped_label": warped_label, "ddf": ddf, "transform": transform},
-        {"fixed image": fixed, "moving image": moving, "moving label": moving_label, "fixed label": fixed_label,
-         "fixed mask": fixed_mask, "moving mask": moving_mask,
-         "model file": model if isinstance(model, (str, Path)) and Path(model).is_file() else None},
-    )
     if not isinstance(model, RegistrationModel):
         model = load_registration_model(model, device)
+        check_registration_arguments(settings, label_weight, model=model)  # the grids against the model's
+    fixed, moving, fixed_label, moving_label = inputs.fixed, inputs.moving, inputs.fixed_label, inputs.moving_label
+    fixed_mask, moving_mask, fixed_side, moving_side = (inputs.fixed_mask, inputs.moving_mask, inputs.fixed_side,
+                                                        inputs.moving_side)
+    warped, ddf, transform, warped_label = outputs.warped, outputs.ddf, outputs.transform, outputs.warped_label
     fixed_image, moving_image = load_image(fixed, "fixed image"), load_image(moving, "moving image")
     label = load_image(moving_label, "moving label") if moving_label is not None else None
-    if (fixed_mask is None) != (moving_mask is None):
-        raise ValueError("give both masks (fixed_mask and moving_mask) or neither.")
     masks = [load_image(m, f"{role} mask") if m is not None else None
              for m, role in ((fixed_mask, "fixed"), (moving_mask, "moving"))]
     for mask, image, role in ((masks[0], fixed_image, "fixed"), (masks[1], moving_image, "moving")):
@@ -344,9 +321,9 @@ def register_files(
     if model.target_side is not None:  # one-sided knee model: sides default to LEFT/RIGHT in the file names
         fixed_side = fixed_side or side_from_filename(fixed)
         moving_side = moving_side or side_from_filename(moving)
-    result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, io_steps, io_lr, device,
-                             io_mode, io_size, masks[0], masks[1], fixed_labels, label, float(label_weight),
-                             io_levels, io_field_size, io_fine_steps)
+    result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, settings.steps, settings.lr,
+                             device, settings.mode, settings.size, masks[0], masks[1], fixed_labels, label,
+                             float(label_weight), settings.levels, settings.field_size, settings.fine_steps)
     points = result.fixed_to_moving(fixed_affine, fixed_shape)
     try:
         check_finite(points, "the registration's result")
@@ -372,7 +349,8 @@ def register_files(
         write_displacement(displacement, fixed_affine, ddf, transform)
         written.update({k: str(v) for k, v in (("ddf", ddf), ("transform", transform)) if v is not None})
     with torch.no_grad():  # folds of the final map on the grid it was computed on (the reference's stencil)
-        folds = count_folds(result.phi.grid(tuple(io_field_size or io_size or model.spatial_size)), percentage=True)
+        folds = count_folds(result.phi.grid(tuple(settings.field_size or settings.size or model.spatial_size)),
+                            percentage=True)
     return {
         "written": written,
         "seconds": result.seconds,

@@ -16,10 +16,15 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from monai_icon.apps.files import OutputFiles, PairFiles
+    from monai_icon.apps.model_files import RegistrationModel
+    from monai_icon.engines.instance_optimisation import Refinement
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -40,6 +45,9 @@ __all__ = [
     "check_finite",
     "same_file",
     "check_outputs_spare_inputs",
+    "FLAG_NAMES",
+    "MAX_PASSES",
+    "check_registration_arguments",
 ]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -48,6 +56,13 @@ MIN_SPACING_MM = 1e-3
 # memory per voxel of a grid that images are registered on (network activations, maps, fields, gradients): a
 # bound, not a measurement; grids that exceed the available memory by it are refused before anything is allocated
 GRID_BYTES_PER_VOXEL = 1024
+#: the most network passes (``--passes``; each a full network evaluation on the images warped by the maps so far)
+MAX_PASSES = 16
+#: the command-line flags that name their settings in the messages of :func:`check_registration_arguments`
+FLAG_NAMES = {"io_steps": "--io-steps", "io_lr": "--io-lr", "io_levels": "--io-levels",
+              "io_fine_steps": "--io-fine-steps", "io_size": "--io-size", "io_field_size": "--io-field-size",
+              "spatial_size": "--spatial-size", "passes": "--passes", "lncc_kernel": "--lncc-kernel",
+              "flip_axes": "--flip-axes"}
 
 
 def check_count(value: Any, name: str, minimum: int = 0) -> int:
@@ -295,3 +310,124 @@ def check_outputs_spare_inputs(outputs: Mapping[str, str | Path | None],
         for other_role, other in given_outputs[i + 1:]:
             if same_file(path, other):
                 raise ValueError(f"{role} and {other_role} are the same file {str(path)!r}.")
+
+
+def check_registration_arguments(
+    refinement: Refinement,
+    label_weight: float = 0.0,
+    *,
+    inputs: PairFiles | None = None,
+    outputs: OutputFiles | None = None,
+    model: RegistrationModel | str | Path | None = None,
+    passes: int | None = None,
+    lncc_kernel: int | None = None,
+    spatial_size: Sequence[int] | None = None,
+    flip_axes: Sequence[int] | None = None,
+    names: Mapping[str, str] | None = None,
+    fit_levels: bool = False,
+) -> Refinement:
+    """Every check of the arguments of a registration, for :func:`monai_icon.apps.register_files` (and
+    :func:`~monai_icon.apps.register_images`, :func:`~monai_icon.apps.register_pairs`) and ``monai-icon register``
+    / ``register-pairs`` alike, before any computation. Parts not given are not checked: the command line checks
+    its flags before loading the model, then again with the model; the files are checked by ``register_files``.
+
+    Args:
+        refinement: the instance-optimisation settings (``lr=None``: the mode's
+            :data:`~monai_icon.engines.instance_optimisation.DEFAULT_IO_LR`).
+        label_weight: the weight of the label term of instance optimisation (``>= 0``).
+        inputs, outputs: the files (:class:`~monai_icon.apps.files.PairFiles`,
+            :class:`~monai_icon.apps.files.OutputFiles`): sides, masks in pairs, labels for ``label_weight``,
+            outputs writable and not overwriting an input (``outputs`` needs ``inputs``).
+        model: a :class:`~monai_icon.apps.RegistrationModel` (the grids' dimension, the levels its grids allow, the
+            LNCC window and the flipped axes against its grid), or a model file (only kept from being overwritten).
+        passes, lncc_kernel, spatial_size, flip_axes: the test-time settings of the command line (``None``: not
+            given).
+        names: how messages name the settings (e.g. :data:`FLAG_NAMES` for the command line's flags); by default the
+            keyword names.
+        fit_levels: fewer levels when the residual grid cannot be halved as often as ``refinement.levels`` asks
+            (a preset's levels on a small grid) instead of refusing them.
+
+    Returns:
+        ``refinement`` with its learning rate filled in (and its levels fitted with ``fit_levels``).
+
+    Raises:
+        ValueError: the first problem, naming the argument.
+    """
+    from dataclasses import replace
+
+    from monai_icon.apps.model_files import RegistrationModel
+    from monai_icon.engines.instance_optimisation import IO_MODES, default_io_lr, pyramid_shapes
+
+    def name(key: str) -> str:
+        return (names or {}).get(key, key)
+
+    steps = check_count(refinement.steps, name("io_steps"))
+    if refinement.mode not in IO_MODES:
+        raise ValueError(f"io_mode must be one of {IO_MODES}, got {refinement.mode!r}.")
+    lr = check_positive_number(default_io_lr(refinement.mode) if refinement.lr is None else refinement.lr,
+                               name("io_lr"))
+    levels = check_count(refinement.levels, name("io_levels"), minimum=1)
+    if passes is not None and check_count(passes, name("passes"), minimum=1) > MAX_PASSES:
+        raise ValueError(f"{name('passes')} must be at most {MAX_PASSES} (each pass is a full network evaluation on "
+                         f"images warped by the maps so far), got {passes}.")
+    if refinement.fine_steps is not None:
+        check_count(refinement.fine_steps, name("io_fine_steps"))
+    for key, size in (("spatial_size", spatial_size), ("io_size", refinement.size),
+                      ("io_field_size", refinement.field_size)):
+        check_sizes(size, name(key), minimum=2)
+        check_grid_budget(size, name(key))
+    if lncc_kernel is not None and (isinstance(lncc_kernel, bool) or not isinstance(lncc_kernel, int)
+                                    or lncc_kernel < 3 or lncc_kernel % 2 != 1):
+        raise ValueError(f"{name('lncc_kernel')} must be an odd number >= 3, got {lncc_kernel}.")
+    if not (isinstance(label_weight, (int, float)) and 0 <= label_weight < float("inf")):
+        raise ValueError(f"label_weight must be a finite number >= 0, got {label_weight!r}.")
+    if levels > 1 and refinement.mode != "residual":
+        raise ValueError(f"io_levels > 1 needs io_mode='residual' (coarse-to-fine residual fields), got io_levels "
+                         f"{levels} with io_mode={refinement.mode!r}.")
+    for key, size in (("io_size", refinement.size), ("io_field_size", refinement.field_size)):
+        if size is not None and refinement.mode != "residual":
+            raise ValueError(f"{name(key)} {list(size)} needs io_mode='residual' (residual fields on that grid), got "
+                             f"io_mode={refinement.mode!r}.")
+    if inputs is not None:
+        check_side(inputs.fixed_side, "fixed_side")
+        check_side(inputs.moving_side, "moving_side")
+        if (inputs.fixed_mask is None) != (inputs.moving_mask is None):
+            raise ValueError("give both masks (fixed_mask and moving_mask) or neither.")
+        if label_weight > 0 and (inputs.fixed_label is None or inputs.moving_label is None or steps == 0):
+            raise ValueError("label_weight > 0 needs fixed_label, moving_label and io_steps > 0 (it weights the label "
+                             "term of instance optimisation).")
+    if outputs is not None:
+        if inputs is None:
+            raise ValueError("the outputs are checked against the inputs: give both.")
+        if (inputs.moving_label is None) != (outputs.warped_label is None):
+            raise ValueError("give both moving_label and warped_label, or neither.")
+        if not any(outputs.roles().values()):
+            raise ValueError("nothing to write: give at least one of warped, ddf, transform, warped_label.")
+        for key, path in outputs.roles().items():
+            check_output_path(path, key, TRANSFORM_SUFFIXES if key == "transform" else IMAGE_SUFFIXES)
+        model_file = model if isinstance(model, (str, Path)) and Path(model).is_file() else None
+        check_outputs_spare_inputs(outputs.roles(), {**inputs.roles(), "model file": model_file})
+    if isinstance(model, RegistrationModel):
+        dims = model.spatial_dims
+        for key, size in (("io_size", refinement.size), ("io_field_size", refinement.field_size)):
+            if size is not None and len(size) != dims:
+                raise ValueError(f"{name(key)} {list(size)} must have {dims} values (the model is {dims}D).")
+        flips = list(flip_axes or [])
+        if any(a < 0 or a >= dims for a in flips):
+            raise ValueError(f"{name('flip_axes')} {flips} must be axes of the model's {dims}D grid (0 .. {dims - 1}).")
+        compared = list(refinement.size or model.spatial_size)
+        if lncc_kernel is not None:
+            if model.similarity != "lncc":
+                raise ValueError(f"{name('lncc_kernel')} needs the lncc similarity (--similarity lncc); the model's is "
+                                 f"{model.similarity!r}.")
+            if lncc_kernel > min(compared):
+                raise ValueError(f"{name('lncc_kernel')} {lncc_kernel} is larger than the grid the images are compared "
+                                 f"on ({compared}); use at most {min(compared) - (1 - min(compared) % 2)}.")
+        field = list(refinement.field_size or refinement.size or model.spatial_size)
+        distinct = len(dict.fromkeys(pyramid_shapes(field, levels)))
+        if distinct < levels and fit_levels:
+            levels = distinct  # a preset on a small grid: as many levels as it has
+        elif distinct < levels:
+            raise ValueError(f"{name('io_levels')} {levels} is more than the residual grid {field} can be halved "
+                             f"(at least 2 voxels per axis): use at most {distinct}.")
+    return replace(refinement, lr=lr, levels=levels)
