@@ -125,7 +125,6 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _IO_DEFAULTS = {"io_steps": 0, "io_mode": "network", "io_levels": 1}
-MAX_PASSES = 16
 
 
 def _apply_presets(args: argparse.Namespace) -> None:
@@ -180,64 +179,31 @@ def _load_model(args: argparse.Namespace, device):
     return model
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
-    """Every numeric flag of ``register`` / ``register-pairs`` that does not need the model, checked in one place
-    (the limits that depend on the model's grid: :func:`_check_model_arguments`)."""
-    from monai_icon.apps.validation import check_count, check_grid_budget, check_positive_number, check_sizes
+def _check_arguments(args: argparse.Namespace, model=None):
+    """Every flag of ``register`` / ``register-pairs`` checked by the Python API's one check
+    (:func:`~monai_icon.apps.validation.check_registration_arguments`), its messages naming the flags; before the
+    model is loaded, then with it (:func:`_check_model_arguments`). Returns the instance-optimisation settings."""
+    from monai_icon.apps.validation import FLAG_NAMES, check_registration_arguments
 
-    check_count(args.io_steps, "--io-steps")
-    check_positive_number(_io_lr(args), "--io-lr")
-    check_count(args.io_levels, "--io-levels", minimum=1)
-    passes = check_count(args.passes, "--passes", minimum=1)
-    if passes > MAX_PASSES:
-        raise ValueError(f"--passes must be at most {MAX_PASSES} (each pass is a full network evaluation on images "
-                         f"warped by the maps so far), got {passes}.")
-    if args.io_fine_steps is not None:
-        check_count(args.io_fine_steps, "--io-fine-steps")
-    for flag in ("spatial_size", "io_size", "io_field_size"):
-        name = "--" + flag.replace("_", "-")
-        check_sizes(getattr(args, flag), name, minimum=2)
-        check_grid_budget(getattr(args, flag), name)
-    if args.lncc_kernel is not None:
-        kernel = args.lncc_kernel
-        if kernel < 3 or kernel % 2 != 1:
-            raise ValueError(f"--lncc-kernel must be an odd number >= 3, got {kernel}.")
+    checked = check_registration_arguments(
+        _refinement(args), getattr(args, "label_weight", 0.0), model=model, passes=args.passes,
+        lncc_kernel=args.lncc_kernel, spatial_size=args.spatial_size, flip_axes=args.flip_axes, names=FLAG_NAMES,
+        fit_levels="io_levels" in getattr(args, "preset_filled", ()))  # --refine on a small grid: fewer levels
+    args.io_levels = checked.levels
+    return checked
 
 
 def _check_model_arguments(args: argparse.Namespace, model) -> None:
-    """The flags whose limits come from the model's grid (see :func:`_check_arguments` for the others)."""
-    from monai_icon.engines.instance_optimisation import pyramid_shapes
-
-    dims = model.spatial_dims
-    for flag in ("io_size", "io_field_size"):
-        size = getattr(args, flag)
-        if size is not None and len(size) != dims:
-            raise ValueError(f"--{flag.replace('_', '-')} {size} must have {dims} values (the model is {dims}D).")
-    flips = args.flip_axes or []
-    if any(a < 0 or a >= dims for a in flips):
-        raise ValueError(f"--flip-axes {flips} must be axes of the model's {dims}D grid (0 .. {dims - 1}).")
-    compared = list(args.io_size or model.spatial_size)
-    if args.lncc_kernel is not None:
-        if model.similarity != "lncc":
-            raise ValueError(f"--lncc-kernel needs the lncc similarity (--similarity lncc); the model's is "
-                             f"{model.similarity!r}.")
-        if args.lncc_kernel > min(compared):
-            raise ValueError(f"--lncc-kernel {args.lncc_kernel} is larger than the grid the images are compared on "
-                             f"({compared}); use at most {min(compared) - (1 - min(compared) % 2)}.")
-    field = list(args.io_field_size or args.io_size or model.spatial_size)
-    levels = pyramid_shapes(field, args.io_levels)
-    distinct = len(dict.fromkeys(levels))
-    if distinct < len(levels) and "io_levels" in getattr(args, "preset_filled", ()):
-        args.io_levels = distinct  # --refine on a small grid: as many levels as it has
-    elif distinct < len(levels):
-        raise ValueError(f"--io-levels {args.io_levels} is more than the residual grid {field} can be halved "
-                         f"(at least 2 voxels per axis): use at most {distinct}.")
+    """The flags again, now with the limits that come from the model's grid."""
+    _check_arguments(args, model)
 
 
-def _io_lr(args: argparse.Namespace) -> float:
-    from monai_icon.engines.instance_optimisation import default_io_lr
+def _refinement(args: argparse.Namespace):
+    """The ``--io-*`` flags as one :class:`~monai_icon.engines.instance_optimisation.Refinement`."""
+    from monai_icon.engines.instance_optimisation import Refinement
 
-    return args.io_lr if args.io_lr is not None else default_io_lr(args.io_mode)
+    return Refinement(steps=args.io_steps, lr=args.io_lr, mode=args.io_mode, size=args.io_size,
+                      levels=args.io_levels, field_size=args.io_field_size, fine_steps=args.io_fine_steps)
 
 
 def _add_backend_arguments(parser: argparse.ArgumentParser, expert: bool = False) -> None:
@@ -360,17 +326,16 @@ def _prepare(args: argparse.Namespace, device_name: str | None = None):
 
 
 def _run_register(args: argparse.Namespace) -> None:
+    from monai_icon.apps.files import OutputFiles, PairFiles
     from monai_icon.apps.register import register_files
 
     device, model = _prepare(args)
-    summary = register_files(
-        args.fixed, args.moving, model, warped=args.warped, ddf=args.ddf, transform=args.transform,
-        moving_label=args.moving_label, warped_label=args.warped_label, fixed_side=args.fixed_side,
-        moving_side=args.moving_side, io_steps=args.io_steps, device=device, io_mode=args.io_mode,
-        io_size=args.io_size, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
-        fixed_label=args.fixed_label, label_weight=args.label_weight, io_levels=args.io_levels,
-        io_lr=_io_lr(args), io_field_size=args.io_field_size, io_fine_steps=args.io_fine_steps,
-    )
+    inputs = PairFiles(args.fixed, args.moving, fixed_label=args.fixed_label, moving_label=args.moving_label,
+                       fixed_mask=args.fixed_mask, moving_mask=args.moving_mask, fixed_side=args.fixed_side,
+                       moving_side=args.moving_side)
+    outputs = OutputFiles(warped=args.warped, ddf=args.ddf, transform=args.transform, warped_label=args.warped_label)
+    summary = register_files(inputs=inputs, outputs=outputs, model=model, refinement=_refinement(args), device=device,
+                             label_weight=args.label_weight)
     print(json.dumps(summary, indent=1))
 
 
@@ -395,9 +360,8 @@ def _run_register_pairs(args: argparse.Namespace) -> None:
     with process_group(device) as env:
         mine = shard_pairs(pairs, env.rank, env.world_size)
         try:
-            done = register_pairs([pair for _, pair in mine], model, output_dir, args.io_steps, _io_lr(args),
-                                  device, args.io_mode, args.io_size, args.io_levels, args.io_field_size,
-                                  args.io_fine_steps, resume=args.resume)
+            done = register_pairs([pair for _, pair in mine], model, output_dir, refinement=_refinement(args),
+                                  device=device, resume=args.resume)
         except PairError as err:
             if env.distributed:
                 raise PairError(f"{err} [rank {env.rank} of {env.world_size}]") from err
