@@ -278,3 +278,32 @@ def test_distributed_network_takes_channels_last_from_the_backend(compiler):
                                   backend=backend_value)
         weights = [p for p in net.parameters() if p.ndim == 5]
         assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights) is expected
+
+
+def test_the_allocator_is_tuned_for_runs_without_a_context_on_the_cpu_only(allocator_calls):
+    assert backend.tune_allocator_for("auto", "cuda:0") is False and allocator_calls == []
+    assert backend.tune_allocator_for(CPUBackend("auto", tune_allocator=False), "cpu") is False
+    assert backend.tune_allocator_for("auto", torch.device("cpu")) is True and allocator_calls == [1]
+    assert backend.tune_allocator_for("on", "cpu") is True and allocator_calls == [1]  # once per process
+
+
+def test_the_command_line_setting_and_its_expert_flags():
+    import argparse
+
+    from monai_icon.apps.cli import _cpu_backend, build_parser
+
+    def backend_of(mode, **flags):
+        return _cpu_backend(argparse.Namespace(cpu_backend=mode, **flags))
+
+    # auto: what needs no compilation (a single registration would wait for the compiler)
+    assert backend_of("auto") == CPUBackend("auto", fast_sampler=False, compiled_lncc=False)
+    expert = CPUBackend("auto", fast_sampler=True, compiled_lncc=False)
+    assert backend_of("auto", fast_sampler=True, compiled_lncc=False) == expert
+    assert backend_of("on") == CPUBackend("on")
+    assert backend_of("off", compiled_lncc=True) == CPUBackend("off", fast_sampler=False, compiled_lncc=True)
+    assert backend_of("auto").resolve("cuda") == ResolvedBackend()
+    parser = build_parser()
+    for command in ("register", "register-pairs"):
+        action = next(a for a in parser._subparsers._group_actions[0].choices[command]._actions  # type: ignore
+                      if a.dest == "cpu_backend")
+        assert action.default == "auto" and list(action.choices) == ["auto", "on", "off"]

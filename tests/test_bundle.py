@@ -97,11 +97,11 @@ def test_default_recipe_lambda_continuation_and_warmup_cosine(tmp_path):
 
 def test_lowercase_false_on_the_command_line_restarts_with_channels_last(trained, tmp_path):
     """``--resume false`` reaches the config as the string "false" (fire only parses ``False``): it must restart,
-    not resume (resuming a 2-epoch checkpoint with ``--epochs 1`` would fail); ``--channels_last true`` trains."""
+    not resume (resuming a 2-epoch checkpoint with ``--epochs 1`` would fail); ``--cpu_backend on`` trains."""
     root, _ = trained
     shutil.copytree(models(root), models(tmp_path))
     proc = bundle("run", "--config_file", TRAIN, "--bundle_root", str(tmp_path), "--epochs", "1", *SMALL,
-                  "--resume", "false", "--channels_last", "true")
+                  "--resume", "false", "--cpu_backend", "on")
     assert trainer_epochs(proc.stdout + proc.stderr) == [1]
     assert "Dice (pixels > 0.5)" in proc.stdout + proc.stderr
 

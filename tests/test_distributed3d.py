@@ -147,7 +147,8 @@ def options(data: Path, root: Path, **extra: str) -> list[str]:
         "--datalist": str(data / "datalist.json"), "--output_root": str(root), "--full_size": "[16,16,8]",
         "--architecture#encoder_channels": "[4,8]", "--architecture#decoder_channels": "[8,4]",
         "--batch_size": "4", "--iterations_per_epoch": "2", "--epochs": "2", "--val_pairs": "3",
-        "--fast_sampler": "false", "--compiled_lncc": "false", "--fold_threshold": "-1",
+        "--cpu_backend": "$monai_icon.backend.CPUBackend('auto', fast_sampler=False, compiled_lncc=False)",
+        "--fold_threshold": "-1",
         # the randomness fixed (module docstring) and SGD
         "--train#dataset#seed": "0", "--sigma": "0", "--optimizer#_target_": "torch.optim.SGD",
         "--learning_rate": "0.01", **{f"--{k}": v for k, v in extra.items()},

@@ -322,11 +322,12 @@ def test_one_stage_on_finer_images_exports_its_resampled_coarse_steps(tmp_path):
     loss = parser.get_parsed_content("loss")
     assert loss.regularizer_size == (8, 8, 4) and loss.similarity.kernel_size == 5
     assert loss.regularizer.point_fraction == 0.25
-    assert parser.get_parsed_content("channels_last") is True  # channels-last training by default (faster 3D steps)
-    assert parser["train"]["trainer"]["channels_last"] == "$monai_icon.config.as_bool(@channels_last, 'channels_last')"
+    assert parser.get_parsed_content("cpu_backend") == "auto"  # the CPU optimisations by default (faster 3D steps)
+    assert parser["train"]["trainer"]["backend"] == "@cpu_backend"
     assert parser.get_parsed_content("network_def").block.pool == "average"  # the default coarse inputs
     assert parser.get_parsed_content("map_supervision") is None  # the paper's loss alone by default
-    assert parser.get_parsed_content("tune_cpu_allocator") is True  # glibc keeps freed blocks for reuse
+    tuning = [s for s in parser["initialize"] if isinstance(s, dict) and s.get("backend") == "@cpu_backend"]
+    assert tuning[0]["_target_"] == "monai_icon.backend.tune_allocator_for"  # glibc keeps freed blocks for reuse
     handler = next(i for i, h in enumerate(parser["train"]["handler_list"]) if isinstance(h, dict)
                    and h.get("_target_", "").endswith("ValidationHandler"))
     parser.update({"val_interval": "3"})

@@ -10,7 +10,8 @@ This package holds the replacements (same values up to float rounding) and the o
 
 - :class:`CPUBackend` (``mode`` ``"auto"`` / ``"on"`` / ``"off"``, per-optimisation values for experts) and its
   :meth:`~CPUBackend.resolve` on a device (:class:`ResolvedBackend`; everything off unless the device is the CPU);
-- :func:`use_backend`, the one context in which the settings are in force (per thread and context);
+- :func:`use_backend`, the one context in which the settings are in force (per thread and context), and
+  :func:`tune_allocator_for`, the allocator tuning alone for runs that enter no context;
 - the hooks the maths modules call, each returning ``None`` where it did not run: :func:`sample`
   (:func:`monai_icon.networks.maps.interpolate`) and :func:`lncc` (the LNCC similarity);
 - the kernels: :mod:`monai_icon.backend.trilinear`, :mod:`monai_icon.backend.lncc_kernels`; the allocator tuning
@@ -26,11 +27,11 @@ from monai_icon.backend.allocator import tune_cpu_allocator
 from monai_icon.backend.compilation import compiler_available
 from monai_icon.backend.lncc_kernels import lncc
 from monai_icon.backend.settings import (
-    BACKEND_MODES, DEFAULT, CPUBackend, ResolvedBackend, active, as_backend, use_backend,
+    BACKEND_MODES, DEFAULT, CPUBackend, ResolvedBackend, active, as_backend, tune_allocator_for, use_backend,
 )
 from monai_icon.backend.trilinear import sample
 
 __all__ = [
     "BACKEND_MODES", "CPUBackend", "DEFAULT", "ResolvedBackend", "active", "as_backend", "compiler_available", "lncc",
-    "sample", "tune_cpu_allocator", "use_backend",
+    "sample", "tune_allocator_for", "tune_cpu_allocator", "use_backend",
 ]

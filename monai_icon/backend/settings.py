@@ -24,7 +24,10 @@ import torch
 from monai_icon.backend.allocator import tune_cpu_allocator
 from monai_icon.backend.compilation import compiler_available
 
-__all__ = ["BACKEND_MODES", "CPUBackend", "DEFAULT", "ResolvedBackend", "active", "as_backend", "use_backend"]
+__all__ = [
+    "BACKEND_MODES", "CPUBackend", "DEFAULT", "ResolvedBackend", "active", "as_backend", "tune_allocator_for",
+    "use_backend",
+]
 
 #: the values of :attr:`CPUBackend.mode`
 BACKEND_MODES = ("auto", "on", "off")
@@ -139,6 +142,19 @@ def active() -> ResolvedBackend:
 _tuned: dict[str, bool] = {}  # the process's allocator, tuned once: {"applied": tune_cpu_allocator()'s result}
 
 
+def _tune_once(settings: ResolvedBackend) -> bool:
+    if settings.tune_allocator and "applied" not in _tuned:
+        _tuned["applied"] = tune_cpu_allocator()
+    return _tuned.get("applied", False)
+
+
+def tune_allocator_for(backend: CPUBackend | str, device: torch.device | str) -> bool:
+    """Tune the process's CPU allocator now (once per process) where ``backend`` has ``tune_allocator`` on
+    ``device`` (never for a GPU), as :func:`use_backend` does when first entered: for runs that enter no backend
+    themselves, e.g. a bundle's evaluation. Returns whether the allocator is tuned."""
+    return _tune_once(as_backend(backend).resolve(device))
+
+
 @contextlib.contextmanager
 def use_backend(backend: BackendLike, device: torch.device | str = "cpu") -> Iterator[ResolvedBackend]:
     """Within this context the CPU optimisations of ``backend`` on ``device`` are in force (in this thread and
@@ -154,8 +170,7 @@ def use_backend(backend: BackendLike, device: torch.device | str = "cpu") -> Ite
         tuned afterwards: it only changes how freed memory is reused).
     """
     settings = backend if isinstance(backend, ResolvedBackend) else as_backend(backend).resolve(device)
-    if settings.tune_allocator and "applied" not in _tuned:
-        _tuned["applied"] = tune_cpu_allocator()
+    _tune_once(settings)
     var = _ACTIVE
     token = var.set(settings)
     try:
