@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 from collections.abc import Callable
 
@@ -50,9 +49,8 @@ import torch.nn.functional as F
 from icon_bench import round_times
 from monai_icon.losses.inverse_consistency import sample_points
 from monai_icon.networks.maps import identity_grid, interpolate
-from monai_icon.networks.trilinear import planar_trilinear_interpolate
-
-_PLANAR_SWITCH = "MONAI_ICON_PLANAR_TRILINEAR"
+from monai_icon.backend import CPUBackend, use_backend
+from monai_icon.backend.trilinear import planar_trilinear_interpolate
 
 
 def gather_trilinear(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -100,16 +98,10 @@ def sliced_trilinear(field: torch.Tensor, points: torch.Tensor, dtype: torch.dty
 
 
 def native_interpolate(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """:func:`interpolate` on PyTorch's own ``grid_sample`` (its default planar path switched off for the call)."""
-    previous = os.environ.get(_PLANAR_SWITCH)
-    os.environ[_PLANAR_SWITCH] = "0"
-    try:
+    """:func:`interpolate` on PyTorch's own ``grid_sample`` (the CPU backend's planar sampler off for the call; its
+    split into pseudo-batches kept, as by default)."""
+    with use_backend(CPUBackend("off", threaded_sampler=True), field.device):
         return interpolate(field, points)
-    finally:
-        if previous is None:
-            del os.environ[_PLANAR_SWITCH]
-        else:
-            os.environ[_PLANAR_SWITCH] = previous
 
 
 METHODS = {
