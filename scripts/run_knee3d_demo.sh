@@ -46,7 +46,7 @@ write_datalist(build_knee_datalist('$OUT/volumes', 0.25, 8, require_side=False, 
     # LNCC summed over the images and their 2x and 4x pooled copies.
     # Cheaper steps, so that more of them fit the time: validation every 4 epochs; on CPUs with AMX tiles the
     # networks' forward pass in bfloat16 (float32 elsewhere); GradICON at a random quarter of its points each step
-    # (unbiased, the same validation Dice); the LNCC compiled in training (bundle key compiled_lncc).
+    # (unbiased, the same validation Dice); the LNCC compiled in training (part of the bundle's cpu_backend: auto).
     # A warm-up stage first: the same network (the same two U-Nets on the same 64x32x64 grid) trained with its loss
     # on the images resized to 64x32x64 (LNCC over them and their 2x pooled copies, the augmentation's 3 voxels of the
     # 128 grid = 1.5 of this one), lambda 1 -> 4, a constant rate after 100 warm-up steps: half the cost of a
