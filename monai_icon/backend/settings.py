@@ -135,7 +135,10 @@ def as_backend(value: CPUBackend | str) -> CPUBackend:
 
 
 def active() -> ResolvedBackend:
-    """The settings in force here (this thread, this context)."""
+    """The settings in force here (this thread, this context); all off inside ``torch.compile``, whose code fuses its
+    own loops (and which does not trace a context variable)."""
+    if torch.compiler.is_compiling():
+        return _OFF
     return _ACTIVE.get()
 
 
