@@ -80,7 +80,10 @@ def test_unknown_modes_and_values_are_refused_naming_the_option():
     with pytest.raises(TypeError, match="fast_sampler"):
         CPUBackend(fast_sampler="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cpu_backend"):
-        with use_backend("fastest"):
+        with use_backend("fastest", "cpu"):
+            pass
+    with pytest.raises(TypeError, match="device"):
+        with use_backend("auto"):  # which device: the optimisations must not reach a GPU run by default
             pass
 
 

@@ -159,20 +159,30 @@ def tune_allocator_for(backend: CPUBackend | str, device: torch.device | str) ->
 
 
 @contextlib.contextmanager
-def use_backend(backend: BackendLike, device: torch.device | str = "cpu") -> Iterator[ResolvedBackend]:
+def use_backend(backend: BackendLike, device: torch.device | str | None = None) -> Iterator[ResolvedBackend]:
     """Within this context the CPU optimisations of ``backend`` on ``device`` are in force (in this thread and
     context only); the previous settings are restored on exit.
 
     Args:
         backend: a :class:`CPUBackend`, its mode (``"auto"``, ``"on"``, ``"off"``), or a :class:`ResolvedBackend`
             taken as it is (``device`` is then not consulted).
-        device: the device the work runs on; other than the CPU, everything is off.
+        device: the device the work runs on (needed unless ``backend`` is resolved); other than the CPU, everything
+            is off.
+
+    Raises:
+        TypeError: no ``device`` for a backend that is not resolved.
 
     Yields:
         the settings in force. The first entry with ``tune_allocator`` tunes the process's CPU allocator (it stays
         tuned afterwards: it only changes how freed memory is reused).
     """
-    settings = backend if isinstance(backend, ResolvedBackend) else as_backend(backend).resolve(device)
+    if isinstance(backend, ResolvedBackend):
+        settings = backend
+    else:
+        backend = as_backend(backend)
+        if device is None:
+            raise TypeError("use_backend needs the device the work runs on (the CPU optimisations are off elsewhere).")
+        settings = backend.resolve(device)
     _tune_once(settings)
     var = _ACTIVE
     token = var.set(settings)
