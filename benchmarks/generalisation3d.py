@@ -254,6 +254,7 @@ def run(data: Path, split: str, model: str, out: Path, syn_transform: str = "SyN
     rows = {"network": ["--model", model, "--tag", "network", "--no-syn"],
             "ensemble": ["--model", model, "--tag", "ensemble", "--no-syn", *ensemble],
             "refine": ["--model", model, "--tag", "refine", "--no-syn", "--refine"],
+            "refine-symmetric": ["--model", model, "--tag", "refine-symmetric", "--no-syn", "--refine", "symmetric"],
             "syn": ["--syn-transform", syn_transform]}
     results: dict = {}
     for name in methods:
@@ -327,7 +328,7 @@ def main(argv=None):
     go.add_argument("--pairs", type=int, default=None, help="only the first N pairs")
     go.add_argument("--threads", type=int, default=2)
     go.add_argument("--methods", default="network,ensemble,refine,syn",
-                    help="comma-separated subset of network, ensemble, refine, syn")
+                    help="comma-separated subset of network, ensemble, refine, refine-symmetric, syn")
     fig = sub.add_parser("figure", help="draw moving / fixed / warped / deformed grid for one pair per subject")
     fig.add_argument("--data", default=Path("runs/generalisation3d"), type=Path)
     fig.add_argument("--split", choices=sorted(SPLITS), required=True)
@@ -342,7 +343,7 @@ def main(argv=None):
         print(prepare(args.nilearn_wheel, args.mricron, args.out, args.pairs_per_subject, args.seed))
         return None
     methods = tuple(m for m in args.methods.split(",") if m)
-    unknown = sorted(set(methods) - {"network", "ensemble", "refine", "syn"})
+    unknown = sorted(set(methods) - {"network", "ensemble", "refine", "refine-symmetric", "syn"})
     if unknown:
         raise SystemExit(f"unknown methods {unknown}")
     return run(args.data, args.split, args.model, args.out, args.syn_transform, args.pairs, args.threads, methods)

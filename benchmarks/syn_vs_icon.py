@@ -54,14 +54,14 @@ def _read_labels(path: str | Path) -> np.ndarray:
     return np.rint(np.asarray(nib.load(str(path)).dataobj)).astype(np.int32)
 
 
-def run_icon(pair: dict, model, io_steps: int, io_lr: float, work: Path, io_mode: str = "network",
-             io_size=None, io_levels: int = 1, io_field_size=None, io_fine_steps=None) -> dict:
+def run_icon(pair: dict, model, refinement, work: Path) -> dict:
+    """ICON on one pair as ``monai-icon register`` runs it, with ``refinement`` (a
+    :class:`monai_icon.engines.instance_optimisation.Refinement`)."""
     from monai_icon.apps import register_files
 
     out = work / "icon_label.nii.gz"
     summary = register_files(pair["fixed_image"], pair["moving_image"], model, moving_label=pair["moving_label"],
-                             warped_label=out, io_steps=io_steps, io_lr=io_lr, io_mode=io_mode, io_size=io_size,
-                             io_levels=io_levels, io_field_size=io_field_size, io_fine_steps=io_fine_steps)
+                             warped_label=out, refinement=refinement)
     return {"warped_label": _read_labels(out), "seconds": summary["seconds"],
             "folds_percent": summary["folds_percent"]}
 
@@ -90,13 +90,16 @@ def main(argv=None) -> dict:
     p.add_argument("--pairs", type=int, default=None, help="only the first N pairs")
     p.add_argument("--io-steps", type=int, default=0)
     p.add_argument("--io-lr", type=float, default=None, help="default 2e-5 (network) / 2e-3 (residual)")
-    p.add_argument("--io-mode", choices=["network", "residual"], default="network")
+    p.add_argument("--io-mode", choices=["network", "residual", "one-way"], default="network")
     p.add_argument("--io-size", type=lambda t: [int(v) for v in t.split(",")], default=None,
                    help="residual instance optimisation on this finer grid, e.g. 128,64,128")
     p.add_argument("--io-levels", type=int, default=1, help="residual fields on this many grids (coarse-to-fine)")
     p.add_argument("--io-field-size", type=lambda t: [int(v) for v in t.split(",")], default=None,
                    help="grid of the residual fields and the regulariser when the images are compared on --io-size")
     p.add_argument("--io-fine-steps", type=int, default=None, help="only the last this many steps on --io-size")
+    p.add_argument("--io-smoothness", type=float, default=None, help="diffusion weight of --io-mode one-way")
+    p.add_argument("--io-voxels", type=int, default=None,
+                   help="compare the images on a grid of about this many voxels shaped like the fixed image")
     p.add_argument("--similarity", help="similarity of instance optimisation (default: the model's)")
     p.add_argument("--lmbda", type=float, help="inverse-consistency weight of instance optimisation")
     p.add_argument("--regularizer", choices=["icon", "gradicon"], help="of instance optimisation (default: model's)")
@@ -106,9 +109,9 @@ def main(argv=None) -> dict:
     p.add_argument("--flip-axes", type=lambda t: [int(v) for v in t.split(",") if v], default=None,
                    help="ICON's ensemble also on the images mirrored along these grid axes (e.g. 0: left-right, RAS)")
     p.add_argument("--passes", type=int, default=1, help="ICON (or its ensemble) applied this many times, composed")
-    p.add_argument("--refine", action="store_true",
-                   help="ICON with the recommended refinement (monai-icon register --refine; monai_icon.apps.presets); "
-                        "--io-* flags and --lmbda given explicitly override its values")
+    p.add_argument("--refine", nargs="?", const="one-way", choices=["one-way", "symmetric"], default=None,
+                   help="ICON with a recommended refinement (monai-icon register --refine [NAME]; "
+                        "monai_icon.apps.presets); --io-* flags and --lmbda given explicitly override its values")
     p.add_argument("--syn-transform", default="SyN", choices=["SyN", "SyNOnly"],
                    help="ANTs type_of_transform (SyN: affine then SyN, the default; SyNOnly: no affine step)")
     p.add_argument("--no-syn", action="store_true", help="skip SyN (e.g. to add ICON settings to earlier results)")
@@ -133,7 +136,7 @@ def main(argv=None) -> dict:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {"pairs": {}, "rows": {}}
     model = None
     tag = args.tag or ("icon" if not args.io_steps else f"icon+io{args.io_steps}-{args.io_mode}")
-    io_lr = args.io_lr if args.io_lr is not None else (2e-3 if args.io_mode == "residual" else 2e-5)
+    io_lr = args.io_lr
     if args.model:
         from monai_icon.apps import load_registration_model
 
@@ -144,20 +147,34 @@ def main(argv=None) -> dict:
 
         model.network = ensemble_network(model.network, args.symmetric, args.flip_axes or [], passes=args.passes)
         if args.refine:
-            from monai_icon.apps.presets import refinement_arguments
+            from monai_icon.apps.presets import REFINEMENT_PRESETS, refinement_arguments
             from monai_icon.losses import get_similarity
 
             # explicit io flags (different from their defaults) override the preset's values
             given = {k: getattr(args, k) for k in ("io_steps", "io_lr", "io_mode", "io_size", "io_levels",
-                                                   "io_field_size", "io_fine_steps", "lmbda")
+                                                   "io_field_size", "io_fine_steps", "io_smoothness", "io_voxels",
+                                                   "lmbda", "regularizer")
                      if getattr(args, k) != p.get_default(k)}
-            settings = refinement_arguments(model.spatial_size, **given)
+            if "io_size" in given or "io_field_size" in given:
+                given["io_voxels"] = None  # explicit grids replace the grid chosen from the fixed image
+            settings = refinement_arguments(model.spatial_size, REFINEMENT_PRESETS[args.refine], **given)
+            if given.get("io_voxels", 0) is None:
+                settings["io_voxels"] = None
             model.similarity = get_similarity(settings["similarity"], len(model.spatial_size),
                                               kernel_size=settings["lncc_kernel"])
-            model.lmbda, model.regularizer = settings["lmbda"], settings["regularizer"]
+            model.lmbda = settings.get("lmbda", model.lmbda)
+            model.regularizer = settings.get("regularizer", model.regularizer)
             args.io_steps, io_lr, args.io_mode = settings["io_steps"], settings["io_lr"], settings["io_mode"]
-            args.io_size, args.io_levels = settings["io_size"], settings["io_levels"]
-            args.io_field_size, args.io_fine_steps = settings["io_field_size"], settings["io_fine_steps"]
+            args.io_size, args.io_levels = settings.get("io_size"), settings["io_levels"]
+            args.io_field_size, args.io_fine_steps = settings.get("io_field_size"), settings["io_fine_steps"]
+            args.io_smoothness, args.io_voxels = settings.get("io_smoothness"), settings.get("io_voxels")
+    from monai_icon.engines.instance_optimisation import Refinement
+
+    refinement = Refinement(
+        steps=args.io_steps, lr=io_lr, mode=args.io_mode, size=None if args.io_size is None else tuple(args.io_size),
+        levels=args.io_levels, field_size=None if args.io_field_size is None else tuple(args.io_field_size),
+        fine_steps=args.io_fine_steps, voxels=args.io_voxels,
+        smoothness=Refinement().smoothness if args.io_smoothness is None else args.io_smoothness)
     rows: dict[str, list[dict]] = {}
     for i, pair in enumerate(pairs):
         fixed_label = _read_labels(pair["fixed_label"])
@@ -166,8 +183,7 @@ def main(argv=None) -> dict:
             work = Path(tmp)
             methods = {"unregistered": {"warped_label": _read_labels(pair["moving_label"]), "seconds": 0.0}}
             if model is not None:
-                methods[tag] = run_icon(pair, model, args.io_steps, io_lr, work, args.io_mode, args.io_size,
-                                        args.io_levels, args.io_field_size, args.io_fine_steps)
+                methods[tag] = run_icon(pair, model, refinement, work)
             if not args.no_syn:
                 methods["syn"] = run_syn(pair, work, args.threads, args.syn_transform)
         for name, m in methods.items():

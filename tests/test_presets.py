@@ -3,7 +3,12 @@
 import pytest
 
 from monai_icon.apps import cli
-from monai_icon.apps.presets import RECOMMENDED_ENSEMBLE, RECOMMENDED_REFINEMENT, refinement_arguments
+from monai_icon.apps.presets import (
+    RECOMMENDED_ENSEMBLE,
+    RECOMMENDED_REFINEMENT,
+    SYMMETRIC_REFINEMENT,
+    refinement_arguments,
+)
 
 
 def _args(*extra):
@@ -25,12 +30,13 @@ def test_refine_sets_the_recommended_refinement_and_explicit_flags_win():
     args = _args("--refine")
     for key, value in RECOMMENDED_REFINEMENT.items():
         assert getattr(args, key) == value, key
-    cli._apply_refinement_grids(args, (128, 64, 128))
-    assert args.io_size == [128, 64, 128] and args.io_field_size == [64, 32, 64]
-    mine = _args("--refine", "--io-steps", "10", "--lmbda", "2", "--io-field-size", "32,16,32")
-    cli._apply_refinement_grids(mine, (128, 64, 128))
-    assert (mine.io_steps, mine.lmbda, mine.io_field_size, mine.io_size) == (10, 2.0, [32, 16, 32], [128, 64, 128])
-    assert mine.io_fine_steps == RECOMMENDED_REFINEMENT["io_fine_steps"]
+    cli._apply_refinement_grids(args, (128, 64, 128))  # the grid is chosen per pair from the fixed image
+    assert args.io_size is None and args.io_field_size is None and args.io_voxels == RECOMMENDED_REFINEMENT["io_voxels"]
+    mine = _args("--refine", "--io-steps", "10", "--io-smoothness", "3", "--io-field-size", "32,16,32")
+    cli._apply_refinement_grids(mine, (128, 64, 128))  # explicit grids replace the one from the fixed image
+    assert (mine.io_steps, mine.io_smoothness, mine.io_field_size, mine.io_size) == (10, 3.0, [32, 16, 32], None)
+    assert mine.io_voxels is None and mine.io_fine_steps == RECOMMENDED_REFINEMENT["io_fine_steps"]
+    assert cli._refinement(mine).smoothness == 3.0
 
 
 def test_ensemble_sets_the_recommended_ensemble_and_explicit_flags_win():
@@ -43,8 +49,11 @@ def test_ensemble_sets_the_recommended_ensemble_and_explicit_flags_win():
 
 def test_refinement_arguments_half_grid_and_unknown_names():
     settings = refinement_arguments((3, 9), io_steps=None, io_lr=1e-3)
-    assert settings["io_field_size"] == [2, 4] and settings["io_size"] == [3, 9]
+    assert "io_size" not in settings and settings["io_voxels"] == RECOMMENDED_REFINEMENT["io_voxels"]
     assert settings["io_steps"] == RECOMMENDED_REFINEMENT["io_steps"] and settings["io_lr"] == 1e-3
+    symmetric = refinement_arguments((3, 9), SYMMETRIC_REFINEMENT)  # a preset on the model's grid
+    assert symmetric["io_field_size"] == [2, 4] and symmetric["io_size"] == [3, 9]
+    assert symmetric["io_mode"] == "residual" and symmetric["regularizer"] == "gradicon"
     with pytest.raises(ValueError, match="unknown refinement settings"):
         refinement_arguments((8, 8), io_stepz=3)
 
@@ -75,4 +84,4 @@ def test_a_refinement_value_gives_what_its_keywords_give_and_is_not_mixed_with_t
         register_files(fixed, moving, model, warped=tmp_path / "x.nii.gz", refinement=refinement, io_steps=5)
     recommended = recommended_refinement((64, 32, 64))
     assert recommended.arguments() == {**{k: v for k, v in RECOMMENDED_REFINEMENT.items() if k.startswith("io_")},
-                                       "io_size": (64, 32, 64), "io_field_size": (32, 16, 32)}
+                                       "io_size": None, "io_field_size": None}

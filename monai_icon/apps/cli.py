@@ -87,18 +87,34 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--refine", action="store_true",
-                        help="the recommended per-pair refinement (monai_icon.apps.presets): residual fields on the "
-                             "model's network grid on 4 levels, LNCC (window 5) + GradICON (lambda 4), 36 Adam steps "
-                             "at rate 3e-3, the last 18 comparing the images on the model's full grid; any --io-*, "
-                             "--similarity, --lncc-kernel, --regularizer or --lmbda flag given explicitly overrides it")
+    from monai_icon.engines.instance_optimisation import IO_MODES
+
+    parser.add_argument("--refine", nargs="?", const="one-way", choices=["one-way", "symmetric"], default=None,
+                        help="a recommended per-pair refinement (monai_icon.apps.presets). one-way (the default of "
+                             "--refine): a residual field on the network's moving-to-fixed map on 4 levels, LNCC "
+                             "(window 5) + diffusion (weight 2), 28 Adam steps at 7e-3, the images compared on a grid "
+                             "of about 614,400 voxels shaped like the fixed image's field of view in the last 4 steps "
+                             "(on half of it before); under a second per 3D pair on 2 CPU cores. symmetric: residual "
+                             "fields on both maps with LNCC (window 5) + GradICON (lambda 4), 36 steps at 3e-3, the "
+                             "last 18 on the model's full grid: inverse-consistent, about 8 times slower. Any --io-*, "
+                             "--similarity, --lncc-kernel, --regularizer or --lmbda flag given explicitly overrides "
+                             "the preset's value")
     parser.add_argument("--io-steps", type=int, default=None,
                         help="instance optimisation steps per pair (default 0)")
     parser.add_argument("--io-lr", type=float, default=None,
-                        help="instance optimisation learning rate (Adam; default 2e-5 network, 2e-3 residual)")
-    parser.add_argument("--io-mode", choices=["network", "residual"], default=None,
-                        help="fine-tune the network's weights, or optimise residual displacement fields on top of "
-                             "its maps (much faster per step)")
+                        help="instance optimisation learning rate (Adam; default 2e-5 network, 2e-3 residual, 7e-3 "
+                             "one-way)")
+    parser.add_argument("--io-mode", choices=list(IO_MODES), default=None,
+                        help="fine-tune the network's weights (network), optimise residual displacement fields on top "
+                             "of its maps in both directions with its inverse-consistency loss (residual, much faster "
+                             "per step), or one residual field on its moving-to-fixed map with a diffusion "
+                             "regulariser (one-way, faster still)")
+    parser.add_argument("--io-smoothness", type=float, default=None,
+                        help="with --io-mode one-way: weight of the diffusion regulariser of the residual (default 2)")
+    parser.add_argument("--io-voxels", type=int, default=None,
+                        help="with a residual --io-mode and no --io-size/--io-field-size: compare the images on a grid "
+                             "of about this many voxels shaped like the fixed image's field of view (one spacing on "
+                             "every axis), the fields on half of it")
     parser.add_argument("--io-size", type=_ints,
                         help="with --io-mode residual: the finer grid the images are compared on (and, without "
                              "--io-field-size, the residual optimised on), in the model's axis order, e.g. 128,64,128")
@@ -130,7 +146,7 @@ _IO_DEFAULTS = {"io_steps": 0, "io_mode": "network", "io_levels": 1}
 def _apply_presets(args: argparse.Namespace) -> None:
     """Fill the flags that ``--ensemble`` / ``--refine`` set (where not given explicitly), then the plain defaults;
     the refinement's grids need the model (:func:`_apply_refinement_grids`)."""
-    from monai_icon.apps.presets import RECOMMENDED_ENSEMBLE, RECOMMENDED_REFINEMENT
+    from monai_icon.apps.presets import RECOMMENDED_ENSEMBLE, REFINEMENT_PRESETS
 
     if args.ensemble:
         args.symmetric = True
@@ -139,7 +155,7 @@ def _apply_presets(args: argparse.Namespace) -> None:
     args.passes = 1 if args.passes is None else args.passes
     args.preset_filled = set()  # settings a preset chose (adapted to the model's grid where they must be)
     if getattr(args, "refine", False):
-        for key, value in RECOMMENDED_REFINEMENT.items():
+        for key, value in REFINEMENT_PRESETS[args.refine].items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
                 args.preset_filled.add(key)
@@ -149,13 +165,16 @@ def _apply_presets(args: argparse.Namespace) -> None:
 
 
 def _apply_refinement_grids(args: argparse.Namespace, spatial_size) -> None:
-    """With ``--refine``: the images compared on the model's grid, the fields on half of it (unless given)."""
+    """With ``--refine``: the grids of its preset (a preset without ``io_voxels`` compares the images on the model's
+    grid, the fields on half of it), unless given."""
     if getattr(args, "refine", False):
-        from monai_icon.apps.presets import refinement_arguments
+        from monai_icon.apps.presets import REFINEMENT_PRESETS, refinement_arguments
 
-        settings = refinement_arguments(spatial_size)
-        args.io_size = settings["io_size"] if args.io_size is None else args.io_size
-        args.io_field_size = settings["io_field_size"] if args.io_field_size is None else args.io_field_size
+        settings = refinement_arguments(spatial_size, REFINEMENT_PRESETS[args.refine])
+        args.io_size = settings.get("io_size") if args.io_size is None else args.io_size
+        args.io_field_size = settings.get("io_field_size") if args.io_field_size is None else args.io_field_size
+        if args.io_size is not None or args.io_field_size is not None:
+            args.io_voxels = None  # explicit grids replace the grid chosen from the fixed image
 
 
 def _load_model(args: argparse.Namespace, device):
@@ -202,8 +221,10 @@ def _refinement(args: argparse.Namespace):
     """The ``--io-*`` flags as one :class:`~monai_icon.engines.instance_optimisation.Refinement`."""
     from monai_icon.engines.instance_optimisation import Refinement
 
+    smoothness = Refinement().smoothness if args.io_smoothness is None else args.io_smoothness
     return Refinement(steps=args.io_steps, lr=args.io_lr, mode=args.io_mode, size=args.io_size,
-                      levels=args.io_levels, field_size=args.io_field_size, fine_steps=args.io_fine_steps)
+                      levels=args.io_levels, field_size=args.io_field_size, fine_steps=args.io_fine_steps,
+                      smoothness=smoothness, voxels=args.io_voxels)
 
 
 def _add_backend_arguments(parser: argparse.ArgumentParser, expert: bool = False) -> None:

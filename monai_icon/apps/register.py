@@ -61,12 +61,14 @@ from monai_icon.metrics.folds import count_folds
 from monai_icon.engines.instance_optimisation import (
     Refinement,
     instance_optimise,
+    refine_one_way,
     residual_instance_optimise,
     restored_weights,
 )
 from monai_icon.networks.maps import Map
 from monai_icon.networks.registration_net import register_one_way
 from monai_icon.transforms.laterality import side_from_filename
+from monai_icon.transforms.network_grid import isotropic_grid
 
 __all__ = [
     "MODEL_FORMAT",
@@ -111,7 +113,7 @@ def register_images(
     fixed_mask: MetaTensor | None = None, moving_mask: MetaTensor | None = None,
     fixed_label: MetaTensor | None = None, moving_label: MetaTensor | None = None, label_weight: float = 0.0,
     io_levels: int = _DEFAULT.levels, io_field_size: Sequence[int] | None = _DEFAULT.field_size,
-    io_fine_steps: int | None = _DEFAULT.fine_steps,
+    io_fine_steps: int | None = _DEFAULT.fine_steps, refinement: Refinement | None = None,
 ) -> PhysicalRegistration:
     """Register two channel-first MetaTensors (with affines) in physical space.
 
@@ -134,12 +136,23 @@ def register_images(
     ``io_fine_steps``: with ``io_size``, only the last this many steps compare the images on ``io_size``, the
     others on the residual fields' grid (the network's inputs, or for a network that takes the finer images
     itself, those average-pooled; default: all steps on ``io_size``).
+    ``refinement``: all these ``io_*`` settings as one value (then the ``io_*`` keywords stay at their defaults),
+    which also holds those of ``io_mode="one-way"``
+    (:func:`~monai_icon.engines.instance_optimisation.refine_one_way`: ``smoothness``) and ``voxels`` (residual modes:
+    the images compared on a grid of about that many voxels shaped like the fixed image's field of view, chosen here).
 
     The settings are checked by :func:`~monai_icon.apps.validation.check_registration_arguments`.
     """
-    settings = Refinement(io_steps, io_lr, io_mode, None if io_size is None else tuple(io_size), io_levels,
-                          None if io_field_size is None else tuple(io_field_size), io_fine_steps)
-    io_lr = cast(float, check_registration_arguments(settings, label_weight, model=model).lr)
+    loose = Refinement(io_steps, io_lr, io_mode, None if io_size is None else tuple(io_size), io_levels,
+                       None if io_field_size is None else tuple(io_field_size), io_fine_steps)
+    settings = refinement_from_keywords(refinement, **loose.arguments())
+    settings = check_registration_arguments(settings, label_weight, model=model, masks=fixed_mask is not None)
+    io_steps, io_lr, io_mode, io_levels, io_fine_steps = (settings.steps, cast(float, settings.lr), settings.mode,
+                                                          settings.levels, settings.fine_steps)
+    io_size, io_field_size = settings.size, settings.field_size
+    if settings.voxels is not None and io_size is None and io_field_size is None and io_steps > 0:
+        io_size = isotropic_grid(model.grid.field_of_view(fixed), settings.voxels)
+        io_field_size = tuple(s // 2 for s in io_size)
     if (fixed_mask is None) != (moving_mask is None):
         raise ValueError("give both masks (fixed and moving) or neither.")
     for name, image in (("fixed", fixed), ("moving", moving)):
@@ -184,7 +197,15 @@ def register_images(
                     label_weight=label_weight if num_classes else 0.0, num_classes=num_classes,
                     regularizer_size=None if io_field_size is None else tuple(int(v) for v in io_field_size),
                     compute_folds=False)  # instance optimisation does not read the folds of its steps
-    if io_steps > 0 and io_mode == "residual":
+    if io_steps > 0 and io_mode == "one-way":
+        loss_images = None
+        if io_size is not None:
+            fine = [model.grid.apply(img, side, io_size) for img, side in ((fixed, fixed_side), (moving, moving_side))]
+            loss_images = (fine[1].as_tensor().unsqueeze(0).to(device), fine[0].as_tensor().unsqueeze(0).to(device))
+        phi, losses = refine_one_way(network, moving_net, fixed_net, loss.similarity, io_steps, io_lr,
+                                     shape=tuple(io_field_size) if io_field_size else None, loss_images=loss_images,
+                                     levels=io_levels, fine_steps=io_fine_steps, smoothness=settings.smoothness)
+    elif io_steps > 0 and io_mode == "residual":
         loss_images = None
         if io_size is not None:
             fine = [model.grid.apply(img, side, io_size) for img, side in ((fixed, fixed_side), (moving, moving_side))]
@@ -321,9 +342,9 @@ def register_files(
     if model.target_side is not None:  # one-sided knee model: sides default to LEFT/RIGHT in the file names
         fixed_side = fixed_side or side_from_filename(fixed)
         moving_side = moving_side or side_from_filename(moving)
-    result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, settings.steps, settings.lr,
-                             device, settings.mode, settings.size, masks[0], masks[1], fixed_labels, label,
-                             float(label_weight), settings.levels, settings.field_size, settings.fine_steps)
+    result = register_images(model, fixed_image, moving_image, fixed_side, moving_side, device=device,
+                             fixed_mask=masks[0], moving_mask=masks[1], fixed_label=fixed_labels, moving_label=label,
+                             label_weight=float(label_weight), refinement=settings)
     points = result.fixed_to_moving(fixed_affine, fixed_shape)
     try:
         check_finite(points, "the registration's result")

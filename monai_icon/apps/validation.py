@@ -62,7 +62,7 @@ MAX_PASSES = 16
 FLAG_NAMES = {"io_steps": "--io-steps", "io_lr": "--io-lr", "io_levels": "--io-levels",
               "io_fine_steps": "--io-fine-steps", "io_size": "--io-size", "io_field_size": "--io-field-size",
               "spatial_size": "--spatial-size", "passes": "--passes", "lncc_kernel": "--lncc-kernel",
-              "flip_axes": "--flip-axes"}
+              "flip_axes": "--flip-axes", "io_smoothness": "--io-smoothness", "io_voxels": "--io-voxels"}
 
 
 def check_count(value: Any, name: str, minimum: int = 0) -> int:
@@ -325,6 +325,7 @@ def check_registration_arguments(
     flip_axes: Sequence[int] | None = None,
     names: Mapping[str, str] | None = None,
     fit_levels: bool = False,
+    masks: bool = False,
 ) -> Refinement:
     """Every check of the arguments of a registration, for :func:`monai_icon.apps.register_files` (and
     :func:`~monai_icon.apps.register_images`, :func:`~monai_icon.apps.register_pairs`) and ``monai-icon register``
@@ -346,6 +347,7 @@ def check_registration_arguments(
             keyword names.
         fit_levels: fewer levels when the residual grid cannot be halved as often as ``refinement.levels`` asks
             (a preset's levels on a small grid) instead of refusing them.
+        masks: masks are given (as tensors; with ``inputs``, its mask files count too).
 
     Returns:
         ``refinement`` with its learning rate filled in (and its levels fitted with ``fit_levels``).
@@ -356,7 +358,7 @@ def check_registration_arguments(
     from dataclasses import replace
 
     from monai_icon.apps.model_files import RegistrationModel
-    from monai_icon.engines.instance_optimisation import IO_MODES, default_io_lr, pyramid_shapes
+    from monai_icon.engines.instance_optimisation import IO_MODES, RESIDUAL_MODES, default_io_lr, pyramid_shapes
 
     def name(key: str) -> str:
         return (names or {}).get(key, key)
@@ -381,13 +383,28 @@ def check_registration_arguments(
         raise ValueError(f"{name('lncc_kernel')} must be an odd number >= 3, got {lncc_kernel}.")
     if not (isinstance(label_weight, (int, float)) and 0 <= label_weight < float("inf")):
         raise ValueError(f"label_weight must be a finite number >= 0, got {label_weight!r}.")
-    if levels > 1 and refinement.mode != "residual":
-        raise ValueError(f"io_levels > 1 needs io_mode='residual' (coarse-to-fine residual fields), got io_levels "
-                         f"{levels} with io_mode={refinement.mode!r}.")
+    if levels > 1 and refinement.mode not in RESIDUAL_MODES:
+        raise ValueError(f"io_levels > 1 needs io_mode 'residual' or 'one-way' (coarse-to-fine residual fields), got "
+                         f"io_levels {levels} with io_mode={refinement.mode!r}.")
     for key, size in (("io_size", refinement.size), ("io_field_size", refinement.field_size)):
-        if size is not None and refinement.mode != "residual":
-            raise ValueError(f"{name(key)} {list(size)} needs io_mode='residual' (residual fields on that grid), got "
-                             f"io_mode={refinement.mode!r}.")
+        if size is not None and refinement.mode not in RESIDUAL_MODES:
+            raise ValueError(f"{name(key)} {list(size)} needs io_mode 'residual' or 'one-way' (residual fields on that "
+                             f"grid), got io_mode={refinement.mode!r}.")
+    smoothness = refinement.smoothness
+    if isinstance(smoothness, bool) or not isinstance(smoothness, (int, float)) or not 0 <= smoothness < float("inf"):
+        raise ValueError(f"{name('io_smoothness')} must be a finite number >= 0, got {smoothness!r}.")
+    if refinement.voxels is not None:
+        voxels = refinement.voxels
+        if refinement.mode not in RESIDUAL_MODES:
+            raise ValueError(f"{name('io_voxels')} needs io_mode 'residual' or 'one-way', got {refinement.mode!r}.")
+        if isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < 4**3:
+            raise ValueError(f"{name('io_voxels')} must be an integer >= 64, got {voxels!r}.")
+        check_grid_budget([voxels], name("io_voxels"))
+    if refinement.mode == "one-way" and steps > 0:
+        has_masks = masks or (inputs is not None and inputs.fixed_mask is not None)
+        if has_masks or label_weight > 0:
+            raise ValueError("io_mode 'one-way' compares the images alone: it takes no masks and no label_weight "
+                             "(use io_mode 'residual' for those).")
     if inputs is not None:
         check_side(inputs.fixed_side, "fixed_side")
         check_side(inputs.moving_side, "moving_side")

@@ -13,6 +13,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -20,7 +22,7 @@ from monai.transforms import MapTransform, Orientation, Resize, ScaleIntensityRa
 
 from monai_icon.transforms.laterality import left_right_axis, normalise_side
 
-__all__ = ["to_network_grid", "NetworkGrid", "ToNetworkGridd"]
+__all__ = ["to_network_grid", "NetworkGrid", "ToNetworkGridd", "isotropic_grid"]
 
 
 def to_network_grid(
@@ -128,6 +130,23 @@ class NetworkGrid:
                 values[key] = tuple(values[key])
         return cls(**values)
 
+    def field_of_view(self, image: MetaTensor) -> tuple[float, ...]:
+        """The extent of ``image`` (``[C, *N]`` with its affine) along the axes of this grid, in the affine's units
+        (mm): voxels times spacing, after the reorientation to ``axcodes`` and the axis reversal of
+        :func:`to_network_grid` (which resizes this field of view onto the grid, whatever its aspect)."""
+        affine = np.asarray(image.affine if isinstance(image, MetaTensor) else np.eye(image.ndim), dtype=np.float64)
+        dims = image.ndim - 1
+        spacing = np.linalg.norm(affine[:dims, :dims], axis=0)
+        extent = [float(n * s) for n, s in zip(image.shape[1:], spacing)]
+        if self.axcodes is not None:
+            transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                                        nib.orientations.axcodes2ornt(self.axcodes))
+            reoriented = [0.0] * dims
+            for axis, (target, _) in enumerate(transform):
+                reoriented[int(target)] = extent[axis]
+            extent = reoriented
+        return tuple(extent[::-1] if self.reverse_axes else extent)
+
     def apply(self, image: MetaTensor, side: str | None = None, size: Sequence[int] | None = None,
               labels: bool = False) -> MetaTensor:
         """``image`` on this grid (or on ``size``, the same field of view; e.g. the finer grid of a refinement);
@@ -171,3 +190,19 @@ class ToNetworkGridd(MapTransform):
                                 f"LoadImaged(..., ensure_channel_first=True)), got {type(image).__name__}.")
             d[key] = self.grid.apply(image)
         return d
+
+
+def isotropic_grid(extent: Sequence[float], voxels: int, multiple: int = 2) -> tuple[int, ...]:
+    """A grid of about ``voxels`` voxels with one spacing on every axis over a field of view ``extent`` (any units):
+    each size a multiple of ``multiple`` (so that the grid halves exactly), at least ``2 * multiple``.
+
+    Raises:
+        ValueError: a non-positive extent or a voxel count below ``(2 * multiple) ** len(extent)``.
+    """
+    if not extent or any(not (e > 0 and e < float("inf")) for e in extent):
+        raise ValueError(f"the field of view must be positive and finite on every axis, got {tuple(extent)}.")
+    least = (2 * multiple) ** len(extent)
+    if isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < least:
+        raise ValueError(f"a grid of {len(extent)} axes needs voxels >= {least}, got {voxels!r}.")
+    per_unit = (voxels / float(np.prod(extent))) ** (1.0 / len(extent))
+    return tuple(max(2 * multiple, multiple * int(round(e * per_unit / multiple))) for e in extent)
