@@ -310,3 +310,26 @@ def test_the_command_line_setting_and_its_expert_flags():
         action = next(a for a in parser._subparsers._group_actions[0].choices[command]._actions  # type: ignore
                       if a.dest == "cpu_backend")
         assert action.default == "auto" and list(action.choices) == ["auto", "on", "off"]
+
+
+def test_the_resize_hook_runs_only_where_its_setting_and_the_field_allow():
+    """``maps.resize_linear`` asks ``backend.resize``: the matrix products on CPU with ``matrix_resize`` (the
+    default), PyTorch's ``F.interpolate`` itself when it is off, on other devices and for half precision."""
+    import torch.nn.functional as F
+
+    from monai_icon.networks.maps import resize_linear
+
+    field = torch.randn(1, 3, 5, 4, 6)
+    reference = F.interpolate(field, size=(9, 7, 11), mode="trilinear", align_corners=True)
+    assert backend.resize(field, (9, 7, 11)) is not None  # the default settings
+    torch.testing.assert_close(resize_linear(field, (9, 7, 11)), reference)
+    with use_backend("off", "cpu"):
+        assert backend.resize(field, (9, 7, 11)) is None
+        assert torch.equal(resize_linear(field, (9, 7, 11)), reference)
+    with use_backend(CPUBackend("auto", matrix_resize=False), "cpu"):
+        assert backend.resize(field, (9, 7, 11)) is None
+    with use_backend("on", "cuda"):  # everything off for another device
+        assert backend.resize(field, (9, 7, 11)) is None
+    assert backend.resize(field.half(), (9, 7, 11)) is None
+    assert backend.resize(field.to("meta"), (9, 7, 11)) is None
+    assert CPUBackend("auto").resolve("cpu").matrix_resize and not CPUBackend("off").resolve("cpu").matrix_resize

@@ -7,8 +7,9 @@ device) and :func:`use_backend`, the one place that sets the active settings.
 
 The active settings live in a :class:`contextvars.ContextVar`: each thread (and each ``asyncio`` task) has its own,
 and :func:`use_backend` restores the previous value on exit, so nested and concurrent uses do not disturb one another.
-Outside any :func:`use_backend` the settings are :data:`DEFAULT`: the two samplers that need no compilation (planar
-and threaded; they apply to CPU tensors only and give ``grid_sample``'s values up to rounding).
+Outside any :func:`use_backend` the settings are :data:`DEFAULT`: the optimisations that need no compilation (the
+planar and threaded samplers, the matrix resize; they apply to CPU tensors only and give PyTorch's values up to
+rounding).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ __all__ = [
 
 #: the values of :attr:`CPUBackend.mode`
 BACKEND_MODES = ("auto", "on", "off")
-_KERNELS = ("fast_sampler", "compiled_lncc", "planar_sampler", "threaded_sampler", "tune_allocator", "channels_last")
+_KERNELS = ("fast_sampler", "compiled_lncc", "planar_sampler", "threaded_sampler", "matrix_resize", "tune_allocator",
+            "channels_last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,8 @@ class ResolvedBackend:
         threaded_sampler: ``grid_sample`` on the CPU of a batch smaller than the thread count split into
             pseudo-batches, so that every thread works (its 3D kernel parallelises over the batch only; the same
             values).
+        matrix_resize: linear resizing of CPU fields as one matrix product per axis
+            (:func:`monai_icon.backend.resize.resize`; no compilation, the same values up to rounding).
         tune_allocator: glibc's ``malloc`` keeps freed blocks for reuse (:func:`monai_icon.backend.allocator.
             tune_cpu_allocator`; once per process, when the settings are first entered).
         channels_last: a trainer keeps the network's weights and the images channels-last.
@@ -57,12 +61,13 @@ class ResolvedBackend:
     compiled_lncc: bool = False
     planar_sampler: bool = False
     threaded_sampler: bool = False
+    matrix_resize: bool = False
     tune_allocator: bool = False
     channels_last: bool = False
 
 
 #: the settings outside any :func:`use_backend`
-DEFAULT = ResolvedBackend(planar_sampler=True, threaded_sampler=True)
+DEFAULT = ResolvedBackend(planar_sampler=True, threaded_sampler=True, matrix_resize=True)
 _OFF = ResolvedBackend()
 _ACTIVE: contextvars.ContextVar[ResolvedBackend] = contextvars.ContextVar("monai_icon_cpu_backend", default=DEFAULT)
 
@@ -77,7 +82,8 @@ class CPUBackend:
             found);
             ``"on"``: all of them (the compiled ones still fall back to PyTorch's operations without a compiler);
             ``"off"``: none. On any other device (CUDA, ...) everything is off whatever the mode.
-        fast_sampler, compiled_lncc, planar_sampler, threaded_sampler, tune_allocator, channels_last: for experts,
+        fast_sampler, compiled_lncc, planar_sampler, threaded_sampler, matrix_resize, tune_allocator, channels_last:
+            for experts,
             one optimisation on
             (``True``) or off (``False``) whatever the mode; ``None`` follows the mode. Still off on other devices.
 
@@ -95,6 +101,7 @@ class CPUBackend:
     compiled_lncc: bool | None = None
     planar_sampler: bool | None = None
     threaded_sampler: bool | None = None
+    matrix_resize: bool | None = None
     tune_allocator: bool | None = None
     channels_last: bool | None = None
 
@@ -116,7 +123,7 @@ class CPUBackend:
         on = self.mode != "off"
         compiled = on and (self.mode == "on" or compiler_available())
         chosen = {"fast_sampler": compiled, "compiled_lncc": compiled, "planar_sampler": on, "threaded_sampler": on,
-                  "tune_allocator": on, "channels_last": on}
+                  "matrix_resize": on, "tune_allocator": on, "channels_last": on}
         chosen.update({name: getattr(self, name) for name in _KERNELS if getattr(self, name) is not None})
         return ResolvedBackend(**chosen)
 

@@ -99,7 +99,8 @@ def trainer_backend(
     """:class:`ICONTrainer`'s CPU backend from its ``backend`` and its earlier keywords ``options``
     (:data:`CPU_OPTIONS`): ``backend`` itself (a mode string as a :class:`~monai_icon.backend.CPUBackend`); with
     ``backend=None``, ``None`` (the settings around the trainer, by default the samplers that need no compilation)
-    or, when an earlier keyword is ``True``, those defaults with the keywords that are ``True`` on.
+    or, when an earlier keyword is ``True``, those defaults (:data:`~monai_icon.backend.DEFAULT`) with the keywords that
+    are ``True`` on.
 
     Raises:
         TypeError: a keyword other than :data:`CPU_OPTIONS`, or one that is not a bool.
@@ -114,7 +115,7 @@ def trainer_backend(
     if backend is None:
         if not any(options.values()):
             return None
-        return CPUBackend("off", planar_sampler=True, threaded_sampler=True, **options)
+        return CPUBackend("off", planar_sampler=True, threaded_sampler=True, matrix_resize=True, **options)
     backend = as_backend(backend)
     resolved = backend.resolve(device)
     conflicts = [f"{name}={value}" for name, value in options.items() if getattr(resolved, name) != value]

@@ -19,14 +19,13 @@ Conventions (shared with the ICON reference, see ``docs/conventions.md`` section
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from monai_icon import backend
-from monai_icon.precision import at_least_float32, autocast_disabled
+from monai_icon.precision import at_least_float32
 
 __all__ = [
     "identity_grid",
@@ -126,14 +125,8 @@ def resize_linear(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     corner-aligned grids: the values of ``F.interpolate(field, size, mode="bilinear"/"trilinear",
     align_corners=True)``, i.e. of the field's linear interpolant at the points of ``identity_grid(size)``.
 
-    On CPU, in float32 / float64, linear interpolation is a product of one 1D interpolation matrix per axis (two
-    nonzero weights per row), applied axis by axis as matrix products: the same values up to rounding (closer to
-    a float64 reference than PyTorch's float32 kernel, which places its source points in float32: 5e-7 against
-    1.2e-5 at 64x32x64 -> 128x64x128), and faster forward and backward together
-    (``docs/benchmarks.md``); under ``torch.autocast`` they stay float32 (as autocast keeps ``F.interpolate`` on
-    CPU). Elsewhere (other devices, half-precision dtypes, ``torch.set_float32_matmul_precision`` below
-    "highest", which would compute the products in reduced precision, or fields with non-finite values, which a
-    product would spread along whole rows) it is ``F.interpolate`` itself.
+    The CPU backend's hook :func:`monai_icon.backend.resize` computes it where it pays (matrix products on CPU
+    fields; the same values up to rounding), ``F.interpolate`` everywhere else.
 
     Args:
         field: ``[B, C, *N]`` with 1 to 3 spatial axes.
@@ -150,44 +143,11 @@ def resize_linear(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         raise ValueError(f"a field with {spatial_dims} spatial axes needs {spatial_dims} sizes, got {size}.")
     if tuple(field.shape[2:]) == size:
         return field
-    fast = (field.device.type == "cpu" and not torch.compiler.is_compiling()
-            and (field.dtype == torch.float64
-                 or (field.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"))
-            and bool(torch.isfinite(field).all()))
-    if not fast:
-        mode = ("linear", "bilinear", "trilinear")[spatial_dims - 1]
-        return F.interpolate(field, size=size, mode=mode, align_corners=True)
-    with autocast_disabled(field.device):
-        out = field
-        batch_channels = out.shape[0] * out.shape[1]
-        for axis in reversed(range(spatial_dims)):  # the last axis first: its products need no reshaping
-            n_in, n_out = out.shape[2 + axis], size[axis]
-            if n_in == n_out:
-                continue
-            matrix = _linear_resize_matrix(n_in, n_out, out.dtype)
-            shape = list(out.shape)
-            if axis == spatial_dims - 1:
-                out = torch.matmul(out, matrix.T)
-            else:
-                before = batch_channels * math.prod(shape[2:2 + axis])
-                out = torch.matmul(matrix, out.reshape(before, n_in, -1))
-            shape[2 + axis] = n_out
-            out = out.reshape(shape)
-    return out
-
-
-def _linear_resize_matrix(n_in: int, n_out: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[n_out, n_in]`` weights of corner-aligned 1D linear interpolation: output ``i`` at input position
-    ``i (n_in - 1) / (n_out - 1)`` (0 when ``n_out`` is 1), as ``align_corners=True`` places it."""
-    position = torch.arange(n_out, dtype=torch.float64) * ((n_in - 1) / max(n_out - 1, 1))
-    lower = position.floor().clamp(0, max(n_in - 2, 0)).long()
-    weight = position - lower
-    rows = torch.arange(n_out)
-    matrix = torch.zeros(n_out, n_in, dtype=torch.float64)
-    matrix[rows, lower] = 1.0 - weight if n_in > 1 else 1.0
-    if n_in > 1:
-        matrix[rows, lower + 1] = weight
-    return matrix.to(dtype)
+    out = backend.resize(field, size)  # None: not run
+    if out is not None:
+        return out
+    mode = ("linear", "bilinear", "trilinear")[spatial_dims - 1]
+    return F.interpolate(field, size=size, mode=mode, align_corners=True)
 
 
 def map_grid_to_ddf(grid: torch.Tensor) -> torch.Tensor:
