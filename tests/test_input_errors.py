@@ -58,7 +58,7 @@ CASES = [
     (REGISTER + WARPED + ["--io-steps", "-1"], "--io-steps must be an integer >= 0"),
     (REGISTER + WARPED + ["--io-lr", "nan"], "--io-lr must be a finite number > 0"),
     (REGISTER + WARPED + ["--io-levels", "0"], "--io-levels must be an integer >= 1"),
-    (REGISTER + WARPED + ["--io-levels", "3"], "io_levels > 1 needs io_mode='residual'"),
+    (REGISTER + WARPED + ["--io-levels", "3"], "io_levels > 1 needs io_mode 'residual' or 'one-way'"),
     (REGISTER + WARPED + ["--lmbda", "nan"], "lmbda must be a finite number >= 0"),
     (REGISTER + WARPED + ["--lmbda", "-1"], "lmbda must be a finite number >= 0"),
     (REGISTER + WARPED + ["--io-lr", "-0.1"], "--io-lr must be a finite number > 0"),

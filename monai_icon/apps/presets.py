@@ -14,8 +14,8 @@
   like the fixed image's field of view in the last 4 steps and on half of it before.
 - :data:`SYMMETRIC_REFINEMENT` (``--refine symmetric``): the slower refinement of both maps with the
   inverse-consistency loss (GradICON), ``io_mode="residual"``: for when inverse consistency of the refined maps
-  matters more than time, and for images like the model's training data (on the T1-head pairs it is 0.01 Dice
-  better than ``--refine``, at about 8 times its time).
+  matters more than time, and for images like the model's training data (on the T1-head test pairs it is 0.02
+  Dice better than ``--refine``, at about 9 times its time).
 
 The presets were chosen on validation pairs (docs/generalisation.md); any explicitly given flag overrides its value.
 """
