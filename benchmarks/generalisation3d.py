@@ -256,6 +256,8 @@ def run(data: Path, split: str, model: str, out: Path, syn_transform: str = "SyN
             "refine": ["--model", model, "--tag", "refine", "--no-syn", "--refine"],
             "refine-symmetric": ["--model", model, "--tag", "refine-symmetric", "--no-syn", "--refine", "symmetric"],
             "syn": ["--syn-transform", syn_transform]}
+    for name in ("network", "ensemble", "refine"):  # the same on a network grid shaped like each fixed image
+        rows[f"{name}-isotropic"] = [*rows[name][:3], f"{name}-isotropic", *rows[name][4:], "--isotropic-grid"]
     results: dict = {}
     for name in methods:
         results = syn_vs_icon.main(base + rows[name])
@@ -328,7 +330,8 @@ def main(argv=None):
     go.add_argument("--pairs", type=int, default=None, help="only the first N pairs")
     go.add_argument("--threads", type=int, default=2)
     go.add_argument("--methods", default="network,ensemble,refine,syn",
-                    help="comma-separated subset of network, ensemble, refine, refine-symmetric, syn")
+                    help="comma-separated subset of network, ensemble, refine, refine-symmetric, syn, and of "
+                         "network, ensemble, refine with -isotropic (--isotropic-grid)")
     fig = sub.add_parser("figure", help="draw moving / fixed / warped / deformed grid for one pair per subject")
     fig.add_argument("--data", default=Path("runs/generalisation3d"), type=Path)
     fig.add_argument("--split", choices=sorted(SPLITS), required=True)
@@ -343,7 +346,9 @@ def main(argv=None):
         print(prepare(args.nilearn_wheel, args.mricron, args.out, args.pairs_per_subject, args.seed))
         return None
     methods = tuple(m for m in args.methods.split(",") if m)
-    unknown = sorted(set(methods) - {"network", "ensemble", "refine", "refine-symmetric", "syn"})
+    known = {"network", "ensemble", "refine", "refine-symmetric", "syn", "network-isotropic", "ensemble-isotropic",
+             "refine-isotropic"}
+    unknown = sorted(set(methods) - known)
     if unknown:
         raise SystemExit(f"unknown methods {unknown}")
     return run(args.data, args.split, args.model, args.out, args.syn_transform, args.pairs, args.threads, methods)

@@ -114,6 +114,8 @@ def main(argv=None) -> dict:
                         "monai_icon.apps.presets); --io-* flags and --lmbda given explicitly override its values")
     p.add_argument("--syn-transform", default="SyN", choices=["SyN", "SyNOnly"],
                    help="ANTs type_of_transform (SyN: affine then SyN, the default; SyNOnly: no affine step)")
+    p.add_argument("--isotropic-grid", action="store_true",
+                   help="the network grid shaped like each fixed image (monai-icon register --isotropic-grid)")
     p.add_argument("--no-syn", action="store_true", help="skip SyN (e.g. to add ICON settings to earlier results)")
     p.add_argument("--threads", type=int, default=2, help="threads for both methods")
     p.add_argument("--out", default="runs/syn_vs_icon")
@@ -140,7 +142,8 @@ def main(argv=None) -> dict:
     if args.model:
         from monai_icon.apps import load_registration_model
 
-        settings = (("similarity", args.similarity), ("lmbda", args.lmbda), ("regularizer", args.regularizer))
+        settings = (("similarity", args.similarity), ("lmbda", args.lmbda), ("regularizer", args.regularizer),
+                    ("isotropic", True if args.isotropic_grid else None))
         overrides = {k: v for k, v in settings if v is not None}
         model = load_registration_model(args.model, **overrides)
         from monai_icon.networks import ensemble_network

@@ -61,6 +61,8 @@ def _floats(text: str) -> list[float]:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from monai_icon.networks.ensemble import DEFAULT_PASSES
+
     parser.add_argument(
         "--model",
         required=True,
@@ -80,14 +82,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "evaluation per axis and direction")
     parser.add_argument("--passes", type=int, default=None,
                         help="apply the network (or its --symmetric/--flip-axes ensemble) this many times, each to the "
-                             "moving image warped by the maps so far, and compose the maps (default 1)")
+                             f"moving image warped by the maps so far, and compose the maps (default {DEFAULT_PASSES})")
     parser.add_argument("--ensemble", action="store_true",
                         help="the recommended test-time ensemble: --symmetric --flip-axes 0 --passes 2 (flags given "
                              "explicitly take precedence)")
 
 
 def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
-    from monai_icon.engines.instance_optimisation import IO_MODES
+    from monai_icon.engines.instance_optimisation import DEFAULT_IO_LR, IO_MODES, Refinement
+    from monai_icon.losses.similarity import DEFAULT_LNCC_KERNEL
+
+    defaults = Refinement()
+    rates = ", ".join(f"{rate:g} {mode}" for mode, rate in DEFAULT_IO_LR.items())
 
     parser.add_argument("--refine", nargs="?", const="one-way", choices=["one-way", "symmetric"], default=None,
                         help="a recommended per-pair refinement (monai_icon.apps.presets). one-way (the default of "
@@ -100,47 +106,50 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
                              "--similarity, --lncc-kernel, --regularizer or --lmbda flag given explicitly overrides "
                              "the preset's value")
     parser.add_argument("--io-steps", type=int, default=None,
-                        help="instance optimisation steps per pair (default 0)")
+                        help=f"instance optimisation steps per pair (default {defaults.steps})")
     parser.add_argument("--io-lr", type=float, default=None,
-                        help="instance optimisation learning rate (Adam; default 2e-5 network, 2e-3 residual, 7e-3 "
-                             "one-way)")
+                        help=f"instance optimisation learning rate (Adam; default {rates})")
     parser.add_argument("--io-mode", choices=list(IO_MODES), default=None,
                         help="fine-tune the network's weights (network), optimise residual displacement fields on top "
                              "of its maps in both directions with its inverse-consistency loss (residual, much faster "
                              "per step), or one residual field on its moving-to-fixed map with a diffusion "
                              "regulariser (one-way, faster still)")
     parser.add_argument("--io-smoothness", type=float, default=None,
-                        help="with --io-mode one-way: weight of the diffusion regulariser of the residual (default 2)")
+                        help="with --io-mode one-way: weight of the diffusion regulariser of the residual (default "
+                             f"{defaults.smoothness:g})")
     parser.add_argument("--io-voxels", type=int, default=None,
                         help="with a residual --io-mode and no --io-size/--io-field-size: compare the images on a grid "
                              "of about this many voxels shaped like the fixed image's field of view (one spacing on "
                              "every axis), the fields on half of it")
     parser.add_argument("--io-size", type=_ints,
-                        help="with --io-mode residual: the finer grid the images are compared on (and, without "
+                        help="with a residual --io-mode: the finer grid the images are compared on (and, without "
                              "--io-field-size, the residual optimised on), in the model's axis order, e.g. 128,64,128")
     parser.add_argument("--io-field-size", type=_ints,
-                        help="with --io-mode residual: the grid of the residual fields and the regulariser when it "
+                        help="with a residual --io-mode: the grid of the residual fields and the regulariser when it "
                              "differs from --io-size, e.g. the network grid: fine similarity, coarse fields")
     parser.add_argument("--io-fine-steps", type=int, default=None,
                         help="with --io-size: only the last this many steps compare the images on --io-size, the "
                              "others on the residual fields' grid (default: all)")
     parser.add_argument("--io-levels", type=int, default=None,
-                        help="with --io-mode residual: residual fields on this many grids, each half the previous "
-                             "one (coarse-to-fine; default 1)")
+                        help="with a residual --io-mode: residual fields on this many grids, each half the previous "
+                             f"one (coarse-to-fine; default {defaults.levels})")
     parser.add_argument("--similarity", choices=["mse", "lncc", "mi", "mind"],
                         help="similarity of instance optimisation (default: the model's)")
     parser.add_argument("--lncc-kernel", type=int, default=None,
                         help="window of the LNCC similarity of instance optimisation, in voxels of the grid the "
-                             "images are compared on (odd, >= 3; default 7); needs the lncc similarity")
+                             f"images are compared on (odd, >= 3; default {DEFAULT_LNCC_KERNEL}); needs the lncc "
+                             "similarity")
     parser.add_argument("--lmbda", type=float,
                         help="inverse-consistency weight of instance optimisation (default: the model's)")
     parser.add_argument("--regularizer", choices=["icon", "gradicon"],
                         help="regulariser of instance optimisation (default: the model's)")
     parser.add_argument("--spatial-size", type=_ints, help="override the model's network grid, e.g. 192,192,80")
+    parser.add_argument("--isotropic-grid", action="store_true", default=None,
+                        help="register each pair on a network grid shaped like the fixed image's field of view (one "
+                             "spacing on every axis) with as many voxels as the model's grid, instead of the model's "
+                             "grid itself (for images whose field of view has another aspect than the training "
+                             "images')")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-
-
-_IO_DEFAULTS = {"io_steps": 0, "io_mode": "network", "io_levels": 1}
 
 
 def _apply_presets(args: argparse.Namespace) -> None:
@@ -152,14 +161,18 @@ def _apply_presets(args: argparse.Namespace) -> None:
         args.symmetric = True
         args.flip_axes = RECOMMENDED_ENSEMBLE["flip_axes"] if args.flip_axes is None else args.flip_axes
         args.passes = RECOMMENDED_ENSEMBLE["passes"] if args.passes is None else args.passes
-    args.passes = 1 if args.passes is None else args.passes
+    from monai_icon.engines.instance_optimisation import Refinement
+    from monai_icon.networks.ensemble import DEFAULT_PASSES
+
+    args.passes = DEFAULT_PASSES if args.passes is None else args.passes
     args.preset_filled = set()  # settings a preset chose (adapted to the model's grid where they must be)
     if getattr(args, "refine", False):
         for key, value in REFINEMENT_PRESETS[args.refine].items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
                 args.preset_filled.add(key)
-    for key, value in _IO_DEFAULTS.items():
+    defaults = Refinement().arguments()
+    for key, value in ((k, defaults[k]) for k in ("io_steps", "io_mode", "io_levels")):
         if getattr(args, key, value) is None:
             setattr(args, key, value)
 
@@ -182,7 +195,8 @@ def _load_model(args: argparse.Namespace, device):
 
     overrides = {k: v for k, v in (("window", args.window), ("percentiles", args.percentiles),
                                    ("similarity", args.similarity), ("lmbda", args.lmbda),
-                                   ("regularizer", args.regularizer)) if v is not None}
+                                   ("regularizer", args.regularizer), ("isotropic", args.isotropic_grid))
+                 if v is not None}
     if args.window is not None:
         overrides["percentiles"] = None
     model = load_registration_model(args.model, device, args.spatial_size, args.model_kind, **overrides)

@@ -41,7 +41,7 @@ __all__ = ["MODEL_FORMAT", "RegistrationModel", "save_registration_model", "load
 
 MODEL_FORMAT = "monai-icon-model/1"
 _SETTINGS = ("spatial_size", "axcodes", "percentiles", "window", "target_side", "resize_mode", "reverse_axes",
-             "normalise_first", "similarity", "lmbda", "regularizer")
+             "normalise_first", "similarity", "lmbda", "regularizer", "isotropic")
 _OPTIONAL = ("axcodes", "percentiles", "window", "target_side")  # settings whose None means "skip this step"
 
 
@@ -61,6 +61,8 @@ class RegistrationModel:
             (published ICON-family models: trilinear, ITK array order, normalised before resizing).
         similarity, lmbda, regularizer: the ICON loss of instance optimisation (``similarity``: a name of
             :func:`~monai_icon.losses.get_similarity`, or a loss module such as an LNCC with another window).
+        isotropic: register each pair on a grid shaped like its fixed image's field of view with as many voxels
+            as ``spatial_size`` (:attr:`NetworkGrid.isotropic <monai_icon.transforms.NetworkGrid>`).
     """
 
     network: nn.Module
@@ -75,6 +77,7 @@ class RegistrationModel:
     similarity: str | _Loss = "mse"
     lmbda: float = 1.0
     regularizer: str = "icon"
+    isotropic: bool = False
 
     @property
     def spatial_dims(self) -> int:
@@ -84,7 +87,7 @@ class RegistrationModel:
     def grid(self) -> NetworkGrid:
         """How images reach the network, as one value (:class:`~monai_icon.transforms.NetworkGrid`)."""
         return NetworkGrid(tuple(self.spatial_size), self.axcodes, self.percentiles, self.target_side, self.window,
-                           self.resize_mode, self.reverse_axes, self.normalise_first)
+                           self.resize_mode, self.reverse_axes, self.normalise_first, bool(self.isotropic))
 
 
 def save_registration_model(path: str | Path, network: nn.Module, network_def: dict[str, Any], **settings: Any) -> Path:

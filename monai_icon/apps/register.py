@@ -97,6 +97,7 @@ class PhysicalRegistration:
     moving_unit_to_world: np.ndarray
     io_losses: list[float]
     seconds: float
+    grid_size: tuple[int, ...] | None = None  # the grid ``phi`` was computed on (its folds are counted there)
 
     def fixed_to_moving(self, fixed_affine: np.ndarray, fixed_shape: Sequence[int]) -> torch.Tensor:
         """Moving world points (RAS mm) ``[3, *fixed_shape]`` of the voxel centres of a fixed grid."""
@@ -161,7 +162,8 @@ def register_images(
                              f"{image.ndim - 1}D (shape {tuple(image.shape[1:])}).")
     device = torch.device(device) if device is not None else next(model.network.parameters()).device
     start = time.perf_counter()
-    grids = [model.grid.apply(img, side) for img, side in ((fixed, fixed_side), (moving, moving_side))]
+    network_size = model.grid.size_for(fixed)  # the model's grid, or one shaped like the fixed image
+    grids = [model.grid.apply(img, side, network_size) for img, side in ((fixed, fixed_side), (moving, moving_side))]
     fixed_net, moving_net = (g.as_tensor().unsqueeze(0).to(device) for g in grids)
 
     def nearest_pair(pair: tuple[MetaTensor | None, MetaTensor | None],
@@ -181,7 +183,7 @@ def register_images(
         resampled = nearest_pair((moving_label, fixed_label), size) if label_weight > 0 else None
         return None if resampled is None else (resampled[0].round().long(), resampled[1].round().long())
 
-    masks = mask_on(model.spatial_size)
+    masks = mask_on(network_size)
     if masks is not None:
         moving_net, fixed_net = moving_net * masks[0], fixed_net * masks[1]
     if fixed_net.shape[1] != moving_net.shape[1]:
@@ -213,7 +215,7 @@ def register_images(
         io_masks = mask_on(io_size) if io_size is not None else masks
         if loss_images is not None and io_masks is not None:
             loss_images = (loss_images[0] * io_masks[0], loss_images[1] * io_masks[1])
-        io_labels = labels_on(io_size) if io_size is not None else labels_on(model.spatial_size)
+        io_labels = labels_on(io_size) if io_size is not None else labels_on(network_size)
         phi, _, losses = residual_instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr,
                                                     shape=tuple(io_field_size) if io_field_size else None,
                                                     loss_images=loss_images, masks=io_masks, labels=io_labels,
@@ -222,15 +224,17 @@ def register_images(
         with restored_weights(network):
             if io_steps > 0:
                 losses = instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr, masks,
-                                           labels_on(model.spatial_size))
+                                           labels_on(network_size))
             with torch.no_grad():  # the map holds the network's outputs: unaffected by restoring the weights
                 phi = register_one_way(network, moving_net, fixed_net)
     return PhysicalRegistration(
         phi=phi,
-        fixed_unit_to_world=unit_to_world(grids[0].affine, model.spatial_size),
-        moving_unit_to_world=unit_to_world(grids[1].affine, model.spatial_size),
+        fixed_unit_to_world=unit_to_world(grids[0].affine, network_size),
+        moving_unit_to_world=unit_to_world(grids[1].affine, network_size),
         io_losses=losses,
         seconds=time.perf_counter() - start,
+        grid_size=tuple(io_field_size or io_size or network_size) if io_steps > 0 and io_mode != "network"
+        else tuple(network_size),
     )
 
 
@@ -370,8 +374,7 @@ def register_files(
         write_displacement(displacement, fixed_affine, ddf, transform)
         written.update({k: str(v) for k, v in (("ddf", ddf), ("transform", transform)) if v is not None})
     with torch.no_grad():  # folds of the final map on the grid it was computed on (the reference's stencil)
-        folds = count_folds(result.phi.grid(tuple(settings.field_size or settings.size or model.spatial_size)),
-                            percentage=True)
+        folds = count_folds(result.phi.grid(result.grid_size or model.spatial_size), percentage=True)
     return {
         "written": written,
         "seconds": result.seconds,

@@ -13,12 +13,12 @@ from torch.nn.modules.loss import _Loss
 
 from monai_icon.losses.map_supervision import MapSupervisionLoss
 from monai_icon.losses.multiscale import MultiScaleSimilarity
-from monai_icon.losses.similarity import get_similarity
+from monai_icon.losses.similarity import DEFAULT_LNCC_KERNEL, get_similarity
 
 __all__ = ["map_supervision_loss", "similarity_loss"]
 
 
-def similarity_loss(name: str, spatial_dims: int, lncc_kernel: int | str = 7,
+def similarity_loss(name: str, spatial_dims: int, lncc_kernel: int | str = DEFAULT_LNCC_KERNEL,
                     scales: Sequence[int | str] = (1,)) -> _Loss:
     """The image similarity ``name`` (see :func:`~monai_icon.losses.get_similarity`; LNCC with a window of
     ``lncc_kernel`` voxels), summed over the images average-pooled by each of ``scales``

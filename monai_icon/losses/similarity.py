@@ -18,7 +18,10 @@ from monai_icon import backend
 from monai_icon.backend.lncc_kernels import lncc_backward, lncc_forward
 from monai_icon.losses.mind import MINDSSCLoss
 
-__all__ = ["SIMILARITIES", "StackedLNCCLoss", "get_similarity", "per_pair", "shifted_filtering"]
+__all__ = ["SIMILARITIES", "DEFAULT_LNCC_KERNEL", "StackedLNCCLoss", "get_similarity", "per_pair", "shifted_filtering"]
+
+#: the LNCC window (voxels per axis) of :func:`get_similarity` when none is given
+DEFAULT_LNCC_KERNEL = 7
 
 
 def shifted_filtering(x: torch.Tensor, taps: tuple[float, ...], spatial_dims: int) -> torch.Tensor:
@@ -178,7 +181,8 @@ def get_similarity(name: str, spatial_dims: int = 2, **kwargs: Any) -> _Loss:
 
     Args:
         name: ``"mse"`` (``torch.nn.MSELoss``, the paper's choice), ``"lncc"`` (MONAI's local normalised
-            cross-correlation, computed by :class:`StackedLNCCLoss`; best value -1; default here ``kernel_size=7``)
+            cross-correlation, computed by :class:`StackedLNCCLoss`; best value -1; default here
+            ``kernel_size=DEFAULT_LNCC_KERNEL``, 7)
             ``"mi"`` (``monai.losses.GlobalMutualInformationLoss``, negative MI) or ``"mind"``
             (:class:`~monai_icon.losses.mind.MINDSSCLoss`, MIND-SSC descriptors, multimodal; best value 0).
         spatial_dims: 2 or 3 (used by LNCC).
@@ -191,7 +195,7 @@ def get_similarity(name: str, spatial_dims: int = 2, **kwargs: Any) -> _Loss:
     if key == "mse":
         return torch.nn.MSELoss(reduction="none", **kwargs)
     if key == "lncc":
-        kwargs.setdefault("kernel_size", 7)
+        kwargs.setdefault("kernel_size", DEFAULT_LNCC_KERNEL)
         return StackedLNCCLoss(spatial_dims=spatial_dims, reduction="none", **kwargs)
     if key == "mi":
         return GlobalMutualInformationLoss(reduction="none", **kwargs)

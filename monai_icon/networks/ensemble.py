@@ -23,7 +23,10 @@ from monai_icon.networks.blocks import RegistrationModule, TwoStep, _child_map, 
 from monai_icon.networks.maps import DisplacementMap, Map
 from monai_icon.networks.registration_net import RegistrationNet
 
-__all__ = ["TestTimeEnsemble", "ensemble_network"]
+__all__ = ["DEFAULT_PASSES", "TestTimeEnsemble", "ensemble_network"]
+
+#: passes of :func:`ensemble_network` (and ``monai-icon register --passes``) when none is given: the network once
+DEFAULT_PASSES = 1
 
 
 class TestTimeEnsemble(RegistrationModule):
@@ -121,7 +124,7 @@ class TestTimeEnsemble(RegistrationModule):
 
 def ensemble_network(
     network: nn.Module, symmetric: bool = True, flip_axes: Sequence[int] = (), inverse_iterations: int = 6,
-    passes: int = 1,
+    passes: int = DEFAULT_PASSES,
 ) -> nn.Module:
     """A :class:`~monai_icon.networks.RegistrationNet` (or a bare registration block) wrapped so that its maps are
     :class:`TestTimeEnsemble` means; the weights are shared with ``network`` (nothing is copied). With nothing

@@ -106,6 +106,11 @@ class NetworkGrid:
         target_side: knee side the model was trained on (``None`` for non-knee models).
         window: a fixed intensity range mapped to 0 and 1 instead of the percentiles (e.g. CT ``(-1000, 1000)``).
         resize_mode, reverse_axes, normalise_first: see :func:`to_network_grid`.
+        isotropic: bring each pair onto a grid shaped like the fixed image's field of view in millimetres (one
+            spacing on every axis) with about as many voxels as ``spatial_size``, each size a multiple of
+            ``size_multiple`` (:meth:`size_for`), instead of ``spatial_size`` itself: images whose field of view has
+            another aspect than the training images' are not stretched differently along each axis.
+        size_multiple: see ``isotropic`` (the network's sizes must divide by its downsampling).
     """
 
     spatial_size: tuple[int, ...]
@@ -116,6 +121,8 @@ class NetworkGrid:
     resize_mode: str = "area"
     reverse_axes: bool = False
     normalise_first: bool = False
+    isotropic: bool = False
+    size_multiple: int = 16
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> NetworkGrid:
@@ -146,6 +153,15 @@ class NetworkGrid:
                 reoriented[int(target)] = extent[axis]
             extent = reoriented
         return tuple(extent[::-1] if self.reverse_axes else extent)
+
+    def size_for(self, fixed: MetaTensor) -> tuple[int, ...]:
+        """The network grid of a pair whose fixed image is ``fixed``: ``spatial_size``, or with ``isotropic`` the
+        grid of about as many voxels shaped like ``fixed``'s field of view (:func:`isotropic_grid`)."""
+        if not self.isotropic:
+            return tuple(self.spatial_size)
+        voxels = int(np.prod(self.spatial_size))
+        least = (2 * self.size_multiple) ** len(self.spatial_size)
+        return isotropic_grid(self.field_of_view(fixed), max(voxels, least), self.size_multiple)
 
     def apply(self, image: MetaTensor, side: str | None = None, size: Sequence[int] | None = None,
               labels: bool = False) -> MetaTensor:
