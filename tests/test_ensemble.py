@@ -129,6 +129,58 @@ def test_ensemble_of_a_network_both_directions_agree_with_single_calls():
         assert wrapped(torch.cat([image_A, image_B], 1)).shape == (2, 3, 16, 8, 12)  # MONAI's DDF interface
 
 
+def _counted(block):
+    """``block`` with a counter of its calls and of the pairs they held (batch elements)."""
+    calls = []
+    original = block.compute_map
+
+    def compute_map(image_A, image_B):
+        calls.append(image_A.shape[0])
+        return original(image_A, image_B)
+
+    block.compute_map = compute_map
+    return block, calls
+
+
+def test_batched_estimates_equal_one_call_per_pair():
+    """``batch_estimates`` (the default) evaluates the block once on all reflected and swapped pairs stacked along
+    the batch axis: the same maps (both directions, two passes, a batch of two pairs) as one call per pair, in one
+    call per pass; in training mode (batch statistics) the block is called once per pair."""
+    torch.manual_seed(0)
+    network = multistep_registration(coarse_steps=2, coarse_factor=2, encoder_channels=(4, 8),
+                                     decoder_channels=(8, 4), resample_coarse=True).eval()
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, torch.nn.Conv3d) and module.out_channels == 3:
+                module.weight.normal_(0, 0.05)
+    block, calls = _counted(network.block)
+    image_A, image_B = (torch.rand(2, 1, 16, 8, 12) for _ in range(2))
+    results = {}
+    for batched in (True, False):
+        calls.clear()
+        wrapped = ensemble_network(block, symmetric=True, flip_axes=[0, 2], passes=2, batch_estimates=batched)
+        with torch.no_grad():
+            results[batched] = (wrapped(image_A, image_B), wrapped.register(image_A, image_B).grid((16, 8, 12)))
+        # 6 ensemble evaluations (the two passes of each direction of the forward, and of register), each of
+        # 3 orientations x 2 directions of the 2 pairs
+        assert calls == ([12] * 6 if batched else [2] * 36), calls
+    for got, want in zip(results[True][0], results[False][0]):
+        torch.testing.assert_close(got.grid((16, 8, 12)), want.grid((16, 8, 12)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[True][1], results[False][1], atol=1e-5, rtol=1e-4)
+    one_way = ensemble_network(block, symmetric=False, flip_axes=[0])
+    calls.clear()
+    with torch.no_grad():
+        one_way.register(image_A, image_B)
+    assert calls == [4], calls  # two orientations, one direction
+    block.train()
+    calls.clear()
+    with torch.no_grad():
+        ensemble_network(block, symmetric=True, flip_axes=[0]).register(image_A, image_B)
+    assert calls == [2, 2, 2, 2], calls
+    with pytest.raises(ValueError, match="batch_estimates"):
+        TestTimeEnsemble(block, batch_estimates=1)
+
+
 def test_passes_correct_what_the_first_pass_leaves():
     """A block that recovers half of a translation: each further pass (on the moving image warped by the maps so
     far) halves the remaining error; the composed map of three passes is within an eighth of it (up to the blob's

@@ -49,3 +49,32 @@ def test_isotropic_grid_from_the_command_line(tmp_path, capsys):
                  "--warped", str(out), "--isotropic-grid", "--ensemble"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert out.is_file() and 0.0 <= summary["folds_percent"] <= 100.0
+
+
+def test_isotropic_grid_runs_the_u_nets_without_padding(tmp_path):
+    """On the isotropic grid (sizes multiples of 16) the U-Nets see the images unpadded; on the model's grid they
+    pad to multiples of ``2 ** depth`` as in training; their setting is the same after each registration."""
+    from monai_icon.apps import save_registration_model
+    from monai_icon.networks import multistep_registration
+    from monai_icon.networks.nets import UNet
+
+    fixed, _, _ = _shifted_balls_and_identity_model(tmp_path, (24, 24, 12))
+    spec = {"_target_": "monai_icon.networks.multistep_registration", "coarse_steps": 1,
+            "encoder_channels": [4, 4, 4, 4, 4], "decoder_channels": [4, 4, 4, 4, 4]}
+    network = multistep_registration(coarse_steps=1, encoder_channels=(4,) * 5, decoder_channels=(4,) * 5)
+    model_file = save_registration_model(tmp_path / "deep.pt", network, spec, spatial_size=(40, 40, 20),
+                                         percentiles=None)
+    image = nib.load(fixed)
+    fixed_image = MetaTensor(torch.as_tensor(np.asarray(image.dataobj), dtype=torch.float32)[None],
+                             affine=torch.as_tensor(image.affine))
+    for isotropic in (False, True):
+        model = load_registration_model(model_file, isotropic=isotropic)
+        unets = [m for m in model.network.modules() if isinstance(m, UNet)]
+        seen = []
+        unets[0].down[0].register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[2:])))
+        register_images(model, fixed_image, fixed_image)
+        size = model.grid.size_for(fixed_image)
+        # the coarse step's U-Net registers the images at half the grid's size
+        expected = tuple(s // 2 for s in size) if isotropic else (32, 32, 32)
+        assert seen[0] == expected, (isotropic, size, seen)
+        assert {u.pad_multiple for u in unets} == {32}

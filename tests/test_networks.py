@@ -206,3 +206,35 @@ def test_unet_registration_one_step_is_the_papers_network_and_more_steps_compose
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="steps"):
             unet_registration(2, steps=bad)
+
+
+def test_unet_pad_multiple_pads_less_and_keeps_the_default():
+    """``pad_multiple``: by default ``2 ** depth`` (unchanged); on sizes that need no padding every value gives the
+    same output; a smaller value processes fewer voxels on other sizes (odd levels rounded up, the decoder cropped
+    to each skip) and still returns the input's size; ``unet_padding`` sets it for a context and restores it."""
+    from monai_icon.networks.nets import unet_padding
+
+    torch.manual_seed(0)
+    net = UNet(3, 2, (4, 8, 8, 8, 8), (8, 8, 8, 8, 4)).eval()
+    torch.nn.init.normal_(net.out.weight, 0, 0.1)
+    assert net.pad_multiple == 32
+    seen = []
+    net.down[0].register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[2:])))
+    aligned = torch.rand(1, 2, 32, 64, 32)
+    with torch.no_grad():
+        reference = net(aligned)
+        with unet_padding(net, 1) as same:
+            assert same is net and net.pad_multiple == 1
+            torch.testing.assert_close(net(aligned), reference)
+            odd = net(torch.rand(2, 2, 24, 28, 17))
+        assert net.pad_multiple == 32
+        padded = net(torch.rand(2, 2, 24, 28, 17))
+    assert odd.shape == padded.shape == (2, 3, 24, 28, 17)
+    assert seen[-2:] == [(24, 28, 17), (32, 32, 32)]
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="pad_multiple"):
+            UNet(3, 2, (4, 8), (8, 4), pad_multiple=bad)
+        with pytest.raises(ValueError, match="pad_multiple"):
+            with unet_padding(net, bad):
+                pass
+        assert net.pad_multiple == 32

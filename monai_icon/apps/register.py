@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -66,6 +67,7 @@ from monai_icon.engines.instance_optimisation import (
     restored_weights,
 )
 from monai_icon.networks.maps import Map
+from monai_icon.networks.nets.unet import unet_padding
 from monai_icon.networks.registration_net import register_one_way
 from monai_icon.transforms.laterality import side_from_filename
 from monai_icon.transforms.network_grid import isotropic_grid
@@ -199,34 +201,42 @@ def register_images(
                     label_weight=label_weight if num_classes else 0.0, num_classes=num_classes,
                     regularizer_size=None if io_field_size is None else tuple(int(v) for v in io_field_size),
                     compute_folds=False)  # instance optimisation does not read the folds of its steps
-    if io_steps > 0 and io_mode == "one-way":
-        loss_images = None
-        if io_size is not None:
-            fine = [model.grid.apply(img, side, io_size) for img, side in ((fixed, fixed_side), (moving, moving_side))]
-            loss_images = (fine[1].as_tensor().unsqueeze(0).to(device), fine[0].as_tensor().unsqueeze(0).to(device))
-        phi, losses = refine_one_way(network, moving_net, fixed_net, loss.similarity, io_steps, io_lr,
-                                     shape=tuple(io_field_size) if io_field_size else None, loss_images=loss_images,
-                                     levels=io_levels, fine_steps=io_fine_steps, smoothness=settings.smoothness)
-    elif io_steps > 0 and io_mode == "residual":
-        loss_images = None
-        if io_size is not None:
-            fine = [model.grid.apply(img, side, io_size) for img, side in ((fixed, fixed_side), (moving, moving_side))]
-            loss_images = (fine[1].as_tensor().unsqueeze(0).to(device), fine[0].as_tensor().unsqueeze(0).to(device))
-        io_masks = mask_on(io_size) if io_size is not None else masks
-        if loss_images is not None and io_masks is not None:
-            loss_images = (loss_images[0] * io_masks[0], loss_images[1] * io_masks[1])
-        io_labels = labels_on(io_size) if io_size is not None else labels_on(network_size)
-        phi, _, losses = residual_instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr,
-                                                    shape=tuple(io_field_size) if io_field_size else None,
-                                                    loss_images=loss_images, masks=io_masks, labels=io_labels,
-                                                    levels=io_levels, fine_steps=io_fine_steps)
-    else:
-        with restored_weights(network):
-            if io_steps > 0:
-                losses = instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr, masks,
-                                           labels_on(network_size))
-            with torch.no_grad():  # the map holds the network's outputs: unaffected by restoring the weights
-                phi = register_one_way(network, moving_net, fixed_net)
+    # on a grid shaped like the image the U-Nets pad nothing (by default they pad to multiples of 32, up to twice
+    # the voxels): the grid's sizes are already multiples of 16
+    with unet_padding(network, 1) if model.isotropic else nullcontext():
+        if io_steps > 0 and io_mode == "one-way":
+            loss_images = None
+            if io_size is not None:
+                fine = [model.grid.apply(img, side, io_size)
+                        for img, side in ((fixed, fixed_side), (moving, moving_side))]
+                loss_images = (fine[1].as_tensor().unsqueeze(0).to(device),
+                               fine[0].as_tensor().unsqueeze(0).to(device))
+            phi, losses = refine_one_way(network, moving_net, fixed_net, loss.similarity, io_steps, io_lr,
+                                         shape=tuple(io_field_size) if io_field_size else None,
+                                         loss_images=loss_images,
+                                         levels=io_levels, fine_steps=io_fine_steps, smoothness=settings.smoothness)
+        elif io_steps > 0 and io_mode == "residual":
+            loss_images = None
+            if io_size is not None:
+                fine = [model.grid.apply(img, side, io_size)
+                        for img, side in ((fixed, fixed_side), (moving, moving_side))]
+                loss_images = (fine[1].as_tensor().unsqueeze(0).to(device),
+                               fine[0].as_tensor().unsqueeze(0).to(device))
+            io_masks = mask_on(io_size) if io_size is not None else masks
+            if loss_images is not None and io_masks is not None:
+                loss_images = (loss_images[0] * io_masks[0], loss_images[1] * io_masks[1])
+            io_labels = labels_on(io_size) if io_size is not None else labels_on(network_size)
+            phi, _, losses = residual_instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr,
+                                                        shape=tuple(io_field_size) if io_field_size else None,
+                                                        loss_images=loss_images, masks=io_masks, labels=io_labels,
+                                                        levels=io_levels, fine_steps=io_fine_steps)
+        else:
+            with restored_weights(network):
+                if io_steps > 0:
+                    losses = instance_optimise(network, moving_net, fixed_net, loss, io_steps, io_lr, masks,
+                                               labels_on(network_size))
+                with torch.no_grad():  # the map holds the network's outputs: unaffected by restoring the weights
+                    phi = register_one_way(network, moving_net, fixed_net)
     return PhysicalRegistration(
         phi=phi,
         fixed_unit_to_world=unit_to_world(grids[0].affine, network_size),

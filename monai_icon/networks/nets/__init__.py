@@ -10,6 +10,6 @@ from monai_icon.networks.nets.conv_only import ConvOnly
 from monai_icon.networks.nets.encoder_decoder import EncoderDecoder
 from monai_icon.networks.nets.mlp import MLP
 from monai_icon.networks.nets.tall_unet import TallUNet
-from monai_icon.networks.nets.unet import UNet
+from monai_icon.networks.nets.unet import UNet, unet_padding
 
-__all__ = ["MLP", "EncoderDecoder", "ConvOnly", "UNet", "AffineNet", "TallUNet"]
+__all__ = ["MLP", "EncoderDecoder", "ConvOnly", "UNet", "AffineNet", "TallUNet", "unet_padding"]

@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -22,7 +23,7 @@ from monai_icon.networks.nets._utils import (
     zero_init,
 )
 
-__all__ = ["UNet"]
+__all__ = ["UNet", "unet_padding"]
 
 
 class _PreActivation(nn.Module):
@@ -45,8 +46,8 @@ class _PreActivation(nn.Module):
             x = match_channels(x, self.out_ch)
         if self.up:
             shortcut = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            shortcut = (F.avg_pool2d if x.ndim == 4 else F.avg_pool3d)(x, 2)
+        else:  # an odd size n (replicate-padded by one) gives ceil(n / 2), as the stride-2 convolution does
+            shortcut = (F.avg_pool2d if x.ndim == 4 else F.avg_pool3d)(pad_to_multiple(x, 2), 2)
         return y + match_channels(shortcut, self.out_ch)
 
 
@@ -61,12 +62,18 @@ class UNet(nn.Module):
         encoder_channels: paper ``(16, 32, 64, 256, 512)``.
         decoder_channels: paper ``(256, 128, 64, 32, 16)``; same length as ``encoder_channels``.
         negative_slope: of the leaky ReLU.
+        pad_multiple: the input is replicate-padded to a multiple of this (default ``2 ** len(encoder_channels)``:
+            every level halves exactly, as in training on such sizes). A smaller value saves the padded voxels on
+            other sizes (a 48×56×48 grid is padded to 64×64×64 by default, 2.2 times its voxels, and to 48×64×48
+            with 16); the maps near the far borders then differ somewhat. Settable after construction.
 
     Shapes:
         ``[B, in_channels, *N]`` (or two images) -> ``[B, spatial_dims, *N]`` displacement in ``[0, 1]`` units.
-        Any ``N`` works: inputs are replicate-padded to a multiple of ``2 ** len(encoder_channels)`` and the
-        output is cropped back. In training mode batch norm needs more than one value per channel at the
-        coarsest level (batch size > 1 when the padded size divided by ``2 ** depth`` is 1).
+        Any ``N`` works: inputs are replicate-padded to a multiple of ``pad_multiple`` and the output is cropped
+        back; a level whose size is odd (with ``pad_multiple < 2 ** len(encoder_channels)``) is halved rounding up
+        and its decoder output cropped to the skip connection's size. In training mode batch norm needs more than
+        one value per channel at the coarsest level (batch size > 1 when the padded size divided by
+        ``2 ** depth`` is 1).
     """
 
     def __init__(
@@ -76,11 +83,12 @@ class UNet(nn.Module):
         encoder_channels: Sequence[int] = (16, 32, 64, 256, 512),
         decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
         negative_slope: float = 0.01,
+        pad_multiple: int | None = None,
     ) -> None:
         super().__init__()
         check_unet_args(spatial_dims, encoder_channels, decoder_channels)
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
-        self.multiple = 2 ** len(encoder_channels)
+        self.pad_multiple = 2 ** len(encoder_channels) if pad_multiple is None else pad_multiple
         skips = [in_channels, *encoder_channels[:-1]]  # feature widths concatenated back at each decoder level
         self.down = nn.ModuleList()
         width = in_channels
@@ -93,14 +101,44 @@ class UNet(nn.Module):
             width = c + skip
         self.out = zero_init(Conv[Conv.CONV, spatial_dims](width, spatial_dims, 3, padding=1))
 
+    @property
+    def pad_multiple(self) -> int:
+        return self._pad_multiple
+
+    @pad_multiple.setter
+    def pad_multiple(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"pad_multiple must be a positive integer, got {value!r}.")
+        self._pad_multiple = value
+
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor | None = None) -> torch.Tensor:
         x = concat_pair(image_A, image_B, self.spatial_dims, self.in_channels)
         size = x.shape[2:]
-        x = pad_to_multiple(x, self.multiple)
+        x = pad_to_multiple(x, self.pad_multiple)
         features = []
         for layer in self.down:
             features.append(x)
             x = layer(x)
         for layer in self.up:
-            x = torch.cat([layer(x), features.pop()], dim=1)
+            skip = features.pop()
+            x = torch.cat([crop_to(layer(x), skip.shape[2:]), skip], dim=1)
         return crop_to(self.out(x), size)
+
+
+@contextmanager
+def unet_padding(network: nn.Module, pad_multiple: int) -> Iterator[nn.Module]:
+    """Within this context every :class:`UNet` in ``network`` pads its input to a multiple of ``pad_multiple``
+    (e.g. 1: no padding, odd levels rounded up); their own values are restored on exit.
+
+    Raises:
+        ValueError: ``pad_multiple`` not a positive integer.
+    """
+    unets = [m for m in network.modules() if isinstance(m, UNet)]
+    saved = [u.pad_multiple for u in unets]
+    try:
+        for u in unets:
+            u.pad_multiple = pad_multiple
+        yield network
+    finally:
+        for u, value in zip(unets, saved):
+            u.pad_multiple = value
