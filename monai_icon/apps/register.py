@@ -185,6 +185,13 @@ def register_images(
         resampled = nearest_pair((moving_label, fixed_label), size) if label_weight > 0 else None
         return None if resampled is None else (resampled[0].round().long(), resampled[1].round().long())
 
+    def images_on(size: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(moving, fixed)`` images on the grid a refinement compares them on, ``[1, C, *size]`` each."""
+        if size is None:
+            return None
+        fine = [model.grid.apply(img, side, size) for img, side in ((fixed, fixed_side), (moving, moving_side))]
+        return fine[1].as_tensor().unsqueeze(0).to(device), fine[0].as_tensor().unsqueeze(0).to(device)
+
     masks = mask_on(network_size)
     if masks is not None:
         moving_net, fixed_net = moving_net * masks[0], fixed_net * masks[1]
@@ -205,23 +212,13 @@ def register_images(
     # the voxels): the grid's sizes are already multiples of 16
     with unet_padding(network, 1) if model.isotropic else nullcontext():
         if io_steps > 0 and io_mode == "one-way":
-            loss_images = None
-            if io_size is not None:
-                fine = [model.grid.apply(img, side, io_size)
-                        for img, side in ((fixed, fixed_side), (moving, moving_side))]
-                loss_images = (fine[1].as_tensor().unsqueeze(0).to(device),
-                               fine[0].as_tensor().unsqueeze(0).to(device))
+            loss_images = images_on(io_size)
             phi, losses = refine_one_way(network, moving_net, fixed_net, loss.similarity, io_steps, io_lr,
                                          shape=tuple(io_field_size) if io_field_size else None,
                                          loss_images=loss_images,
                                          levels=io_levels, fine_steps=io_fine_steps, smoothness=settings.smoothness)
         elif io_steps > 0 and io_mode == "residual":
-            loss_images = None
-            if io_size is not None:
-                fine = [model.grid.apply(img, side, io_size)
-                        for img, side in ((fixed, fixed_side), (moving, moving_side))]
-                loss_images = (fine[1].as_tensor().unsqueeze(0).to(device),
-                               fine[0].as_tensor().unsqueeze(0).to(device))
+            loss_images = images_on(io_size)
             io_masks = mask_on(io_size) if io_size is not None else masks
             if loss_images is not None and io_masks is not None:
                 loss_images = (loss_images[0] * io_masks[0], loss_images[1] * io_masks[1])
