@@ -333,3 +333,41 @@ def test_the_resize_hook_runs_only_where_its_setting_and_the_field_allow():
     assert backend.resize(field.half(), (9, 7, 11)) is None
     assert backend.resize(field.to("meta"), (9, 7, 11)) is None
     assert CPUBackend("auto").resolve("cpu").matrix_resize and not CPUBackend("off").resolve("cpu").matrix_resize
+
+
+def test_the_quantiles_hook_selects_where_its_setting_and_the_values_allow():
+    """``backend.quantiles``: ``torch.quantile``'s values (linear interpolation) by partial sorting on CPU with
+    ``selection_quantiles`` (the default); ``None`` when it is off, on other devices, for integer values. The
+    network grid's percentile normalisation gives MONAI's ``ScaleIntensityRangePercentiles`` values either way."""
+    from monai.data import MetaTensor
+    from monai.transforms import ScaleIntensityRangePercentiles
+
+    from monai_icon.transforms.network_grid import percentile_range, to_network_grid
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        values = torch.randn(3, 17, 11, dtype=dtype).exp()
+        q = [0.0, 0.01, 0.5, 0.99, 1.0]
+        expected = torch.quantile(values.flatten(), torch.tensor(q, dtype=dtype))
+        out = backend.quantiles(values, q)
+        assert out is not None and out.dtype == dtype
+        # float32: torch interpolates between the order statistics in float32, NumPy in float64
+        torch.testing.assert_close(out, expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0.0)
+    assert backend.quantiles(torch.arange(10), [0.5]) is None
+    with use_backend("off", "cpu"):
+        assert backend.quantiles(values, [0.5]) is None
+    with use_backend(CPUBackend("auto", selection_quantiles=False), "cpu"):
+        assert backend.quantiles(values, [0.5]) is None
+    with use_backend("on", "cuda"):
+        assert backend.quantiles(values, [0.5]) is None
+    image = MetaTensor(torch.randn(1, 9, 8, 7).exp())
+    reference = ScaleIntensityRangePercentiles(1.0, 99.0, 0.0, 1.0, clip=True)(image)
+    for mode in ("auto", "off"):  # the selection, and the kthvalue fallback
+        with use_backend(mode, "cpu"):
+            low, high = percentile_range(image, (1.0, 99.0))
+            torch.testing.assert_close(torch.tensor([low, high]),
+                                       torch.quantile(image.flatten(), torch.tensor([0.01, 0.99])))
+            out = to_network_grid(image, (9, 8, 7), resize_mode="trilinear")
+            torch.testing.assert_close(out.as_tensor(), reference.as_tensor())
+    assert CPUBackend("auto").resolve("cpu").selection_quantiles
+    assert not CPUBackend("off").resolve("cpu").selection_quantiles

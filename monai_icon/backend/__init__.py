@@ -13,10 +13,11 @@ This package holds the replacements (same values up to float rounding) and the o
 - :func:`use_backend`, the one context in which the settings are in force (per thread and context), and
   :func:`tune_allocator_for`, the allocator tuning alone for runs that enter no context;
 - the hooks the maths modules call, each returning ``None`` where it did not run: :func:`sample`
-  (:func:`monai_icon.networks.maps.interpolate`), :func:`resize` (:func:`monai_icon.networks.maps.resize_linear`) and
-  :func:`lncc` (the LNCC similarity);
+  (:func:`monai_icon.networks.maps.interpolate`), :func:`resize` (:func:`monai_icon.networks.maps.resize_linear`),
+  :func:`lncc` (the LNCC similarity) and :func:`quantiles` (the intensity percentiles of
+  :func:`monai_icon.transforms.to_network_grid`);
 - the kernels: :mod:`monai_icon.backend.trilinear`, :mod:`monai_icon.backend.lncc_kernels`,
-  :mod:`monai_icon.backend.resize`; the allocator tuning
+  :mod:`monai_icon.backend.resize`, :mod:`monai_icon.backend.quantiles`; the allocator tuning
   (:mod:`monai_icon.backend.allocator`); what compilation needs (:mod:`monai_icon.backend.compilation`).
 
 :class:`~monai_icon.engines.ICONTrainer` takes a ``backend``, the bundles a ``cpu_backend`` key and
@@ -28,6 +29,7 @@ from __future__ import annotations
 from monai_icon.backend.allocator import tune_cpu_allocator
 from monai_icon.backend.compilation import compiler_available
 from monai_icon.backend.lncc_kernels import lncc
+from monai_icon.backend.quantiles import quantiles
 from monai_icon.backend.resize import resize
 from monai_icon.backend.settings import (
     BACKEND_MODES, DEFAULT, CPUBackend, ResolvedBackend, active, as_backend, tune_allocator_for, use_backend,
@@ -36,5 +38,5 @@ from monai_icon.backend.trilinear import sample
 
 __all__ = [
     "BACKEND_MODES", "CPUBackend", "DEFAULT", "ResolvedBackend", "active", "as_backend", "compiler_available", "lncc",
-    "resize", "sample", "tune_allocator_for", "tune_cpu_allocator", "use_backend",
+    "quantiles", "resize", "sample", "tune_allocator_for", "tune_cpu_allocator", "use_backend",
 ]

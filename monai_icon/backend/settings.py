@@ -8,8 +8,8 @@ device) and :func:`use_backend`, the one place that sets the active settings.
 The active settings live in a :class:`contextvars.ContextVar`: each thread (and each ``asyncio`` task) has its own,
 and :func:`use_backend` restores the previous value on exit, so nested and concurrent uses do not disturb one another.
 Outside any :func:`use_backend` the settings are :data:`DEFAULT`: the optimisations that need no compilation (the
-planar and threaded samplers, the matrix resize; they apply to CPU tensors only and give PyTorch's values up to
-rounding).
+planar and threaded samplers, the matrix resize, the quantiles by selection; they apply to CPU tensors only and give
+PyTorch's values up to rounding).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ __all__ = [
 #: the values of :attr:`CPUBackend.mode`
 BACKEND_MODES = ("auto", "on", "off")
 _KERNELS = ("fast_sampler", "compiled_lncc", "planar_sampler", "threaded_sampler", "matrix_resize", "tune_allocator",
-            "channels_last")
+            "channels_last", "selection_quantiles")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,8 @@ class ResolvedBackend:
         tune_allocator: glibc's ``malloc`` keeps freed blocks for reuse (:func:`monai_icon.backend.allocator.
             tune_cpu_allocator`; once per process, when the settings are first entered).
         channels_last: a trainer keeps the network's weights and the images channels-last.
+        selection_quantiles: intensity percentiles of CPU images by partial sorting instead of a full sort
+            (:func:`monai_icon.backend.quantiles.quantiles`; no compilation, the same values up to rounding).
     """
 
     fast_sampler: bool = False
@@ -64,10 +66,11 @@ class ResolvedBackend:
     matrix_resize: bool = False
     tune_allocator: bool = False
     channels_last: bool = False
+    selection_quantiles: bool = False
 
 
 #: the settings outside any :func:`use_backend`
-DEFAULT = ResolvedBackend(planar_sampler=True, threaded_sampler=True, matrix_resize=True)
+DEFAULT = ResolvedBackend(planar_sampler=True, threaded_sampler=True, matrix_resize=True, selection_quantiles=True)
 _OFF = ResolvedBackend()
 _ACTIVE: contextvars.ContextVar[ResolvedBackend] = contextvars.ContextVar("monai_icon_cpu_backend", default=DEFAULT)
 
@@ -82,8 +85,8 @@ class CPUBackend:
             found);
             ``"on"``: all of them (the compiled ones still fall back to PyTorch's operations without a compiler);
             ``"off"``: none. On any other device (CUDA, ...) everything is off whatever the mode.
-        fast_sampler, compiled_lncc, planar_sampler, threaded_sampler, matrix_resize, tune_allocator, channels_last:
-            for experts,
+        fast_sampler, compiled_lncc, planar_sampler, threaded_sampler, matrix_resize, tune_allocator, channels_last,
+        selection_quantiles: for experts,
             one optimisation on
             (``True``) or off (``False``) whatever the mode; ``None`` follows the mode. Still off on other devices.
 
@@ -104,6 +107,7 @@ class CPUBackend:
     matrix_resize: bool | None = None
     tune_allocator: bool | None = None
     channels_last: bool | None = None
+    selection_quantiles: bool | None = None
 
     def __post_init__(self) -> None:
         mode = self.mode.strip().lower() if isinstance(self.mode, str) else self.mode
@@ -123,7 +127,7 @@ class CPUBackend:
         on = self.mode != "off"
         compiled = on and (self.mode == "on" or compiler_available())
         chosen = {"fast_sampler": compiled, "compiled_lncc": compiled, "planar_sampler": on, "threaded_sampler": on,
-                  "matrix_resize": on, "tune_allocator": on, "channels_last": on}
+                  "matrix_resize": on, "tune_allocator": on, "channels_last": on, "selection_quantiles": on}
         chosen.update({name: getattr(self, name) for name in _KERNELS if getattr(self, name) is not None})
         return ResolvedBackend(**chosen)
 

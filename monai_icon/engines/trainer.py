@@ -115,7 +115,8 @@ def trainer_backend(
     if backend is None:
         if not any(options.values()):
             return None
-        return CPUBackend("off", planar_sampler=True, threaded_sampler=True, matrix_resize=True, **options)
+        return CPUBackend("off", planar_sampler=True, threaded_sampler=True, matrix_resize=True,
+                          selection_quantiles=True, **options)
     backend = as_backend(backend)
     resolved = backend.resolve(device)
     conflicts = [f"{name}={value}" for name, value in options.items() if getattr(resolved, name) != value]

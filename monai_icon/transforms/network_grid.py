@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Orientation, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles
+from monai.transforms import MapTransform, Orientation, Resize, ScaleIntensityRange
+
+from monai_icon import backend
 
 from monai_icon.transforms.laterality import left_right_axis, normalise_side
 
@@ -90,8 +92,32 @@ def _normalise(
     if window is not None:
         return _as_meta(ScaleIntensityRange(window[0], window[1], 0.0, 1.0, clip=True)(image))
     if percentiles is not None:
-        return _as_meta(ScaleIntensityRangePercentiles(percentiles[0], percentiles[1], 0.0, 1.0, clip=True)(image))
+        low, high = percentile_range(image.as_tensor(), percentiles)
+        return _as_meta(ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)(image))
     return image
+
+
+def percentile_range(image: torch.Tensor, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """The ``percentiles`` (in ``[0, 100]``) of all of ``image``'s values, as MONAI's
+    ``ScaleIntensityRangePercentiles`` computes them (linear interpolation between order statistics): on the CPU
+    by the backend's selection (:func:`monai_icon.backend.quantiles`), elsewhere by ``torch.kthvalue`` (which, unlike
+    ``torch.quantile``, takes images of any size). ``nan`` if any value is ``nan``."""
+    q = [float(p) / 100.0 for p in percentiles]
+    values = backend.quantiles(image, q)
+    if values is not None:
+        return float(values[0]), float(values[1])
+    flat = image.detach().reshape(-1).float()
+    if bool(torch.isnan(flat).any()):
+        return float("nan"), float("nan")
+    n = flat.numel()
+    out = []
+    for fraction in q:
+        position = fraction * (n - 1)
+        k = min(int(position), n - 1)
+        lower = flat.kthvalue(k + 1).values
+        upper = flat.kthvalue(min(k + 2, n)).values
+        out.append(float(torch.lerp(lower, upper, position - k)))
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)
