@@ -13,6 +13,7 @@ rounding (closer to a float64 reference than PyTorch's float32 kernel, which pla
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -38,6 +39,14 @@ def linear_resize_matrix(n_in: int, n_out: int, dtype: torch.dtype) -> torch.Ten
     return matrix.to(dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _shared_matrix(n_in: int, n_out: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`linear_resize_matrix`, built once per sizes and dtype (a refinement resizes the same fields every
+    step); only read, never written. Built outside inference mode, so that autograd may save it later."""
+    with torch.inference_mode(False):
+        return linear_resize_matrix(n_in, n_out, dtype)
+
+
 def resize(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor | None:
     """``field`` ``[B, C, *N]`` (1 to 3 spatial axes) linearly resized to ``[B, C, *size]`` with corner-aligned
     grids by matrix products, where the active backend has ``matrix_resize``, the field is on the CPU in float64, or
@@ -59,7 +68,7 @@ def resize(field: torch.Tensor, size: Sequence[int]) -> torch.Tensor | None:
             n_in, n_out = out.shape[2 + axis], int(size[axis])
             if n_in == n_out:
                 continue
-            matrix = linear_resize_matrix(n_in, n_out, out.dtype)
+            matrix = _shared_matrix(n_in, n_out, out.dtype)
             shape = list(out.shape)
             if axis == spatial_dims - 1:
                 out = torch.matmul(out, matrix.T)
