@@ -5,9 +5,12 @@
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
 """Refinement settings compared on the validation pairs of ``benchmarks/generalisation3d.py`` (never its test
 pairs), in one process: each variant is a JSON object of :class:`monai_icon.engines.instance_optimisation.Refinement`
-fields, plus optionally ``"kernel"`` (the LNCC window) and ``"ensemble"`` (keywords of
-:func:`monai_icon.networks.ensemble_network`, the network the refinement starts from). Label Dice on the fixed grid
-with the benchmark's Dice code, folds and seconds per pair as ``benchmarks/syn_vs_icon.py`` measures them.
+fields, plus optionally ``"kernel"`` (the LNCC window), ``"ensemble"`` (keywords of
+:func:`monai_icon.networks.ensemble_network`, the network the refinement starts from) and ``"compose"`` (``true``: the
+one-way refinement composes its residual with the network's map instead of adding it to the displacement,
+``refine_one_way(compose=True)``; this script alone switches it, by wrapping the function for that variant). Label
+Dice on the fixed grid with the benchmark's Dice code, folds and seconds per pair as ``benchmarks/syn_vs_icon.py``
+measures them.
 
     python experiments/fast_refine.py --variants '[{"mode": "one-way", "steps": 28, "fine_steps": 4, "levels": 4,
         "lr": 7e-3, "voxels": 614400}]' [--pairs 0,1,6,7]
@@ -18,6 +21,7 @@ Appends one JSON line per variant to ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -42,9 +46,10 @@ def main(argv=None) -> None:
     import torch
 
     from syn_vs_icon import _read_labels, label_dice
+    import monai_icon.apps.register as register_module
     from monai_icon.apps import load_registration_model, register_files
     from monai_icon.backend import tune_cpu_allocator
-    from monai_icon.engines.instance_optimisation import Refinement
+    from monai_icon.engines.instance_optimisation import Refinement, refine_one_way
     from monai_icon.losses import get_similarity
     from monai_icon.networks import ensemble_network
 
@@ -63,6 +68,8 @@ def main(argv=None) -> None:
     for variant in json.loads(args.variants):
         settings = dict(variant)
         ensemble = settings.pop("ensemble", None)
+        compose = bool(settings.pop("compose", False))
+        register_module.refine_one_way = functools.partial(refine_one_way, compose=compose)
         model.network = network if ensemble is None else ensemble_network(network, **ensemble)
         model.similarity = get_similarity("lncc", model.spatial_dims, kernel_size=settings.pop("kernel", 5))
         for key in ("size", "field_size"):

@@ -385,3 +385,23 @@ def test_multiscale_similarity_sums_the_similarity_of_pooled_pairs():
         MultiScaleSimilarity(lncc)(a, b[..., :8])
     with pytest.raises(ValueError, match="pooled"):
         MultiScaleSimilarity(lncc, (1, 32))(a, b)
+
+
+def test_diffusion_energy_matches_autograd_through_the_differences():
+    """The closed-form gradient is autograd's through ``torch.diff(...).pow(2).mean()``; bad shapes are refused."""
+    from monai_icon.losses import diffusion_energy
+
+    torch.manual_seed(0)
+    for shape, scales in (((2, 3, 5, 6, 4), (4.0, 5.0, 3.0)), ((1, 2, 7, 3), (6.0, 2.0))):
+        field = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        reference = sum(((torch.diff(field, dim=2 + d) * s) ** 2).mean() for d, s in enumerate(scales))
+        (expected,) = torch.autograd.grad(3.0 * reference, field)
+        value = diffusion_energy(field, scales)
+        (gradient,) = torch.autograd.grad(3.0 * value, field)
+        assert torch.allclose(value, reference, rtol=1e-12) and torch.allclose(gradient, expected, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda f: diffusion_energy(f, (2.0, 3.0)),
+                                    (torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True),))
+    with pytest.raises(ValueError, match="one scale per spatial axis"):
+        diffusion_energy(torch.zeros(1, 3, 4, 4, 4), (1.0, 1.0))
+    with pytest.raises(ValueError, match="at least 2 voxels"):
+        diffusion_energy(torch.zeros(1, 3, 4, 1, 4), (1.0, 1.0, 1.0))

@@ -50,6 +50,41 @@ def test_the_refinement_moves_the_moving_image_onto_the_fixed_one():
     assert tuple(phi.displacement.shape) == (1, 3, 16, 16, 8)
 
 
+class _FixedDisplacementNet(torch.nn.Module):
+    """A registration network whose moving-to-fixed map is one given displacement field (``[0, 1]`` units)."""
+
+    def __init__(self, displacement):
+        super().__init__()
+        self.displacement = displacement
+
+    def forward(self, moving, fixed):
+        return DisplacementMap(self.displacement.expand(moving.shape[0], -1, -1, -1, -1))
+
+
+def test_the_residual_is_added_to_the_networks_displacement_or_composed_with_its_map():
+    """``phi + u`` by default, ``phi o (id + u)`` with ``compose``: the same for a network map that is a pure shift
+    (a constant displacement resampled anywhere is itself), different for one that varies in space; both register
+    the pair better than the network's map."""
+    moving, fixed = _balls()
+    shape = tuple(moving.shape[2:])
+    shift = torch.zeros(1, 3, *shape)
+    shift[:, 1] = 0.05
+    ramp = torch.zeros(1, 3, *shape)
+    ramp[:, 1] = 0.1 * identity_grid(shape, "cpu")[:, 0]
+    error = {}
+    for name, start in (("shift", shift), ("ramp", ramp)):
+        network = _FixedDisplacementNet(start)
+        before = float(((DisplacementMap(start).warp(moving) - fixed) ** 2).mean())
+        maps = {}
+        for compose in (False, True):
+            phi, _ = refine_one_way(network, moving, fixed, get_similarity("mse", 3), steps=30, lr=2e-2, levels=2,
+                                    smoothness=0.1, compose=compose)
+            assert float(((phi.warp(moving) - fixed) ** 2).mean()) < 0.5 * before
+            maps[compose] = phi.displacement
+        error[name] = float((maps[False] - maps[True]).abs().max())
+    assert error["shift"] < 1e-5 and error["ramp"] > 1e-3, error
+
+
 def test_smoothness_keeps_the_residual_small():
     moving, fixed = _balls()
     network = _IdentityNet()

@@ -97,10 +97,11 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--refine", nargs="?", const="one-way", choices=["one-way", "symmetric"], default=None,
                         help="a recommended per-pair refinement (monai_icon.apps.presets). one-way (the default of "
-                             "--refine): a residual field on the network's moving-to-fixed map on 4 levels, LNCC "
-                             "(window 5) + diffusion (weight 2), 28 Adam steps at 7e-3, the images compared on a grid "
-                             "of about 614,400 voxels shaped like the fixed image's field of view in the last 4 steps "
-                             "(on half of it before); under a second per 3D pair on 2 CPU cores. symmetric: residual "
+                             "--refine): a residual field added to the network's moving-to-fixed displacement on 4 "
+                             "levels, LNCC (window 3) + diffusion (weight 2), 28 Adam steps at 7e-3, the images "
+                             "compared on a grid of about 614,400 voxels shaped like the fixed image's field of view "
+                             "in the last 4 steps (on half of it before); 1-2 s per 3D pair on 2 CPU cores. symmetric: "
+                             "residual "
                              "fields on both maps with LNCC (window 5) + GradICON (lambda 4), 36 steps at 3e-3, the "
                              "last 18 on the model's full grid: inverse-consistent, about 8 times slower. Any --io-*, "
                              "--similarity, --lncc-kernel, --regularizer or --lmbda flag given explicitly overrides "

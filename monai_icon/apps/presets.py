@@ -8,8 +8,8 @@
   its fixed-to-moving map, on the images and on the images mirrored along axis 0 (left-right for RAS models of
   heads), applied twice (each pass on the moving image warped by the maps so far).
 - :data:`RECOMMENDED_REFINEMENT` (``--refine``): per-pair refinement of the network's moving-to-fixed map by one
-  residual displacement field (``io_mode="one-way"``,
-  :func:`~monai_icon.engines.instance_optimisation.refine_one_way`): LNCC (window 5) plus a diffusion regulariser
+  residual displacement field added to it (``io_mode="one-way"``,
+  :func:`~monai_icon.engines.instance_optimisation.refine_one_way`): LNCC (window 3) plus a diffusion regulariser
   (weight 2), fields on 4 levels, 28 Adam steps at 7e-3; the images compared on a grid of about 614,400 voxels shaped
   like the fixed image's field of view in the last 4 steps and on half of it before.
 - :data:`SYMMETRIC_REFINEMENT` (``--refine symmetric``): the slower refinement of both maps with the
@@ -41,7 +41,7 @@ RECOMMENDED_REFINEMENT: dict[str, Any] = {
     "io_smoothness": 2.0,
     "io_voxels": 614_400,
     "similarity": "lncc",
-    "lncc_kernel": 5,
+    "lncc_kernel": 3,
 }
 
 SYMMETRIC_REFINEMENT: dict[str, Any] = {

@@ -3,8 +3,9 @@
 # you may not use this file except in compliance with the License.
 # You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
 """Losses: inverse consistency (ICON), gradient inverse consistency (GradICON), similarity
-(MSE, LNCC, MI, MIND-SSC), the ICON total, supervision by a known map."""
+(MSE, LNCC, MI, MIND-SSC), the ICON total, supervision by a known map, the diffusion regulariser of a field."""
 
+from monai_icon.losses.diffusion import diffusion_energy
 from monai_icon.losses.gradient_inverse_consistency import GradientInverseConsistencyLoss, gradient_inverse_consistency
 from monai_icon.losses.icon import REGULARIZERS, ICONLoss, ICONLossOutput, icon_loss
 from monai_icon.losses.map_supervision import MapSupervisionLoss
@@ -31,4 +32,5 @@ __all__ = [
     "MultiScaleSimilarity",
     "get_similarity",
     "per_pair",
+    "diffusion_energy",
 ]
