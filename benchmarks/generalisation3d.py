@@ -25,8 +25,9 @@ training code does not use (:func:`random_svf_transform`): a stationary velocity
 is uniform in 2-8 mm, composed with a small affine map (rotations up to 4 degrees about each axis, scalings
 within 4 %, shifts up to 3 mm). Images linearly, labels by nearest neighbour, on the subject's own 2 mm grid.
 
-Methods, each on every pair of the split, in one process, Dice per label on the **fixed image's own grid** by one
-function (``syn_vs_icon.label_dice``) and seconds of the registration call on this machine:
+Methods, in one process, pair by pair (every method on a pair before the next pair), Dice per label on the **fixed
+image's own grid** by one function (``syn_vs_icon.label_dice``) and seconds of the registration call on this
+machine:
 the unregistered pair; the network alone (``monai-icon register --model MODEL``); its test-time ensemble
 (``--symmetric --flip-axes 0 --passes 2``); the recommended refinement (``--refine``); ANTs SyN
 (``antspyx``, ``type_of_transform="SyNOnly"`` with its defaults, after no affine step: the pairs are already
@@ -48,6 +49,7 @@ roughly aligned, as the network's are; also ``"SyN"`` with ``--syn-transform SyN
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -240,7 +242,9 @@ def prepare(nilearn_wheel: Path, mricron: Path, out: Path, pairs_per_subject: in
 # ------------------------------------------------------------------------------------------------ the methods
 def run(data: Path, split: str, model: str, out: Path, syn_transform: str = "SyNOnly", pairs: int | None = None,
         threads: int = 2, methods: tuple[str, ...] = ("network", "ensemble", "refine", "syn")) -> dict:
-    """Every method on the split's pairs (one process, one after the other per method); returns the results."""
+    """Every method on the split's pairs in one process, pair by pair (on each pair every method in turn, so that
+    each meets the same state of the machine: ratios of seconds between methods hold even where the machine's speed
+    drifts during the run); returns the results."""
     import syn_vs_icon
 
     from monai_icon.apps.presets import RECOMMENDED_ENSEMBLE
@@ -258,13 +262,26 @@ def run(data: Path, split: str, model: str, out: Path, syn_transform: str = "SyN
             "syn": ["--syn-transform", syn_transform]}
     for name in ("network", "ensemble", "refine"):  # the same on a network grid shaped like each fixed image
         rows[f"{name}-isotropic"] = [*rows[name][:3], f"{name}-isotropic", *rows[name][4:], "--isotropic-grid"]
-    results: dict = {}
-    for name in methods:
-        results = syn_vs_icon.main(base + rows[name])
+    parsed = {name: syn_vs_icon.parser().parse_args(base + rows[name]) for name in methods}
+    pair_list, results_file = syn_vs_icon.setup(next(iter(parsed.values())))
+    runners = {}
+    for name, args in parsed.items():
+        if name == "syn":
+            runners["syn"] = functools.partial(syn_vs_icon.run_syn, threads=threads, transform=syn_transform)
+        else:
+            tag, icon_model, refinement = syn_vs_icon.icon_method(args)
+            runners[tag] = functools.partial(_run_icon, model=icon_model, refinement=refinement)
+    results = syn_vs_icon.evaluate(pair_list, runners, results_file)
     table = summarise(results)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return results
+
+
+def _run_icon(pair: dict, work: Path, model, refinement) -> dict:
+    import syn_vs_icon
+
+    return syn_vs_icon.run_icon(pair, model, refinement, work)
 
 
 def summarise(results: dict) -> str:

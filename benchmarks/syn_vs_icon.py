@@ -82,7 +82,7 @@ def run_syn(pair: dict, work: Path, threads: int, transform: str = "SyN") -> dic
     return {"warped_label": _read_labels(out), "seconds": seconds}
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datalist", required=True)
     p.add_argument("--model", help="ICON model file or bundle folder (monai-icon register --model)")
@@ -120,22 +120,13 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="threads for both methods")
     p.add_argument("--out", default="runs/syn_vs_icon")
     p.add_argument("--tag", default=None, help="name of the ICON row (default: icon or icon+io<steps>)")
-    args = p.parse_args(argv)
+    return p
 
-    import torch
 
-    from monai_icon.cpu_allocator import tune_cpu_allocator
-
-    torch.set_num_threads(args.threads)
-    tune_cpu_allocator()  # as `monai-icon register` runs (one process: SyN's allocations are served the same way)
-    datalist_path = Path(args.datalist)
-    pairs = json.loads(datalist_path.read_text())[args.key][: args.pairs]
-    base = datalist_path.parent
-    pairs = [{k: str(base / v) if k.endswith(("image", "label")) else v for k, v in p.items()} for p in pairs]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_file = out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {"pairs": {}, "rows": {}}
+def icon_method(args: argparse.Namespace) -> tuple[str, object, object]:
+    """The ICON row of parsed arguments: ``(tag, model, refinement)`` (``model`` ``None`` without ``--model``), the
+    model loaded once and set up as ``monai-icon register`` sets it up from the same flags."""
+    p = parser()
     model = None
     tag = args.tag or ("icon" if not args.io_steps else f"icon+io{args.io_steps}-{args.io_mode}")
     io_lr = args.io_lr
@@ -178,6 +169,45 @@ def main(argv=None) -> dict:
         levels=args.io_levels, field_size=None if args.io_field_size is None else tuple(args.io_field_size),
         fine_steps=args.io_fine_steps, voxels=args.io_voxels,
         smoothness=Refinement().smoothness if args.io_smoothness is None else args.io_smoothness)
+    return tag, model, refinement
+
+
+def setup(args: argparse.Namespace) -> tuple[list[dict], Path]:
+    """Threads and allocator as ``monai-icon register`` runs; the datalist's pairs (absolute paths) and the results
+    file."""
+    import torch
+
+    from monai_icon.cpu_allocator import tune_cpu_allocator
+
+    torch.set_num_threads(args.threads)
+    tune_cpu_allocator()  # as `monai-icon register` runs (one process: SyN's allocations are served the same way)
+    datalist_path = Path(args.datalist)
+    pairs = json.loads(datalist_path.read_text())[args.key][: args.pairs]
+    base = datalist_path.parent
+    pairs = [{k: str(base / v) if k.endswith(("image", "label")) else v for k, v in p.items()} for p in pairs]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return pairs, out / "results.json"
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    pairs, results_file = setup(args)
+    tag, model, refinement = icon_method(args)
+    runners = {}
+    if model is not None:
+        runners[tag] = lambda pair, work: run_icon(pair, model, refinement, work)
+    if not args.no_syn:
+        runners["syn"] = lambda pair, work: run_syn(pair, work, args.threads, args.syn_transform)
+    return evaluate(pairs, runners, results_file)
+
+
+def evaluate(pairs: list[dict], runners: dict, results_file: Path) -> dict:
+    """Every method of ``runners`` (``name -> run(pair, work_dir)``, giving the warped label and the seconds) on
+    each pair in turn, in the order given (so that each method meets the same machine state, pair by pair); Dice
+    per label by :func:`label_dice`. Rows are added to ``results_file`` (kept from earlier runs, written
+    atomically); returns the results."""
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {"pairs": {}, "rows": {}}
     rows: dict[str, list[dict]] = {}
     for i, pair in enumerate(pairs):
         fixed_label = _read_labels(pair["fixed_label"])
@@ -185,10 +215,8 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             methods = {"unregistered": {"warped_label": _read_labels(pair["moving_label"]), "seconds": 0.0}}
-            if model is not None:
-                methods[tag] = run_icon(pair, model, refinement, work)
-            if not args.no_syn:
-                methods["syn"] = run_syn(pair, work, args.threads, args.syn_transform)
+            for name, runner in runners.items():
+                methods[name] = runner(pair, work)
         for name, m in methods.items():
             dice = label_dice(m["warped_label"], fixed_label, labels)
             row = {"pair": i, "mean_dice": float(np.nanmean(list(dice.values()))), "seconds": m["seconds"],

@@ -63,3 +63,28 @@ def test_prepare_names_missing_inputs(tmp_path):
     (tmp_path / "n.whl").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="ch2.nii.gz"):
         g.load_subjects(tmp_path / "n.whl", tmp_path)
+
+
+def test_run_takes_every_method_on_a_pair_before_the_next_pair(tmp_path, monkeypatch):
+    """Methods interleaved pair by pair (each meets the same machine state), each model loaded once, one results
+    row per method with every pair."""
+    import shutil
+
+    import syn_vs_icon
+    from conftest import labelled_pairs_and_tiny_model
+
+    datalist, model = labelled_pairs_and_tiny_model(tmp_path, 2, (16, 16, 8))
+    shutil.copy(datalist, tmp_path / "datalist.json")
+    calls = []
+    run_icon = syn_vs_icon.run_icon
+
+    def recording(pair, icon_model, refinement, work):
+        calls.append((refinement.steps > 0, pair["fixed_image"]))
+        return run_icon(pair, icon_model, refinement, work)
+
+    monkeypatch.setattr(syn_vs_icon, "run_icon", recording)
+    results = g.run(tmp_path, "test", str(model), tmp_path / "out", methods=("network", "refine"), threads=1)
+    assert [refined for refined, _ in calls] == [False, True, False, True]
+    assert calls[0][1] == calls[1][1] != calls[2][1] == calls[3][1]
+    assert {k: v["pairs"] for k, v in results["rows"].items()} == {"unregistered": 2, "network": 2, "refine": 2}
+    assert (tmp_path / "out" / "table.md").is_file()
