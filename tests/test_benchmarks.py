@@ -277,3 +277,13 @@ def test_lncc_bench_compares_the_compiled_lncc_with_the_eager_one():
         large = lncc_bench.run([1, 1, COMPILED_LNCC_MIN_VOXELS // 4096, 64, 64], kernel=5, repeats=1)
         assert large["compiled_taken"] is True and large["eager_ms"] > 0 and large["compiled_ms"] > 0
         assert large["value_error"] < 1e-4 and large["grad_error"] < 1e-4
+
+
+def test_percentile_bench_prints_each_variant_with_its_difference(capsys):
+    import percentile_bench
+
+    percentile_bench.main(["--rounds", "1", "--threads", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 80x96x80")]
+    names = ["torch.quantile", "kthvalue (backend off)", "selection (backend default)"]
+    assert [line.split(" | ")[1] for line in lines] == names
+    assert all(float(line.split(" | ")[-1].rstrip(" |")) < 1e-5 for line in lines)
