@@ -29,7 +29,8 @@ Methods, in one process, pair by pair (every method on a pair before the next pa
 image's own grid** by one function (``syn_vs_icon.label_dice``) and seconds of the registration call on this
 machine:
 the unregistered pair; the network alone (``monai-icon register --model MODEL``); its test-time ensemble
-(``--symmetric --flip-axes 0 --passes 2``); the recommended refinement (``--refine``); ANTs SyN
+(``--symmetric --flip-axes 0 --passes 2``) and its half without the mirrored images (``symmetric``:
+``--symmetric --passes 2``); the recommended refinement (``--refine``); ANTs SyN
 (``antspyx``, ``type_of_transform="SyNOnly"`` with its defaults, after no affine step: the pairs are already
 roughly aligned, as the network's are; also ``"SyN"`` with ``--syn-transform SyN``).
 
@@ -257,10 +258,12 @@ def run(data: Path, split: str, model: str, out: Path, syn_transform: str = "SyN
                 "--passes", str(RECOMMENDED_ENSEMBLE["passes"])]
     rows = {"network": ["--model", model, "--tag", "network", "--no-syn"],
             "ensemble": ["--model", model, "--tag", "ensemble", "--no-syn", *ensemble],
+            "symmetric": ["--model", model, "--tag", "symmetric", "--no-syn", "--symmetric", "--passes",
+                          str(RECOMMENDED_ENSEMBLE["passes"])],
             "refine": ["--model", model, "--tag", "refine", "--no-syn", "--refine"],
             "refine-symmetric": ["--model", model, "--tag", "refine-symmetric", "--no-syn", "--refine", "symmetric"],
             "syn": ["--syn-transform", syn_transform]}
-    for name in ("network", "ensemble", "refine"):  # the same on a network grid shaped like each fixed image
+    for name in ("network", "ensemble", "symmetric", "refine"):  # on a network grid shaped like each fixed image
         rows[f"{name}-isotropic"] = [*rows[name][:3], f"{name}-isotropic", *rows[name][4:], "--isotropic-grid"]
     parsed = {name: syn_vs_icon.parser().parse_args(base + rows[name]) for name in methods}
     pair_list, results_file = syn_vs_icon.setup(next(iter(parsed.values())))
@@ -347,8 +350,8 @@ def main(argv=None):
     go.add_argument("--pairs", type=int, default=None, help="only the first N pairs")
     go.add_argument("--threads", type=int, default=2)
     go.add_argument("--methods", default="network,ensemble,refine,syn",
-                    help="comma-separated subset of network, ensemble, refine, refine-symmetric, syn, and of "
-                         "network, ensemble, refine with -isotropic (--isotropic-grid)")
+                    help="comma-separated subset of network, ensemble, symmetric, refine, refine-symmetric, syn, "
+                         "and of network, ensemble, symmetric, refine with -isotropic (--isotropic-grid)")
     fig = sub.add_parser("figure", help="draw moving / fixed / warped / deformed grid for one pair per subject")
     fig.add_argument("--data", default=Path("runs/generalisation3d"), type=Path)
     fig.add_argument("--split", choices=sorted(SPLITS), required=True)
@@ -363,8 +366,8 @@ def main(argv=None):
         print(prepare(args.nilearn_wheel, args.mricron, args.out, args.pairs_per_subject, args.seed))
         return None
     methods = tuple(m for m in args.methods.split(",") if m)
-    known = {"network", "ensemble", "refine", "refine-symmetric", "syn", "network-isotropic", "ensemble-isotropic",
-             "refine-isotropic"}
+    known = {"network", "ensemble", "symmetric", "refine", "refine-symmetric", "syn", "network-isotropic",
+             "ensemble-isotropic", "symmetric-isotropic", "refine-isotropic"}
     unknown = sorted(set(methods) - known)
     if unknown:
         raise SystemExit(f"unknown methods {unknown}")
