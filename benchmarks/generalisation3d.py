@@ -50,7 +50,6 @@ roughly aligned, as the network's are; also ``"SyN"`` with ``--syn-transform SyN
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -267,24 +266,14 @@ def run(data: Path, split: str, model: str, out: Path, syn_transform: str = "SyN
         rows[f"{name}-isotropic"] = [*rows[name][:3], f"{name}-isotropic", *rows[name][4:], "--isotropic-grid"]
     parsed = {name: syn_vs_icon.parser().parse_args(base + rows[name]) for name in methods}
     pair_list, results_file = syn_vs_icon.setup(next(iter(parsed.values())))
-    runners = {}
-    for name, args in parsed.items():
-        if name == "syn":
-            runners["syn"] = functools.partial(syn_vs_icon.run_syn, threads=threads, transform=syn_transform)
-        else:
-            tag, icon_model, refinement = syn_vs_icon.icon_method(args)
-            runners[tag] = functools.partial(_run_icon, model=icon_model, refinement=refinement)
+    runners: dict = {}
+    for args in parsed.values():  # the ICON rows have --no-syn, the SyN row no --model
+        runners.update(syn_vs_icon.runners(args))
     results = syn_vs_icon.evaluate(pair_list, runners, results_file)
     table = summarise(results)
     (out / "table.md").write_text(table + "\n")
     print(table)
     return results
-
-
-def _run_icon(pair: dict, work: Path, model, refinement) -> dict:
-    import syn_vs_icon
-
-    return syn_vs_icon.run_icon(pair, model, refinement, work)
 
 
 def summarise(results: dict) -> str:

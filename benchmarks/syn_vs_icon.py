@@ -190,16 +190,22 @@ def setup(args: argparse.Namespace) -> tuple[list[dict], Path]:
     return pairs, out / "results.json"
 
 
+def runners(args: argparse.Namespace) -> dict:
+    """The methods of parsed arguments as ``name -> run(pair, work_dir)`` for :func:`evaluate`: the ICON row (with
+    ``--model``; its model loaded once) and SyN (unless ``--no-syn``)."""
+    tag, model, refinement = icon_method(args)
+    out = {}
+    if model is not None:
+        out[tag] = lambda pair, work: run_icon(pair, model, refinement, work)
+    if not args.no_syn:
+        out["syn"] = lambda pair, work: run_syn(pair, work, args.threads, args.syn_transform)
+    return out
+
+
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     pairs, results_file = setup(args)
-    tag, model, refinement = icon_method(args)
-    runners = {}
-    if model is not None:
-        runners[tag] = lambda pair, work: run_icon(pair, model, refinement, work)
-    if not args.no_syn:
-        runners["syn"] = lambda pair, work: run_syn(pair, work, args.threads, args.syn_transform)
-    return evaluate(pairs, runners, results_file)
+    return evaluate(pairs, runners(args), results_file)
 
 
 def evaluate(pairs: list[dict], runners: dict, results_file: Path) -> dict:
