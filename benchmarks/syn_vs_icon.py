@@ -109,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-axes", type=lambda t: [int(v) for v in t.split(",") if v], default=None,
                    help="ICON's ensemble also on the images mirrored along these grid axes (e.g. 0: left-right, RAS)")
     p.add_argument("--passes", type=int, default=1, help="ICON (or its ensemble) applied this many times, composed")
+    p.add_argument("--flip-passes", type=int, default=None,
+                   help="the mirrored images in the first this many passes only (monai-icon register --flip-passes)")
     p.add_argument("--refine", nargs="?", const="one-way", choices=["one-way", "symmetric"], default=None,
                    help="ICON with a recommended refinement (monai-icon register --refine [NAME]; "
                         "monai_icon.apps.presets); --io-* flags and --lmbda given explicitly override its values")
@@ -139,7 +141,8 @@ def icon_method(args: argparse.Namespace) -> tuple[str, object, object]:
         model = load_registration_model(args.model, **overrides)
         from monai_icon.networks import ensemble_network
 
-        model.network = ensemble_network(model.network, args.symmetric, args.flip_axes or [], passes=args.passes)
+        model.network = ensemble_network(model.network, args.symmetric, args.flip_axes or [], passes=args.passes,
+                                         flip_passes=args.flip_passes)
         if args.refine:
             from monai_icon.apps.presets import REFINEMENT_PRESETS, refinement_arguments
             from monai_icon.losses import get_similarity

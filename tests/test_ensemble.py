@@ -213,3 +213,58 @@ def test_ensemble_refuses_bad_options():
         TestTimeEnsemble(_Translation(), flip_axes=(3,))(image_A, image_B)
     with pytest.raises(ValueError, match="RegistrationNet or a RegistrationModule"):
         ensemble_network(torch.nn.Conv3d(2, 3, 1))
+
+
+def test_flip_passes_mirror_the_images_in_the_first_passes_only():
+    """``flip_passes=1``: the first pass registers the pair and its reflections, the later ones the pair alone (one
+    batched call of 3 orientations x 2 directions, then of 2 directions); passes are composed on the ensemble's grid
+    into one displacement field, and with a block that is already exact the result is the exact map."""
+    torch.manual_seed(0)
+    network = multistep_registration(coarse_steps=2, coarse_factor=2, encoder_channels=(4, 8),
+                                     decoder_channels=(8, 4), resample_coarse=True).eval()
+    block, calls = _counted(network.block)
+    image_A, image_B = (torch.rand(1, 1, 16, 8, 12) for _ in range(2))
+    with torch.no_grad():
+        phi = ensemble_network(block, symmetric=True, flip_axes=[0, 2], passes=3, flip_passes=1).register(image_A,
+                                                                                                          image_B)
+    assert calls == [6, 2, 2], calls
+    assert isinstance(phi, DisplacementMap)
+    for flip_passes, expected in ((0, [2, 2]), (2, [6, 6]), (5, [6, 6]), (None, [6, 6])):
+        calls.clear()
+        with torch.no_grad():
+            ensemble_network(block, symmetric=True, flip_axes=[0, 2], passes=2,
+                             flip_passes=flip_passes).register(image_A, image_B)
+        assert calls == expected, (flip_passes, calls)
+    image_A, image_B = _blob_pair((24, 12, 10))
+    shape = image_A.shape[2:]
+    exact = _Translation()(image_A, image_B).grid(shape)
+    net = ensemble_network(_Translation(), symmetric=True, flip_axes=[0], passes=2, flip_passes=1)
+    torch.testing.assert_close(net.register(image_A, image_B).grid(shape), exact, atol=2e-3, rtol=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="flip_passes"):
+            ensemble_network(_Translation(), flip_axes=[0], passes=2, flip_passes=bad)
+
+
+def test_two_step_resampled_is_its_composition_on_the_first_maps_grid():
+    """``TwoStep(resample=True)``: one displacement field on the grid of the first step's field, equal to the exact
+    composition at those grid points and within 10 % of its displacement between them (smooth maps); ``resample`` must be a bool."""
+    from monai_icon.networks.blocks import TwoStep
+
+    class _Field(RegistrationModule):
+        def __init__(self, seed):
+            super().__init__()
+            self.field = _smooth_displacement((16, 12, 14), 0.04, seed=seed).float()
+
+        def compute_map(self, image_A, image_B):
+            return DisplacementMap(self.field.expand(image_A.shape[0], *self.field.shape[1:]))
+
+    image_A, image_B = torch.rand(2, 1, 12, 10, 14), torch.rand(2, 1, 12, 10, 14)
+    exact = TwoStep(_Field(1), _Field(2))(image_A, image_B)
+    sampled = TwoStep(_Field(1), _Field(2), resample=True)(image_A, image_B)
+    assert isinstance(sampled, DisplacementMap) and tuple(sampled.displacement.shape) == (2, 3, 16, 12, 14)
+    torch.testing.assert_close(sampled.grid((16, 12, 14)), exact.grid((16, 12, 14)))
+    points = torch.rand(2, 3, 200)
+    moved = float((exact(points) - points).abs().max())
+    assert float((sampled(points) - exact(points)).abs().max()) < 0.1 * moved, moved
+    with pytest.raises(ValueError, match="resample"):
+        TwoStep(_Field(1), _Field(2), resample="yes")

@@ -238,3 +238,34 @@ def test_unet_pad_multiple_pads_less_and_keeps_the_default():
             with unet_padding(net, bad):
                 pass
         assert net.pad_multiple == 32
+
+
+def test_networks_take_the_memory_format_of_channels_last_weights():
+    """With channels-last weights (``to_channels_last``) a network converts its input once, the values unchanged; with
+    ordinary weights the input is left as it is."""
+    from monai_icon.engines.trainer import to_channels_last
+    from monai_icon.networks.nets import TallUNet
+    from monai_icon.networks.nets._utils import in_weight_format
+
+    torch.manual_seed(0)
+    weight = torch.randn(4, 2, 3, 3, 3)
+    x = torch.randn(2, 2, 6, 5, 4)
+    assert in_weight_format(x, weight) is x
+    cl = in_weight_format(x, weight.contiguous(memory_format=torch.channels_last_3d))
+    assert cl.is_contiguous(memory_format=torch.channels_last_3d) and not cl.is_contiguous()
+    assert torch.equal(cl, x)
+    planar = torch.randn(2, 2, 6, 5)
+    assert in_weight_format(planar, weight.contiguous(memory_format=torch.channels_last_3d)) is planar
+    image_A, image_B = torch.rand(2, 1, 16, 16, 16), torch.rand(2, 1, 16, 16, 16)
+    factories = [lambda: UNet(3, 2, (4, 8), (8, 4)), lambda: EncoderDecoder(3, 2, (4, 8), (8, 4)),
+                 lambda: ConvOnly(3, 2, features=4, num_layers=2, kernel_size=3),
+                 lambda: TallUNet(3, 1, (4, 8), (4, 8))]
+    for factory in factories:
+        net = factory().eval()
+        for p in net.parameters():  # the zero-initialised output convolution would hide differences
+            p.data.normal_(0, 0.1)
+        with torch.no_grad():
+            expected = net(image_A, image_B)
+            to_channels_last(net)
+            got = net(image_A, image_B)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -83,6 +83,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passes", type=int, default=None,
                         help="apply the network (or its --symmetric/--flip-axes ensemble) this many times, each to the "
                              f"moving image warped by the maps so far, and compose the maps (default {DEFAULT_PASSES})")
+    parser.add_argument("--flip-passes", type=int, default=None,
+                        help="with --flip-axes and --passes: the mirrored images in the first this many passes only "
+                             "(e.g. 1 with --ensemble: three quarters of its time; default: every pass)")
     parser.add_argument("--ensemble", action="store_true",
                         help="the recommended test-time ensemble: --symmetric --flip-axes 0 --passes 2 (flags given "
                              "explicitly take precedence)")
@@ -209,7 +212,8 @@ def _load_model(args: argparse.Namespace, device):
         model.similarity = get_similarity("lncc", model.spatial_dims, kernel_size=args.lncc_kernel)
     from monai_icon.networks import ensemble_network
 
-    model.network = ensemble_network(model.network, args.symmetric, args.flip_axes or [], passes=args.passes)
+    model.network = ensemble_network(model.network, args.symmetric, args.flip_axes or [], passes=args.passes,
+                                     flip_passes=args.flip_passes)
     return model
 
 

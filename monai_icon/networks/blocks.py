@@ -163,17 +163,32 @@ class TwoStep(RegistrationModule):
 
     Args:
         first, second: registration blocks.
+        resample: ``False`` (default): the composition itself (:class:`~monai_icon.networks.maps.ComposedMap`,
+            exact wherever it is queried: one interpolation per step and point). ``True``: the composition sampled
+            on the grid of ``phi``'s displacement when ``phi`` is a
+            :class:`~monai_icon.networks.maps.DisplacementMap` (else on the images' grid) and linearly interpolated
+            between its points, one :class:`~monai_icon.networks.maps.DisplacementMap`: a coarse field queried at
+            many fine points (a map written on the fixed image's voxels) then costs one interpolation instead of one
+            per step. Used by :func:`~monai_icon.networks.ensemble_network` for its passes.
     """
 
-    def __init__(self, first: RegistrationModule, second: RegistrationModule, check_inputs: bool = True) -> None:
+    def __init__(self, first: RegistrationModule, second: RegistrationModule, check_inputs: bool = True,
+                 resample: bool = False) -> None:
         super().__init__(check_inputs)
+        if not isinstance(resample, bool):
+            raise ValueError(f"resample must be True or False, got {resample!r}.")
         self.first = first
         self.second = second
+        self.resample = resample
 
-    def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> ComposedMap:
+    def compute_map(self, image_A: torch.Tensor, image_B: torch.Tensor) -> Map:
         phi = _child_map(self.first, image_A, image_B)
         psi = _child_map(self.second, phi.warp(image_A), image_B)
-        return ComposedMap(phi, psi)
+        composed = ComposedMap(phi, psi)
+        if not self.resample:
+            return composed
+        grid = phi.displacement.shape[2:] if isinstance(phi, DisplacementMap) else image_A.shape[2:]
+        return composed.sampled(grid)
 
 
 def space_to_depth(image: torch.Tensor, factor: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers import Conv
 
-from monai_icon.networks.nets._utils import concat_pair, zero_init
+from monai_icon.networks.nets._utils import concat_pair, in_weight_format, zero_init
 
 __all__ = ["ConvOnly"]
 
@@ -49,7 +49,7 @@ class ConvOnly(nn.Module):
         self.out = zero_init(conv(in_channels + features * (num_layers - 1), spatial_dims, kernel_size, padding=pad))
 
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor | None = None) -> torch.Tensor:
-        x = concat_pair(image_A, image_B, self.spatial_dims, self.in_channels)
+        x = in_weight_format(concat_pair(image_A, image_B, self.spatial_dims, self.in_channels), self.out.weight)
         for layer in self.hidden:
             x = torch.cat([x, F.relu(layer(x))], dim=1)
         return self.out(x)

@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 from monai.networks.layers import Conv
 
-from monai_icon.networks.nets._utils import check_unet_args, concat_pair, crop_to, pad_to_multiple, zero_init
+from monai_icon.networks.nets._utils import (
+    check_unet_args, concat_pair, crop_to, in_weight_format, pad_to_multiple, zero_init,
+)
 
 __all__ = ["EncoderDecoder"]
 
@@ -58,4 +60,5 @@ class EncoderDecoder(nn.Module):
 
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor | None = None) -> torch.Tensor:
         x = concat_pair(image_A, image_B, self.spatial_dims, self.in_channels)
-        return crop_to(self.layers(pad_to_multiple(x, self.multiple)), x.shape[2:])
+        y = self.layers(in_weight_format(pad_to_multiple(x, self.multiple), self.layers[0].weight))
+        return crop_to(y, x.shape[2:])

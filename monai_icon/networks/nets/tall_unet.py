@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Norm
 
-from monai_icon.networks.nets._utils import concat_pair
+from monai_icon.networks.nets._utils import concat_pair, in_weight_format
 
 __all__ = ["TallUNet"]
 
@@ -102,7 +102,8 @@ class TallUNet(nn.Module):
             nn.init.zeros_(self.lastConv.bias)
 
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor | None = None) -> torch.Tensor:
-        x = concat_pair(image_A, image_B, self.spatial_dims, 2 * self.in_channels)
+        x = in_weight_format(concat_pair(image_A, image_B, self.spatial_dims, 2 * self.in_channels),
+                             self.downConvs[0].weight)
         pool = F.avg_pool2d if self.spatial_dims == 2 else F.avg_pool3d
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
         skips = []

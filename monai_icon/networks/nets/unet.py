@@ -18,6 +18,7 @@ from monai_icon.networks.nets._utils import (
     check_unet_args,
     concat_pair,
     crop_to,
+    in_weight_format,
     match_channels,
     pad_to_multiple,
     zero_init,
@@ -114,7 +115,7 @@ class UNet(nn.Module):
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor | None = None) -> torch.Tensor:
         x = concat_pair(image_A, image_B, self.spatial_dims, self.in_channels)
         size = x.shape[2:]
-        x = pad_to_multiple(x, self.pad_multiple)
+        x = in_weight_format(pad_to_multiple(x, self.pad_multiple), self.out.weight)
         features = []
         for layer in self.down:
             features.append(x)
