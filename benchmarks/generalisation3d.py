@@ -29,8 +29,9 @@ Methods, in one process, pair by pair (every method on a pair before the next pa
 image's own grid** by one function (``syn_vs_icon.label_dice``) and seconds of the registration call on this
 machine:
 the unregistered pair; the network alone (``monai-icon register --model MODEL``); its test-time ensemble
-(``--symmetric --flip-axes 0 --passes 2``) and its half without the mirrored images (``symmetric``:
-``--symmetric --passes 2``); the recommended refinement (``--refine``); ANTs SyN
+(``--symmetric --flip-axes 0 --passes 2``), the same with the mirrored images in its first pass only
+(``ensemble-flip1``: ``--flip-passes 1``) and without them (``symmetric``: ``--symmetric --passes 2``); the
+recommended refinement (``--refine``); ANTs SyN
 (``antspyx``, ``type_of_transform="SyNOnly"`` with its defaults, after no affine step: the pairs are already
 roughly aligned, as the network's are; also ``"SyN"`` with ``--syn-transform SyN``).
 
@@ -257,12 +258,14 @@ def run(data: Path, split: str, model: str, out: Path, syn_transform: str = "SyN
                 "--passes", str(RECOMMENDED_ENSEMBLE["passes"])]
     rows = {"network": ["--model", model, "--tag", "network", "--no-syn"],
             "ensemble": ["--model", model, "--tag", "ensemble", "--no-syn", *ensemble],
+            "ensemble-flip1": ["--model", model, "--tag", "ensemble-flip1", "--no-syn", *ensemble,
+                               "--flip-passes", "1"],
             "symmetric": ["--model", model, "--tag", "symmetric", "--no-syn", "--symmetric", "--passes",
                           str(RECOMMENDED_ENSEMBLE["passes"])],
             "refine": ["--model", model, "--tag", "refine", "--no-syn", "--refine"],
             "refine-symmetric": ["--model", model, "--tag", "refine-symmetric", "--no-syn", "--refine", "symmetric"],
             "syn": ["--syn-transform", syn_transform]}
-    for name in ("network", "ensemble", "symmetric", "refine"):  # on a network grid shaped like each fixed image
+    for name in ("network", "ensemble", "ensemble-flip1", "symmetric", "refine"):  # grids shaped like the fixed images
         rows[f"{name}-isotropic"] = [*rows[name][:3], f"{name}-isotropic", *rows[name][4:], "--isotropic-grid"]
     parsed = {name: syn_vs_icon.parser().parse_args(base + rows[name]) for name in methods}
     pair_list, results_file = syn_vs_icon.setup(next(iter(parsed.values())))

@@ -225,8 +225,8 @@ def test_flip_passes_mirror_the_images_in_the_first_passes_only():
     block, calls = _counted(network.block)
     image_A, image_B = (torch.rand(1, 1, 16, 8, 12) for _ in range(2))
     with torch.no_grad():
-        phi = ensemble_network(block, symmetric=True, flip_axes=[0, 2], passes=3, flip_passes=1).register(image_A,
-                                                                                                          image_B)
+        ensemble = ensemble_network(block, symmetric=True, flip_axes=[0, 2], passes=3, flip_passes=1)
+        phi = ensemble.register(image_A, image_B)
     assert calls == [6, 2, 2], calls
     assert isinstance(phi, DisplacementMap)
     for flip_passes, expected in ((0, [2, 2]), (2, [6, 6]), (5, [6, 6]), (None, [6, 6])):
@@ -247,7 +247,8 @@ def test_flip_passes_mirror_the_images_in_the_first_passes_only():
 
 def test_two_step_resampled_is_its_composition_on_the_first_maps_grid():
     """``TwoStep(resample=True)``: one displacement field on the grid of the first step's field, equal to the exact
-    composition at those grid points and within 10 % of its displacement between them (smooth maps); ``resample`` must be a bool."""
+    composition at those grid points and within 10 % of its displacement between them (smooth maps); ``resample``
+    must be a bool."""
     from monai_icon.networks.blocks import TwoStep
 
     class _Field(RegistrationModule):

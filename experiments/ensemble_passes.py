@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+# Copyright (c) monai-icon contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at http://www.apache.org/licenses/LICENSE-2.0
+"""Cheaper forms of the two-pass test-time ensemble on ``--isotropic-grid``, compared on the validation pairs of
+``benchmarks/generalisation3d.py`` (never its test pairs), the variants run pair by pair in one process
+(``benchmarks/syn_vs_icon.evaluate``):
+
+- ``full``: ``--symmetric --flip-axes 0 --passes 2`` (both passes with the mirrored images: 4 estimates each);
+- ``full-inv3``: the same with 3 fixed-point iterations per inverse instead of 6;
+- ``flip-first``: the mirrored images in the first pass only (4 estimates, then 2);
+- ``flip-first-inv3``: that with 3 iterations per inverse;
+- ``symmetric``: ``--symmetric --passes 2`` (2 estimates per pass).
+
+    python experiments/ensemble_passes.py --data runs/generalisation3d --out runs/ensemble_passes
+
+The results are in ``OUT/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+VARIANTS = {  # name: (flip axes of pass 1, flip axes of pass 2, iterations per inverse[, composition on the grid])
+    "full": ([0], [0], 6),
+    "full-inv3": ([0], [0], 3),
+    "flip-first": ([0], [], 6),
+    "flip-first-inv3": ([0], [], 3),
+    "symmetric": ([], [], 6),
+    "full-grid": ([0], [0], 6, True),
+    "flip-first-inv3-grid": ([0], [], 3, True),
+}
+
+
+def network(block, first, second, iterations, on_grid=False):
+    from monai_icon.networks import RegistrationNet, TestTimeEnsemble
+    from monai_icon.networks.blocks import TwoStep
+
+    class GridTwoStep(TwoStep):
+        """The composition sampled on the first map's grid (one field) instead of composed at every point."""
+
+        def compute_map(self, image_A, image_B):
+            composed = super().compute_map(image_A, image_B)
+            return composed.sampled(composed.outer.displacement.shape[2:])
+
+    one = TestTimeEnsemble(block, True, first, iterations)
+    two = TestTimeEnsemble(block, True, second, iterations)
+    return RegistrationNet((GridTwoStep if on_grid else TwoStep)(one, two))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--model", default=str(ROOT / "bundle/knee3d_icon/models/brain_transfer_model.pt"))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--pairs", type=int, default=None)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    import syn_vs_icon
+
+    base = ["--datalist", str(args.data / "datalist.json"), "--key", "validation_pairs", "--model", args.model,
+            "--isotropic-grid", "--no-syn", "--out", str(args.out)]
+    base += ["--pairs", str(args.pairs)] if args.pairs else []
+    parsed = syn_vs_icon.parser().parse_args(base)
+    _, model, refinement = syn_vs_icon.icon_method(parsed)
+    pairs, results_file = syn_vs_icon.setup(parsed)
+    block = model.network.block
+    runners = {}
+    for name in args.variants:
+        variant = copy.copy(model)
+        variant.network = network(block, *VARIANTS[name])
+        runners[name] = (lambda m: lambda pair, work: syn_vs_icon.run_icon(pair, m, refinement, work))(variant)
+    syn_vs_icon.evaluate(pairs, runners, results_file)
+
+
+if __name__ == "__main__":
+    main()
