@@ -358,8 +358,9 @@ def main(argv=None):
         print(prepare(args.nilearn_wheel, args.mricron, args.out, args.pairs_per_subject, args.seed))
         return None
     methods = tuple(m for m in args.methods.split(",") if m)
-    known = {"network", "ensemble", "symmetric", "refine", "refine-symmetric", "syn", "network-isotropic",
-             "ensemble-isotropic", "symmetric-isotropic", "refine-isotropic"}
+    known = {"network", "ensemble", "ensemble-flip1", "symmetric", "refine", "refine-symmetric", "syn",
+             "network-isotropic", "ensemble-isotropic", "ensemble-flip1-isotropic", "symmetric-isotropic",
+             "refine-isotropic"}
     unknown = sorted(set(methods) - known)
     if unknown:
         raise SystemExit(f"unknown methods {unknown}")

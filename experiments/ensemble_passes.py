@@ -11,7 +11,14 @@
 - ``full-inv3``: the same with 3 fixed-point iterations per inverse instead of 6;
 - ``flip-first``: the mirrored images in the first pass only (4 estimates, then 2);
 - ``flip-first-inv3``: that with 3 iterations per inverse;
-- ``symmetric``: ``--symmetric --passes 2`` (2 estimates per pass).
+- ``symmetric``: ``--symmetric --passes 2`` (2 estimates per pass);
+- ``full-grid`` and ``flip-first-inv3-grid``: ``full`` and ``flip-first-inv3`` with the passes composed on the
+  ensemble's grid (one displacement field) instead of exactly;
+- ``ensemble`` and ``ensemble-flip1``: ``monai_icon.networks.ensemble_network`` as ``--ensemble`` and ``--ensemble
+  --flip-passes 1`` run it (passes composed on the grid, 3 iterations per inverse).
+
+``--spatial-size`` replaces the model's grid, whose voxel count sets the size of the isotropic grid (e.g. ``96,64,100``:
+about 614,000 voxels instead of 128x64x128's 1,048,576).
 
     python experiments/ensemble_passes.py --data runs/generalisation3d --out runs/ensemble_passes
 
@@ -28,7 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-VARIANTS = {  # name: (flip axes of pass 1, flip axes of pass 2, iterations per inverse[, composition on the grid])
+# name: (flip axes of pass 1, flip axes of pass 2, iterations per inverse[, composition on the grid]), or the
+# flip_passes of ensemble_network(symmetric=True, flip_axes=[0], passes=2)
+VARIANTS = {
     "full": ([0], [0], 6),
     "full-inv3": ([0], [0], 3),
     "flip-first": ([0], [], 6),
@@ -36,12 +45,19 @@ VARIANTS = {  # name: (flip axes of pass 1, flip axes of pass 2, iterations per 
     "symmetric": ([], [], 6),
     "full-grid": ([0], [0], 6, True),
     "flip-first-inv3-grid": ([0], [], 3, True),
+    "ensemble": None,
+    "ensemble-flip1": 1,
 }
 
 
 def network(block, first, second, iterations, on_grid=False):
     from monai_icon.networks import RegistrationNet, TestTimeEnsemble
     from monai_icon.networks.blocks import TwoStep
+
+    if first is None or isinstance(first, int):  # ensemble_network's own passes
+        from monai_icon.networks import ensemble_network
+
+        return ensemble_network(block, True, [0], passes=2, flip_passes=first)
 
     class GridTwoStep(TwoStep):
         """The composition sampled on the first map's grid (one field) instead of composed at every point."""
@@ -61,6 +77,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=str(ROOT / "bundle/knee3d_icon/models/brain_transfer_model.pt"))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--pairs", type=int, default=None)
+    p.add_argument("--spatial-size", default=None, help="replace the model's grid, e.g. 96,64,100")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     import syn_vs_icon
@@ -70,12 +87,18 @@ def main(argv=None) -> None:
     base += ["--pairs", str(args.pairs)] if args.pairs else []
     parsed = syn_vs_icon.parser().parse_args(base)
     _, model, refinement = syn_vs_icon.icon_method(parsed)
+    if args.spatial_size:
+        from monai_icon.apps import load_registration_model
+
+        size = [int(v) for v in args.spatial_size.split(",")]
+        model = load_registration_model(args.model, spatial_size=size, isotropic=True)
     pairs, results_file = syn_vs_icon.setup(parsed)
     block = model.network.block
     runners = {}
     for name in args.variants:
         variant = copy.copy(model)
-        variant.network = network(block, *VARIANTS[name])
+        setting = VARIANTS[name]
+        variant.network = network(block, *(setting if isinstance(setting, tuple) else (setting, None, None)))
         runners[name] = (lambda m: lambda pair, work: syn_vs_icon.run_icon(pair, m, refinement, work))(variant)
     syn_vs_icon.evaluate(pairs, runners, results_file)
 

@@ -280,6 +280,7 @@ CASES = {
                                        "must have 3 values"),
     "flip axes not numbers": (REGISTER + WARPED + ["--flip-axes", "x"], "expected integers"),
     "flip axis out of range": (REGISTER + WARPED + ["--flip-axes", "5"], "must be axes of the model"),
+    "negative flip passes": (REGISTER + WARPED + ["--ensemble", "--flip-passes", "-1"], "--flip-passes must be"),
     "io levels 50": (REGISTER + WARPED + ["--io-mode", "residual", "--io-steps", "1", "--io-levels", "50"],
                      "more than the residual grid"),
     "synthetic knees of an absurd shape": (["synthetic-knees", "{out}/knees", "--shape", "100000,100000,100000"],

@@ -248,14 +248,15 @@ def test_networks_take_the_memory_format_of_channels_last_weights():
     from monai_icon.networks.nets._utils import in_weight_format
 
     torch.manual_seed(0)
-    weight = torch.randn(4, 2, 3, 3, 3)
+    conv = torch.nn.Conv3d(2, 4, 3)
     x = torch.randn(2, 2, 6, 5, 4)
-    assert in_weight_format(x, weight) is x
-    cl = in_weight_format(x, weight.contiguous(memory_format=torch.channels_last_3d))
+    assert in_weight_format(x, conv) is x and in_weight_format(x, torch.nn.ReLU()) is x
+    to_channels_last(conv)
+    cl = in_weight_format(x, conv)
     assert cl.is_contiguous(memory_format=torch.channels_last_3d) and not cl.is_contiguous()
     assert torch.equal(cl, x)
     planar = torch.randn(2, 2, 6, 5)
-    assert in_weight_format(planar, weight.contiguous(memory_format=torch.channels_last_3d)) is planar
+    assert in_weight_format(planar, conv) is planar
     image_A, image_B = torch.rand(2, 1, 16, 16, 16), torch.rand(2, 1, 16, 16, 16)
     factories = [lambda: UNet(3, 2, (4, 8), (8, 4)), lambda: EncoderDecoder(3, 2, (4, 8), (8, 4)),
                  lambda: ConvOnly(3, 2, features=4, num_layers=2, kernel_size=3),

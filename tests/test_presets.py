@@ -45,6 +45,7 @@ def test_ensemble_sets_the_recommended_ensemble_and_explicit_flags_win():
     assert args.passes == RECOMMENDED_ENSEMBLE["passes"]
     assert _args("--ensemble", "--passes", "1", "--flip-axes", "1").passes == 1
     assert _args("--ensemble", "--flip-axes", "1").flip_axes == [1]
+    assert args.flip_passes is None and _args("--ensemble", "--flip-passes", "1").flip_passes == 1
 
 
 def test_refinement_arguments_half_grid_and_unknown_names():

@@ -611,19 +611,21 @@ def test_register_pairs_cli_scores_labelled_pairs_before_and_after(tmp_path, cap
 
 
 def test_register_pairs_cli_test_time_ensemble(tmp_path, capsys):
-    """``--symmetric --flip-axes 0 --passes 2`` run the network as a test-time ensemble applied twice: on a model
-    whose maps are identities the ensemble is the identity too (the unregistered Dice, no folds), and flip axes
-    that the model's grid does not have exit 2 with one line naming them."""
+    """``--symmetric --flip-axes 0 --passes 2`` (with ``--flip-passes 1``: mirrored in the first pass only) run the
+    network as a test-time ensemble applied twice: on a model whose maps are identities the ensemble is the identity
+    too (the unregistered Dice, no folds), and flip axes that the model's grid does not have exit 2 with one line
+    naming them."""
     from conftest import labelled_pairs_and_tiny_model
 
     datalist, model = labelled_pairs_and_tiny_model(tmp_path, 2, (32, 32, 16))
     out = tmp_path / "ensemble"
-    assert main(["register-pairs", "--datalist", str(datalist), "--key", "test_pairs", "--model", str(model),
-                 "--output-dir", str(out), "--symmetric", "--flip-axes", "0", "--passes", "2"]) == 0
-    capsys.readouterr()
-    mean = json.loads((out / "summary.json").read_text())["mean"]
-    assert mean["mean_dice"] == pytest.approx(mean["mean_dice_unregistered"], abs=1e-6)
-    assert mean["folds_percent"] == 0.0
+    for extra in ([], ["--flip-passes", "1"]):
+        assert main(["register-pairs", "--datalist", str(datalist), "--key", "test_pairs", "--model", str(model),
+                     "--output-dir", str(out), "--symmetric", "--flip-axes", "0", "--passes", "2", *extra]) == 0
+        capsys.readouterr()
+        mean = json.loads((out / "summary.json").read_text())["mean"]
+        assert mean["mean_dice"] == pytest.approx(mean["mean_dice_unregistered"], abs=1e-6)
+        assert mean["folds_percent"] == 0.0
     assert main(["register-pairs", "--datalist", str(datalist), "--key", "test_pairs", "--model", str(model),
                  "--output-dir", str(out), "--flip-axes", "3"]) == 2
     assert "--flip-axes [3]" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              f"moving image warped by the maps so far, and compose the maps (default {DEFAULT_PASSES})")
     parser.add_argument("--flip-passes", type=int, default=None,
                         help="with --flip-axes and --passes: the mirrored images in the first this many passes only "
-                             "(e.g. 1 with --ensemble: three quarters of its time; default: every pass)")
+                             "(e.g. 1 with --ensemble: about 0.8 of its time; default: every pass)")
     parser.add_argument("--ensemble", action="store_true",
                         help="the recommended test-time ensemble: --symmetric --flip-axes 0 --passes 2 (flags given "
                              "explicitly take precedence)")
@@ -225,7 +225,8 @@ def _check_arguments(args: argparse.Namespace, model=None):
 
     checked = check_registration_arguments(
         _refinement(args), getattr(args, "label_weight", 0.0), model=model, passes=args.passes,
-        lncc_kernel=args.lncc_kernel, spatial_size=args.spatial_size, flip_axes=args.flip_axes, names=FLAG_NAMES,
+        lncc_kernel=args.lncc_kernel, spatial_size=args.spatial_size, flip_axes=args.flip_axes,
+        flip_passes=args.flip_passes, names=FLAG_NAMES,
         fit_levels="io_levels" in getattr(args, "preset_filled", ()))  # --refine on a small grid: fewer levels
     args.io_levels = checked.levels
     return checked

@@ -62,7 +62,8 @@ MAX_PASSES = 16
 FLAG_NAMES = {"io_steps": "--io-steps", "io_lr": "--io-lr", "io_levels": "--io-levels",
               "io_fine_steps": "--io-fine-steps", "io_size": "--io-size", "io_field_size": "--io-field-size",
               "spatial_size": "--spatial-size", "passes": "--passes", "lncc_kernel": "--lncc-kernel",
-              "flip_axes": "--flip-axes", "io_smoothness": "--io-smoothness", "io_voxels": "--io-voxels"}
+              "flip_axes": "--flip-axes", "io_smoothness": "--io-smoothness", "io_voxels": "--io-voxels",
+              "flip_passes": "--flip-passes"}
 
 
 def check_count(value: Any, name: str, minimum: int = 0) -> int:
@@ -323,6 +324,7 @@ def check_registration_arguments(
     lncc_kernel: int | None = None,
     spatial_size: Sequence[int] | None = None,
     flip_axes: Sequence[int] | None = None,
+    flip_passes: int | None = None,
     names: Mapping[str, str] | None = None,
     fit_levels: bool = False,
     masks: bool = False,
@@ -341,8 +343,8 @@ def check_registration_arguments(
             outputs writable and not overwriting an input (``outputs`` needs ``inputs``).
         model: a :class:`~monai_icon.apps.RegistrationModel` (the grids' dimension, the levels its grids allow, the
             LNCC window and the flipped axes against its grid), or a model file (only kept from being overwritten).
-        passes, lncc_kernel, spatial_size, flip_axes: the test-time settings of the command line (``None``: not
-            given).
+        passes, lncc_kernel, spatial_size, flip_axes, flip_passes: the test-time settings of the command line
+            (``None``: not given).
         names: how messages name the settings (e.g. :data:`FLAG_NAMES` for the command line's flags); by default the
             keyword names.
         fit_levels: fewer levels when the residual grid cannot be halved as often as ``refinement.levels`` asks
@@ -372,6 +374,8 @@ def check_registration_arguments(
     if passes is not None and check_count(passes, name("passes"), minimum=1) > MAX_PASSES:
         raise ValueError(f"{name('passes')} must be at most {MAX_PASSES} (each pass is a full network evaluation on "
                          f"images warped by the maps so far), got {passes}.")
+    if flip_passes is not None:
+        check_count(flip_passes, name("flip_passes"))
     if refinement.fine_steps is not None:
         check_count(refinement.fine_steps, name("io_fine_steps"))
     for key, size in (("spatial_size", spatial_size), ("io_size", refinement.size),

@@ -49,7 +49,7 @@ class ConvOnly(nn.Module):
         self.out = zero_init(conv(in_channels + features * (num_layers - 1), spatial_dims, kernel_size, padding=pad))
 
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor | None = None) -> torch.Tensor:
-        x = in_weight_format(concat_pair(image_A, image_B, self.spatial_dims, self.in_channels), self.out.weight)
+        x = in_weight_format(concat_pair(image_A, image_B, self.spatial_dims, self.in_channels), self.out)
         for layer in self.hidden:
             x = torch.cat([x, F.relu(layer(x))], dim=1)
         return self.out(x)

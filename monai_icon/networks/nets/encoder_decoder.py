@@ -60,5 +60,5 @@ class EncoderDecoder(nn.Module):
 
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor | None = None) -> torch.Tensor:
         x = concat_pair(image_A, image_B, self.spatial_dims, self.in_channels)
-        y = self.layers(in_weight_format(pad_to_multiple(x, self.multiple), self.layers[0].weight))
+        y = self.layers(in_weight_format(pad_to_multiple(x, self.multiple), self.layers[0]))
         return crop_to(y, x.shape[2:])

@@ -103,7 +103,7 @@ class TallUNet(nn.Module):
 
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor | None = None) -> torch.Tensor:
         x = in_weight_format(concat_pair(image_A, image_B, self.spatial_dims, 2 * self.in_channels),
-                             self.downConvs[0].weight)
+                             self.downConvs[0])
         pool = F.avg_pool2d if self.spatial_dims == 2 else F.avg_pool3d
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
         skips = []

@@ -115,7 +115,7 @@ class UNet(nn.Module):
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor | None = None) -> torch.Tensor:
         x = concat_pair(image_A, image_B, self.spatial_dims, self.in_channels)
         size = x.shape[2:]
-        x = in_weight_format(pad_to_multiple(x, self.pad_multiple), self.out.weight)
+        x = in_weight_format(pad_to_multiple(x, self.pad_multiple), self.out)
         features = []
         for layer in self.down:
             features.append(x)
