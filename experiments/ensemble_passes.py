@@ -15,7 +15,11 @@
 - ``full-grid`` and ``flip-first-inv3-grid``: ``full`` and ``flip-first-inv3`` with the passes composed on the
   ensemble's grid (one displacement field) instead of exactly;
 - ``ensemble`` and ``ensemble-flip1``: ``monai_icon.networks.ensemble_network`` as ``--ensemble`` and ``--ensemble
-  --flip-passes 1`` run it (passes composed on the grid, 3 iterations per inverse).
+  --flip-passes 1`` run it (passes composed on the grid, 3 iterations per inverse);
+- ``symmetric3`` and ``symmetric4``: ``--symmetric --passes 3`` and ``--passes 4`` (no mirrored images; 6 and 8 network
+  evaluations per pair, as many as ``ensemble-flip1`` and ``ensemble``).
+
+``--syn`` adds ANTs SyN on the same pairs (the share of SyN's time is steadier than seconds on a shared machine).
 
 ``--spatial-size`` replaces the model's grid, whose voxel count sets the size of the isotropic grid (e.g. ``96,64,100``:
 about 614,000 voxels instead of 128x64x128's 1,048,576).
@@ -36,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # name: (flip axes of pass 1, flip axes of pass 2, iterations per inverse[, composition on the grid]), or the
-# flip_passes of ensemble_network(symmetric=True, flip_axes=[0], passes=2)
+# keywords of ensemble_network(symmetric=True, ...)
 VARIANTS = {
     "full": ([0], [0], 6),
     "full-inv3": ([0], [0], 3),
@@ -45,8 +49,10 @@ VARIANTS = {
     "symmetric": ([], [], 6),
     "full-grid": ([0], [0], 6, True),
     "flip-first-inv3-grid": ([0], [], 3, True),
-    "ensemble": None,
-    "ensemble-flip1": 1,
+    "ensemble": {"flip_axes": [0], "passes": 2},
+    "ensemble-flip1": {"flip_axes": [0], "passes": 2, "flip_passes": 1},
+    "symmetric3": {"passes": 3},
+    "symmetric4": {"passes": 4},
 }
 
 
@@ -54,10 +60,10 @@ def network(block, first, second, iterations, on_grid=False):
     from monai_icon.networks import RegistrationNet, TestTimeEnsemble
     from monai_icon.networks.blocks import TwoStep
 
-    if first is None or isinstance(first, int):  # ensemble_network's own passes
+    if isinstance(first, dict):  # ensemble_network's own passes
         from monai_icon.networks import ensemble_network
 
-        return ensemble_network(block, True, [0], passes=2, flip_passes=first)
+        return ensemble_network(block, True, **first)
 
     class GridTwoStep(TwoStep):
         """The composition sampled on the first map's grid (one field) instead of composed at every point."""
@@ -78,6 +84,7 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--pairs", type=int, default=None)
     p.add_argument("--spatial-size", default=None, help="replace the model's grid, e.g. 96,64,100")
+    p.add_argument("--syn", action="store_true", help="ANTs SyN (SyNOnly) on the same pairs, after the variants")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     import syn_vs_icon
@@ -100,6 +107,8 @@ def main(argv=None) -> None:
         setting = VARIANTS[name]
         variant.network = network(block, *(setting if isinstance(setting, tuple) else (setting, None, None)))
         runners[name] = (lambda m: lambda pair, work: syn_vs_icon.run_icon(pair, m, refinement, work))(variant)
+    if args.syn:
+        runners["syn"] = lambda pair, work: syn_vs_icon.run_syn(pair, work, parsed.threads, "SyNOnly")
     syn_vs_icon.evaluate(pairs, runners, results_file)
 
 
