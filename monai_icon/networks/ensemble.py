@@ -183,7 +183,8 @@ def ensemble_network(
             against 0.7284 in 0.79 of the time (``docs/generalisation.md``).
 
     Raises:
-        ValueError: a network that is neither a ``RegistrationNet`` nor a ``RegistrationModule``, or ``passes < 1``.
+        ValueError: a network that is neither a ``RegistrationNet`` nor a ``RegistrationModule``, ``passes < 1``,
+            or ``flip_passes`` neither ``None`` nor a non-negative integer.
     """
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ValueError(f"passes must be a positive integer, got {passes!r}.")
