@@ -67,6 +67,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 NILEARN = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+#: the rows of ``run``; those of ``ISOTROPIC`` also with ``--isotropic-grid`` as ``<name>-isotropic``
+ISOTROPIC = ("network", "ensemble", "ensemble-flip1", "symmetric", "refine")
+METHODS = (*ISOTROPIC, "refine-symmetric", "syn", *(f"{name}-isotropic" for name in ISOTROPIC))
 SPLITS = {"validation": "validation_pairs", "test": "test_pairs"}
 
 
@@ -265,7 +268,7 @@ def run(data: Path, split: str, model: str, out: Path, syn_transform: str = "SyN
             "refine": ["--model", model, "--tag", "refine", "--no-syn", "--refine"],
             "refine-symmetric": ["--model", model, "--tag", "refine-symmetric", "--no-syn", "--refine", "symmetric"],
             "syn": ["--syn-transform", syn_transform]}
-    for name in ("network", "ensemble", "ensemble-flip1", "symmetric", "refine"):  # grids shaped like the fixed images
+    for name in ISOTROPIC:  # on network grids shaped like the fixed images
         rows[f"{name}-isotropic"] = [*rows[name][:3], f"{name}-isotropic", *rows[name][4:], "--isotropic-grid"]
     parsed = {name: syn_vs_icon.parser().parse_args(base + rows[name]) for name in methods}
     pair_list, results_file = syn_vs_icon.setup(next(iter(parsed.values())))
@@ -358,10 +361,7 @@ def main(argv=None):
         print(prepare(args.nilearn_wheel, args.mricron, args.out, args.pairs_per_subject, args.seed))
         return None
     methods = tuple(m for m in args.methods.split(",") if m)
-    known = {"network", "ensemble", "ensemble-flip1", "symmetric", "refine", "refine-symmetric", "syn",
-             "network-isotropic", "ensemble-isotropic", "ensemble-flip1-isotropic", "symmetric-isotropic",
-             "refine-isotropic"}
-    unknown = sorted(set(methods) - known)
+    unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}")
     return run(args.data, args.split, args.model, args.out, args.syn_transform, args.pairs, args.threads, methods)

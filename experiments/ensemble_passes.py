@@ -56,25 +56,14 @@ VARIANTS = {
 }
 
 
-def network(block, first, second, iterations, on_grid=False):
+def two_pass(block, first, second, iterations, on_grid=False):
+    """Two ensemble passes with the mirrored images along ``first`` / ``second``, composed exactly or on the grid."""
     from monai_icon.networks import RegistrationNet, TestTimeEnsemble
     from monai_icon.networks.blocks import TwoStep
 
-    if isinstance(first, dict):  # ensemble_network's own passes
-        from monai_icon.networks import ensemble_network
-
-        return ensemble_network(block, True, **first)
-
-    class GridTwoStep(TwoStep):
-        """The composition sampled on the first map's grid (one field) instead of composed at every point."""
-
-        def compute_map(self, image_A, image_B):
-            composed = super().compute_map(image_A, image_B)
-            return composed.sampled(composed.outer.displacement.shape[2:])
-
     one = TestTimeEnsemble(block, True, first, iterations)
     two = TestTimeEnsemble(block, True, second, iterations)
-    return RegistrationNet((GridTwoStep if on_grid else TwoStep)(one, two))
+    return RegistrationNet(TwoStep(one, two, resample=on_grid))
 
 
 def main(argv=None) -> None:
@@ -88,6 +77,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     import syn_vs_icon
+
+    from monai_icon.networks import ensemble_network
 
     base = ["--datalist", str(args.data / "datalist.json"), "--key", "validation_pairs", "--model", args.model,
             "--isotropic-grid", "--no-syn", "--out", str(args.out)]
@@ -105,7 +96,8 @@ def main(argv=None) -> None:
     for name in args.variants:
         variant = copy.copy(model)
         setting = VARIANTS[name]
-        variant.network = network(block, *(setting if isinstance(setting, tuple) else (setting, None, None)))
+        variant.network = (ensemble_network(block, True, **setting) if isinstance(setting, dict)
+                           else two_pass(block, *setting))
         runners[name] = (lambda m: lambda pair, work: syn_vs_icon.run_icon(pair, m, refinement, work))(variant)
     if args.syn:
         runners["syn"] = lambda pair, work: syn_vs_icon.run_syn(pair, work, parsed.threads, "SyNOnly")
