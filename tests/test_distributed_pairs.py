@@ -18,6 +18,7 @@ from monai_icon.apps.distributed import (
     gather_in_order,
     process_group,
     rank_device,
+    rank_failures,
     run_pair,
     shard_pairs,
     torchrun_env,
@@ -84,12 +85,15 @@ def test_a_failing_pair_is_named_with_its_rank():
         run_pair(int, "p0", "x", env=TorchrunEnv())
     with process_group("cpu") as env:  # no torchrun: nothing to start
         assert env == TorchrunEnv() and not torch.distributed.is_initialized()
+    assert rank_failures(None) == {}  # one process: only its own failure
+    assert rank_failures(err.value) == {0: str(err.value)} and rank_failures(KeyError()) == {0: "KeyError"}
 
 
 SCRIPT = textwrap.dedent(
     """
     import json, sys, time
-    from monai_icon.apps.distributed import gather_in_order, process_group, rank_device, run_pair, shard_pairs
+    from monai_icon.apps.distributed import (PairError, gather_in_order, process_group, rank_device,
+                                             rank_failures, run_pair, shard_pairs)
 
     out, fail = sys.argv[1], sys.argv[2]
     pairs = [{"pair_id": f"p{i}", "size": i * i} for i in range(7)]
@@ -102,7 +106,17 @@ SCRIPT = textwrap.dedent(
 
     with process_group(rank_device("cpu")) as env:
         mine = shard_pairs(pairs, env.rank, env.world_size)
-        done = [(i, dict(run_pair(register, p["pair_id"], p), rank=env.rank)) for i, p in mine]
+        done, failure = [], None
+        try:
+            for i, p in mine:
+                done.append((i, dict(run_pair(register, p["pair_id"], p), rank=env.rank)))
+        except PairError as err:
+            failure = err
+        failed = rank_failures(failure)
+        with open(f"{out}.rank{env.rank}", "w") as f:
+            json.dump({"done": [s["pair_id"] for _, s in done], "failed": failed}, f)
+        if failed:
+            raise failure or RuntimeError(f"rank {env.rank} stopped: {failed}")
         merged = gather_in_order(done, len(pairs))
         if merged is not None:
             with open(out, "w") as f:
@@ -131,8 +145,14 @@ def test_two_processes_do_each_pair_once_and_rank_0_gets_all_summaries_in_order(
     assert [s["rank"] for s in merged] == [i % 2 for i in range(7)]  # both ranks worked, round robin
 
 
-def test_a_pair_failing_on_one_rank_stops_the_run_and_is_reported_with_the_pair_and_rank(tmp_path):
+def test_a_failing_pair_stops_its_rank_the_others_finish_and_every_rank_knows_the_pair_and_rank(tmp_path):
     proc = torchrun_script(tmp_path, str(tmp_path / "merged.json"), "p3")
     assert proc.returncode != 0
-    assert "PairError: pair 'p3' failed on rank 1 of 2: RuntimeError: cannot read the moving image" in proc.stderr
+    message = "pair 'p3' failed on rank 1 of 2: RuntimeError: cannot read the moving image"
+    assert f"PairError: {message}" in proc.stderr
     assert not (tmp_path / "merged.json").exists()
+    ranks = [json.loads((tmp_path / f"merged.json.rank{rank}").read_text()) for rank in (0, 1)]
+    assert ranks[0]["done"] == ["p0", "p2", "p4", "p6"]  # rank 0 finished its share before the run stopped
+    assert ranks[1]["done"] == ["p1"]  # rank 1 stopped at its failing pair
+    assert ranks[0]["failed"] == ranks[1]["failed"] == {"1": message}  # both ranks know who failed
+    assert "rank 0 stopped" in proc.stderr

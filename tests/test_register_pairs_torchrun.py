@@ -1,5 +1,6 @@
 """``monai-icon register-pairs`` under ``torchrun`` (2 CPU processes, gloo): each pair done once, the same files
-and summary as one process, a failing rank named with its pair, and ``--resume`` continuing after it."""
+and summary as one process, a failing rank named with its pair while the other ranks finish theirs, and ``--resume``
+continuing after it."""
 
 import json
 import os
@@ -91,23 +92,25 @@ def test_a_failing_rank_is_named_and_resume_finishes_the_rest(inputs, tmp_path):
     broken = tmp_path / "broken.nii.gz"
     _nifti(broken, np.full(SHAPE, np.nan, dtype=np.float32))
     pairs = [dict(p) for p in inputs["pairs"]]
-    pairs[4]["moving_image"] = str(broken)  # rank 0's last pair: the others finish first
+    pairs[0]["moving_image"] = str(broken)  # rank 0's first pair: rank 1 still registers its pairs
     datalist = tmp_path / "pairs.json"
     datalist.write_text(json.dumps({"pairs": pairs}))
     args = ["--datalist", str(datalist), "--model", inputs["model"], "--output-dir", str(out), "--resume"]
     failed = _run(args, nproc=2)
     assert failed.returncode != 0
-    assert "pair p4" in failed.stderr and "[rank 0 of 2]" in failed.stderr and "broken.nii.gz" in failed.stderr, \
+    assert "pair p0" in failed.stderr and "[rank 0 of 2]" in failed.stderr and "broken.nii.gz" in failed.stderr, \
         failed.stderr[-3000:]
+    assert "rank 1 of 2 registered its pairs" in failed.stderr and "--resume" in failed.stderr, failed.stderr[-3000:]
     assert not (out / "summary.json").exists() and not list(out.rglob("*partial*"))
-    done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("p[0-3]_*")}
-    assert len(done_before) == 16, sorted(done_before)  # 4 files each of p0 .. p3
-    pairs[4]["moving_image"] = inputs["pairs"][4]["moving_image"]  # the broken file replaced
+    assert not list(out.glob("p[024]_*"))  # rank 0 stopped at its first pair
+    done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("p[13]_*")}
+    assert len(done_before) == 8, sorted(done_before)  # rank 1 finished: 4 files each of p1 and p3
+    pairs[0]["moving_image"] = inputs["pairs"][0]["moving_image"]  # the broken file replaced
     datalist.write_text(json.dumps({"pairs": pairs}))
     resumed = _run(args, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert all(f"p{i}: done by an earlier run" in resumed.stdout for i in range(4)), resumed.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("p[0-3]_*")} == done_before  # not registered again
+    assert all(f"p{i}: done by an earlier run" in resumed.stdout for i in (1, 3)), resumed.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("p[13]_*")} == done_before  # not registered again
     summary = json.loads((out / "summary.json").read_text())
     assert [p["pair_id"] for p in summary["pairs"]] == [f"p{i}" for i in range(NUM_PAIRS)]
     assert summary["mean"]["scored_pairs"] == NUM_PAIRS

@@ -26,6 +26,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -384,7 +385,8 @@ def _run_register_pairs(args: argparse.Namespace) -> None:
     """Every pair of the datalist; under ``torchrun`` each process (rank) registers its share of the pairs on its
     own device (:mod:`monai_icon.apps.distributed`) and rank 0 writes the one ``summary.json``."""
     from monai_icon.apps.atomic_io import write_text
-    from monai_icon.apps.distributed import gather_in_order, process_group, rank_device, shard_pairs, torchrun_env
+    from monai_icon.apps.distributed import (gather_in_order, process_group, rank_device, rank_failures, shard_pairs,
+                                             torchrun_env)
     from monai_icon.apps.batch import PairError, check_pairs, pair_id, register_pairs
     from monai_icon.apps.validation import check_outputs_spare_inputs
     from monai_icon.data import load_pair_datalist
@@ -400,13 +402,23 @@ def _run_register_pairs(args: argparse.Namespace) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with process_group(device) as env:
         mine = shard_pairs(pairs, env.rank, env.world_size)
+        failure: PairError | None = None
+        done: list[dict[str, Any]] = []
         try:
             done = register_pairs([pair for _, pair in mine], model, output_dir, refinement=_refinement(args),
                                   device=device, resume=args.resume)
         except PairError as err:
-            if env.distributed:
-                raise PairError(f"{err} [rank {env.rank} of {env.world_size}]") from err
-            raise
+            if not env.distributed:
+                raise
+            failure = err  # the other ranks finish their pairs first: their work is kept for --resume
+        failed = rank_failures(failure)
+        if failure is not None:
+            raise PairError(f"{failure} [rank {env.rank} of {env.world_size}]") from failure
+        if failed:
+            others = "; ".join(f"rank {rank} failed: {message}" for rank, message in sorted(failed.items()))
+            raise PairError(f"rank {env.rank} of {env.world_size} registered its pairs, but no summary.json was "
+                            f"written because {others}. Fix that pair and run again with --resume: finished pairs "
+                            "are not registered again.")
         summaries = gather_in_order([(index, summary) for (index, _), summary in zip(mine, done)], len(pairs))
     if summaries is None:  # not rank 0: its pairs are in rank 0's summary
         return

@@ -7,14 +7,23 @@
 Each process (rank) registers its own share of the pairs (:func:`shard_pairs`: every pair exactly once, so no output
 file is written twice), on its own device (:func:`rank_device`: ``cuda:LOCAL_RANK``), and rank 0 gathers the
 per-pair summaries back into the datalist's order (:func:`gather_in_order`) to write the one ``summary.json``. A
-failing pair ends its process with a :class:`PairError` naming the pair and the rank (:func:`run_pair`); ``torchrun``
-then stops the others and reports it. Without ``torchrun`` everything runs in one process, as before::
+failing pair stops its own process's share with a :class:`PairError` naming the pair and the rank (:func:`run_pair`);
+the other processes finish their shares first, and then every process learns of the failure (:func:`rank_failures`),
+so that no finished work is lost and ``--resume`` has only the failed rank's remaining pairs left to do. Without
+``torchrun`` everything runs in one process, as before::
 
     env = torchrun_env()
     device = rank_device(args.device, env)
     with process_group(device) as env:
         mine = shard_pairs(pairs, env.rank, env.world_size)
-        done = [(i, run_pair(register_one, pair_name(p, i), p, i, env=env)) for i, p in mine]
+        failure, done = None, []
+        try:
+            done = [(i, run_pair(register_one, pair_name(p, i), p, i, env=env)) for i, p in mine]
+        except PairError as err:
+            failure = err
+        failed = rank_failures(failure)  # every rank gets the same answer
+        if failed:
+            raise failure or RuntimeError(f"stopped: other ranks failed: {failed}")
         summaries = gather_in_order(done, len(pairs))
         if summaries is not None:  # rank 0
             write_summary(summaries)
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -40,6 +50,7 @@ from monai_icon.engines.distributed import (
 
 __all__ = [
     "PairError",
+    "SHARE_TIMEOUT",
     "TorchrunEnv",
     "destroy_process_group",
     "gather_in_order",
@@ -47,12 +58,16 @@ __all__ = [
     "is_main_process",
     "process_group",
     "rank_device",
+    "rank_failures",
     "run_pair",
     "shard_pairs",
     "torchrun_env",
 ]
 
 T = TypeVar("T")
+
+#: how long :func:`process_group`'s collectives wait for the slowest rank's share of the pairs
+SHARE_TIMEOUT = timedelta(days=1)
 
 
 def shard_pairs(items: Sequence[T], rank: int, world_size: int) -> list[tuple[int, T]]:
@@ -96,6 +111,19 @@ def gather_in_order(local: Sequence[tuple[int, Any]], total: int, dst: int = 0) 
     return [value for _, value in sorted(items, key=lambda item: item[0])]
 
 
+def rank_failures(failure: BaseException | str | None) -> dict[int, str]:
+    """Every rank's failure, by rank: this process's ``failure`` (an exception or a message; ``None`` when its
+    share finished) shared with all the others, so that every rank can decide the same way whether to go on. Every
+    rank of the started process group must call it; in a single process it is ``{0: message}`` or ``{}``."""
+    message = None if failure is None else str(failure) or type(failure).__name__
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        messages: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+    else:
+        messages = [message]
+    return {rank: text for rank, text in enumerate(messages) if text is not None}
+
+
 class PairError(RuntimeError):
     """A pair failed in one process of several: its ``pair_id``, the ``rank`` it ran on and the original error (also
     the exception's ``__cause__``)."""
@@ -118,12 +146,14 @@ def run_pair(fn: Callable[..., T], pair_id: str, *args: Any, env: TorchrunEnv | 
 
 
 @contextmanager
-def process_group(device: str | torch.device) -> Iterator[TorchrunEnv]:
+def process_group(device: str | torch.device, timeout: timedelta = SHARE_TIMEOUT) -> Iterator[TorchrunEnv]:
     """Start the process group for this ``torchrun`` process (:func:`init_process_group`: NCCL on a CUDA
     ``device``, gloo otherwise; nothing in a single process), yield this process's :class:`TorchrunEnv` and end the
     group afterwards: after all ranks arrive when the block finished, at once when it raised (the other ranks may
-    never arrive; ``torchrun`` stops them)."""
-    started = init_process_group(device)
+    never arrive; ``torchrun`` stops them). ``timeout``: how long a collective waits for the other ranks; the
+    ranks meet only after their whole shares (:func:`rank_failures`, :func:`gather_in_order`), so a rank that
+    finished early or failed may wait for hours."""
+    started = init_process_group(device, timeout=timeout)
     try:
         yield torchrun_env()
     except BaseException:

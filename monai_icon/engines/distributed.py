@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sized
 from dataclasses import dataclass
+from datetime import timedelta
 
 import ignite.distributed as idist
 import torch
@@ -147,10 +148,12 @@ def rank_device(device: str | torch.device | None = None, env: TorchrunEnv | Non
     return torch.device("cuda", env.local_rank)
 
 
-def init_process_group(device: str | torch.device, env: TorchrunEnv | None = None) -> bool:
+def init_process_group(device: str | torch.device, env: TorchrunEnv | None = None,
+                       timeout: timedelta | None = None) -> bool:
     """Start the default process group when ``torchrun`` started several processes: NCCL when ``device`` is a
     CUDA device (made the current one first), gloo otherwise; the address comes from the environment that
-    ``torchrun`` sets. Nothing happens in a single process or when a group is already started.
+    ``torchrun`` sets. Nothing happens in a single process or when a group is already started. ``timeout`` is how
+    long a collective waits for the slowest process (``None``: PyTorch's default for the backend).
 
     Returns:
         whether it started a group (so the caller ends it with :func:`destroy_process_group`).
@@ -162,7 +165,7 @@ def init_process_group(device: str | torch.device, env: TorchrunEnv | None = Non
     if not env.distributed or dist.is_initialized():
         return False
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=env.rank,
-                            world_size=env.world_size)
+                            world_size=env.world_size, timeout=timeout)
     # Ignite (handlers, MONAI metrics) finds the group at its first `ignite.distributed` call with collectives of
     # its own (a gloo group, an all-reduce): made here, in every process at once, not where one rank alone calls it
     idist.sync()
