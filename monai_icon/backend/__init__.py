@@ -14,11 +14,13 @@ This package holds the replacements (same values up to float rounding) and the o
   :func:`tune_allocator_for`, the allocator tuning alone for runs that enter no context;
 - the hooks the maths modules call, each returning ``None`` where it did not run: :func:`sample`
   (:func:`monai_icon.networks.maps.interpolate`), :func:`resize` (:func:`monai_icon.networks.maps.resize_linear`),
-  :func:`lncc` (the LNCC similarity) and :func:`quantiles` (the intensity percentiles of
-  :func:`monai_icon.transforms.to_network_grid`);
+  :func:`lncc` (the LNCC similarity), :func:`quantiles` (the intensity percentiles of
+  :func:`monai_icon.transforms.to_network_grid`) and :func:`unet_head` (the end of
+  :class:`~monai_icon.networks.nets.UNet` in evaluation);
 - the kernels: :mod:`monai_icon.backend.trilinear`, :mod:`monai_icon.backend.lncc_kernels`,
-  :mod:`monai_icon.backend.resize`, :mod:`monai_icon.backend.quantiles`; the allocator tuning
-  (:mod:`monai_icon.backend.allocator`); what compilation needs (:mod:`monai_icon.backend.compilation`).
+  :mod:`monai_icon.backend.resize`, :mod:`monai_icon.backend.quantiles`, :mod:`monai_icon.backend.unet_output`; the
+  allocator tuning (:mod:`monai_icon.backend.allocator`); what compilation needs
+  (:mod:`monai_icon.backend.compilation`).
 
 :class:`~monai_icon.engines.ICONTrainer` takes a ``backend``, the bundles a ``cpu_backend`` key and
 ``monai-icon register`` / ``register-pairs`` a ``--cpu-backend`` option.
@@ -35,8 +37,9 @@ from monai_icon.backend.settings import (
     BACKEND_MODES, DEFAULT, CPUBackend, ResolvedBackend, active, as_backend, tune_allocator_for, use_backend,
 )
 from monai_icon.backend.trilinear import sample
+from monai_icon.backend.unet_output import unet_head
 
 __all__ = [
     "BACKEND_MODES", "CPUBackend", "DEFAULT", "ResolvedBackend", "active", "as_backend", "compiler_available", "lncc",
-    "quantiles", "resize", "sample", "tune_allocator_for", "tune_cpu_allocator", "use_backend",
+    "quantiles", "resize", "sample", "tune_allocator_for", "tune_cpu_allocator", "unet_head", "use_backend",
 ]

@@ -32,7 +32,8 @@ __all__ = [
 
 #: the values of :attr:`CPUBackend.mode`
 BACKEND_MODES = ("auto", "on", "off")
-_KERNELS = ("fast_sampler", "compiled_lncc", "planar_sampler", "threaded_sampler", "matrix_resize", "tune_allocator",
+_KERNELS = ("fast_sampler", "compiled_lncc", "planar_sampler", "threaded_sampler", "matrix_resize", "fused_unet_head",
+            "tune_allocator",
             "channels_last", "selection_quantiles")
 
 
@@ -52,6 +53,9 @@ class ResolvedBackend:
             values).
         matrix_resize: linear resizing of CPU fields as one matrix product per axis
             (:func:`monai_icon.backend.resize.resize`; no compilation, the same values up to rounding).
+        fused_unet_head: the U-Net's last decoder layer and output convolution as one convolution on the coarse
+            grid when evaluated without autograd (:func:`monai_icon.backend.unet_output.unet_head`; no compilation,
+            the same values up to rounding).
         tune_allocator: glibc's ``malloc`` keeps freed blocks for reuse (:func:`monai_icon.backend.allocator.
             tune_cpu_allocator`; once per process, when the settings are first entered).
         channels_last: a trainer keeps the network's weights and the images channels-last.
@@ -64,13 +68,15 @@ class ResolvedBackend:
     planar_sampler: bool = False
     threaded_sampler: bool = False
     matrix_resize: bool = False
+    fused_unet_head: bool = False
     tune_allocator: bool = False
     channels_last: bool = False
     selection_quantiles: bool = False
 
 
 #: the settings outside any :func:`use_backend`
-DEFAULT = ResolvedBackend(planar_sampler=True, threaded_sampler=True, matrix_resize=True, selection_quantiles=True)
+DEFAULT = ResolvedBackend(planar_sampler=True, threaded_sampler=True, matrix_resize=True, fused_unet_head=True,
+                          selection_quantiles=True)
 _OFF = ResolvedBackend()
 _ACTIVE: contextvars.ContextVar[ResolvedBackend] = contextvars.ContextVar("monai_icon_cpu_backend", default=DEFAULT)
 
@@ -81,12 +87,12 @@ class CPUBackend:
 
     Args:
         mode: ``"auto"`` (default): on a CPU, every optimisation that pays there (the planar and threaded samplers,
-            allocator tuning, channels-last training, and the compiled sampler and LNCC where a C++ compiler is
-            found);
+            the fused U-Net output, allocator tuning, channels-last training, and the compiled sampler and LNCC
+            where a C++ compiler is found);
             ``"on"``: all of them (the compiled ones still fall back to PyTorch's operations without a compiler);
             ``"off"``: none. On any other device (CUDA, ...) everything is off whatever the mode.
-        fast_sampler, compiled_lncc, planar_sampler, threaded_sampler, matrix_resize, tune_allocator, channels_last,
-        selection_quantiles: for experts,
+        fast_sampler, compiled_lncc, planar_sampler, threaded_sampler, matrix_resize, fused_unet_head, tune_allocator,
+        channels_last, selection_quantiles: for experts,
             one optimisation on
             (``True``) or off (``False``) whatever the mode; ``None`` follows the mode. Still off on other devices.
 
@@ -105,6 +111,7 @@ class CPUBackend:
     planar_sampler: bool | None = None
     threaded_sampler: bool | None = None
     matrix_resize: bool | None = None
+    fused_unet_head: bool | None = None
     tune_allocator: bool | None = None
     channels_last: bool | None = None
     selection_quantiles: bool | None = None
@@ -127,7 +134,8 @@ class CPUBackend:
         on = self.mode != "off"
         compiled = on and (self.mode == "on" or compiler_available())
         chosen = {"fast_sampler": compiled, "compiled_lncc": compiled, "planar_sampler": on, "threaded_sampler": on,
-                  "matrix_resize": on, "tune_allocator": on, "channels_last": on, "selection_quantiles": on}
+                  "matrix_resize": on, "fused_unet_head": on, "tune_allocator": on, "channels_last": on,
+                  "selection_quantiles": on}
         chosen.update({name: getattr(self, name) for name in _KERNELS if getattr(self, name) is not None})
         return ResolvedBackend(**chosen)
 

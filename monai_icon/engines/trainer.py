@@ -116,7 +116,7 @@ def trainer_backend(
         if not any(options.values()):
             return None
         return CPUBackend("off", planar_sampler=True, threaded_sampler=True, matrix_resize=True,
-                          selection_quantiles=True, **options)
+                          fused_unet_head=True, selection_quantiles=True, **options)
     backend = as_backend(backend)
     resolved = backend.resolve(device)
     conflicts = [f"{name}={value}" for name, value in options.items() if getattr(resolved, name) != value]

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers import Conv, Norm
 
+from monai_icon import backend
 from monai_icon.networks.nets._utils import (
     check_unet_args,
     concat_pair,
@@ -120,8 +122,13 @@ class UNet(nn.Module):
         for layer in self.down:
             features.append(x)
             x = layer(x)
-        for layer in self.up:
+        for level, layer in enumerate(self.up):
             skip = features.pop()
+            if level == len(self.up) - 1:  # the last layer and the output convolution in one (CPU evaluation)
+                last = cast(_PreActivation, layer)
+                head = backend.unet_head(x, skip, last.norm, last.conv, last.negative_slope, self.out)
+                if head is not None:
+                    return crop_to(head, size)
             x = torch.cat([crop_to(layer(x), skip.shape[2:]), skip], dim=1)
         return crop_to(self.out(x), size)
 
