@@ -287,3 +287,13 @@ def test_percentile_bench_prints_each_variant_with_its_difference(capsys):
     names = ["torch.quantile", "kthvalue (backend off)", "selection (backend default)"]
     assert [line.split(" | ")[1] for line in lines] == names
     assert all(float(line.split(" | ")[-1].rstrip(" |")) < 1e-5 for line in lines)
+
+
+def test_unet_head_bench_times_both_settings_and_compares_their_outputs():
+    import unet_head_bench
+
+    rows = unet_head_bench.unet_rows(rounds=2, repeats=1, size=(16, 16, 16), batches=(2,))
+    assert [row["case"] for row in rows] == ["U-Net 16x16x16, batch 2"]
+    row = rows[0]
+    assert row["layers_ms"] > 0 and row["fused_ms"] > 0 and row["ratio"] == row["fused_ms"] / row["layers_ms"]
+    assert row["max_value"] > 0 and row["max_difference"] <= 1e-5 * row["max_value"]
