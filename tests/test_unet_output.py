@@ -156,3 +156,17 @@ def test_the_transfer_models_unet_is_unchanged_on_its_grid():
         with use_backend(ON, "cpu"):
             got = unet(x)
     torch.testing.assert_close(got, expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+
+
+def test_the_composed_weights_of_freed_networks_are_dropped_when_the_cache_is_full(monkeypatch):
+    monkeypatch.setattr(head_module, "_CACHE", {})
+    monkeypatch.setattr(head_module, "_MAX_CACHED", 10)
+    x = torch.randn(1, 2, 8, 8)
+    sizes = []
+    for _ in range(3):  # each 2D network adds 5 entries (its head, its 4 edges); the earlier ones are freed
+        net = random_unet(2, (4, 8), (8, 6))
+        with torch.no_grad(), use_backend(ON, "cpu"):
+            net(x)
+        sizes.append(len(head_module._CACHE))
+    assert sizes == [5, 10, 5]  # the third network found the cache full of freed networks' weights
+    assert all(ref() is not None for refs, _ in head_module._CACHE.values() for ref in refs if ref is not None)

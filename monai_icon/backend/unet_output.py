@@ -24,6 +24,7 @@ convolution on the fine grid. The composed weights are built in float64 once per
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from collections.abc import Callable
 from typing import cast
@@ -118,22 +119,29 @@ def unet_head(
 
 _CACHE: dict[tuple, tuple[tuple, torch.Tensor]] = {}  # composed weights, by the weights they come from
 _MAX_CACHED = 256
+_LOCK = threading.Lock()
 
 
 def _cached(sources: tuple[torch.Tensor | None, ...], spec: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``build()``, composed from the weights ``sources`` (and ``spec``: which part of them), reused while those
     weights are the same tensors with the same values: the same objects (checked through weak references, so that
     a new tensor at a freed tensor's address is not taken for it), storage and version counter (bumped by every
-    in-place update, e.g. an optimiser step or ``load_state_dict``)."""
+    in-place update, e.g. an optimiser step or ``load_state_dict``). Entries of freed weights are dropped first when
+    the cache is full; safe to call from several threads."""
     key = (spec, tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in sources))
-    entry = _CACHE.get(key)
+    with _LOCK:
+        entry = _CACHE.get(key)
     if entry is not None and all((ref is None) if t is None else (ref is not None and ref() is t)
                                  for ref, t in zip(entry[0], sources)):
         return entry[1]
     value = build()
-    if len(_CACHE) >= _MAX_CACHED:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = (tuple(None if t is None else weakref.ref(t) for t in sources), value)
+    with _LOCK:
+        if len(_CACHE) >= _MAX_CACHED:
+            for stale in [k for k, (refs, _) in _CACHE.items() if any(r is not None and r() is None for r in refs)]:
+                del _CACHE[stale]
+        while len(_CACHE) >= _MAX_CACHED:
+            del _CACHE[next(iter(_CACHE))]
+        _CACHE[key] = (tuple(None if t is None else weakref.ref(t) for t in sources), value)
     return value
 
 
