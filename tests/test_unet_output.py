@@ -170,3 +170,24 @@ def test_the_composed_weights_of_freed_networks_are_dropped_when_the_cache_is_fu
         sizes.append(len(head_module._CACHE))
     assert sizes == [5, 10, 5]  # the third network found the cache full of freed networks' weights
     assert all(ref() is not None for refs, _ in head_module._CACHE.values() for ref in refs if ref is not None)
+
+
+def test_inference_mode_networks_and_calls(monkeypatch):
+    """A network made under ``torch.inference_mode`` (weights without version counters) and one called under it
+    (compositions built outside it, reused in ``no_grad`` afterwards) give the layers' values."""
+    monkeypatch.setattr(head_module, "_CACHE", {})
+    x = torch.randn(2, 2, 12, 8)
+    with torch.inference_mode():
+        made_there = random_unet(2, (4, 8), (8, 6))
+    normal = random_unet(2, (3, 6), (6, 5))
+    for net in (made_there, normal):
+        with torch.inference_mode(), use_backend(ON, "cpu"):
+            first = net(x)
+        with torch.no_grad(), use_backend(ON, "cpu"):
+            second = net(x)
+        with torch.no_grad(), use_backend(OFF, "cpu"):
+            expected = net(x)
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(first, expected, atol=2e-6 * scale, rtol=0)
+        torch.testing.assert_close(second, expected, atol=2e-6 * scale, rtol=0)
+    assert len(head_module._CACHE) == 5  # the normal network's compositions only

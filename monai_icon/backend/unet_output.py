@@ -127,14 +127,19 @@ def _cached(sources: tuple[torch.Tensor | None, ...], spec: tuple, build: Callab
     weights are the same tensors with the same values: the same objects (checked through weak references, so that
     a new tensor at a freed tensor's address is not taken for it), storage and version counter (bumped by every
     in-place update, e.g. an optimiser step or ``load_state_dict``). Entries of freed weights are dropped first when
-    the cache is full; safe to call from several threads."""
+    the cache is full; safe to call from several threads. Weights made under ``torch.inference_mode`` have no
+    version counter: their compositions are built anew at every call. The composed weights are ordinary tensors
+    (built outside inference mode), usable in and out of it."""
+    if any(t is not None and t.is_inference() for t in sources):
+        return build()
     key = (spec, tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in sources))
     with _LOCK:
         entry = _CACHE.get(key)
     if entry is not None and all((ref is None) if t is None else (ref is not None and ref() is t)
                                  for ref, t in zip(entry[0], sources)):
         return entry[1]
-    value = build()
+    with torch.inference_mode(False), torch.no_grad():  # inference_mode(False) turns gradients back on
+        value = build().detach()
     with _LOCK:
         if len(_CACHE) >= _MAX_CACHED:
             for stale in [k for k, (refs, _) in _CACHE.items() if any(r is not None and r() is None for r in refs)]:
