@@ -191,3 +191,16 @@ def test_inference_mode_networks_and_calls(monkeypatch):
         torch.testing.assert_close(first, expected, atol=2e-6 * scale, rtol=0)
         torch.testing.assert_close(second, expected, atol=2e-6 * scale, rtol=0)
     assert len(head_module._CACHE) == 5  # the normal network's compositions only
+
+
+def test_a_trace_records_the_layers(monkeypatch):
+    net = random_unet(2, (4, 8), (8, 6))
+    calls = fused_calls(monkeypatch)
+    x = torch.randn(1, 2, 16, 16)
+    with torch.no_grad(), use_backend(ON, "cpu"):
+        traced = torch.jit.trace(net, x, check_trace=False)  # (a check would run the network eagerly too)
+        assert calls == []
+        with use_backend(OFF, "cpu"):
+            expected = net(x)
+        torch.testing.assert_close(traced(x), expected)
+    assert "conv_transpose" in str(traced.inlined_graph) or "_convolution" in str(traced.inlined_graph)

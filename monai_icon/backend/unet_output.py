@@ -105,14 +105,14 @@ def unet_head(
     zero-padded, when it has fewer) upsampled by nearest neighbour, computed as one convolution on ``x``'s grid
     (the module's docstring). Runs where the active backend has ``fused_unet_head``, on CPU float32 tensors without
     autograd, for 2D and 3D, ``skip`` on exactly twice ``x``'s grid, the layers of the U-Net's shapes (transposed
-    convolution: kernel 4, stride 2, padding 1; output convolution: kernel 3, padding 1, zero padding). ``None``
-    elsewhere: the caller runs the layers.
+    convolution: kernel 4, stride 2, padding 1; output convolution: kernel 3, padding 1, zero padding), and not
+    inside ``torch.jit.trace``. ``None`` elsewhere: the caller runs the layers.
 
     Shapes:
         ``x`` ``[B, C, *N]``, ``skip`` ``[B, S, *2N]`` -> ``[B, out_conv.out_channels, *2N]``.
     """
-    if not active().fused_unet_head or not _fits(x, skip, up_conv, out_conv):
-        return None
+    if not active().fused_unet_head or torch.jit.is_tracing() or not _fits(x, skip, up_conv, out_conv):
+        return None  # a trace records the layers themselves (portable, any device)
     with torch.no_grad():
         return _fused(x, skip, norm, cast(_ConvTransposeNd, up_conv), negative_slope, cast(_ConvNd, out_conv))
 
