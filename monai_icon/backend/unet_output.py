@@ -11,8 +11,8 @@ output convolution with ``spatial_dims`` output channels. On a CPU these two ful
 of the network's time: the output convolution has 3 output channels, and oneDNN's kernels compute 8 at a time.
 Everything between the pre-activation and the output is linear, so each output parity (each of the ``2 **
 spatial_dims`` fine voxels of a coarse cell) is a 3×3(×3) convolution of the coarse features: one convolution with
-``2 ** spatial_dims * spatial_dims`` output channels on the coarse grid gives them all, followed by a pixel shuffle,
-with the same multiply-adds as the transposed convolution alone and every vector lane used.
+``2 ** spatial_dims * spatial_dims`` output channels on the coarse grid gives them all, followed by MONAI's
+``pixelshuffle``, with the same multiply-adds as the transposed convolution alone and every vector lane used.
 
 The composition differs from the layers only where the output convolution's zero padding cuts off a transposed
 convolution output just outside the fine grid; those terms, on the grid's outer shell, are the same coarse
@@ -31,6 +31,7 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
+from monai.networks.utils import pixelshuffle
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
@@ -151,7 +152,8 @@ def _cached(sources: tuple[torch.Tensor | None, ...], spec: tuple, build: Callab
 
 
 def _composed_weight(w_t: torch.Tensor, w_a: torch.Tensor, constant: torch.Tensor | None = None) -> torch.Tensor:
-    """The coarse convolution ``[2^n * O, C (+ K), 3, ...]`` (output channels ordered by parity, then channel) that
+    """The coarse convolution ``[2^n * O, C (+ K), 3, ...]`` (output channels ordered by channel, then parity,
+    as MONAI's ``pixelshuffle`` takes them) that
     gives ``conv(conv_transpose(h, w_t, stride 2, padding 1), w_a, padding 1)`` in the interior, from ``w_t``
     ``[C, M, 4, ...]`` and ``w_a`` ``[O, M, 3, ...]``; with ``constant`` ``[O, K, 3, ...]``, also the output
     convolution of ``K`` inputs constant over each coarse cell (nearest-upsampled ones), appended as input
@@ -164,15 +166,8 @@ def _composed_weight(w_t: torch.Tensor, w_a: torch.Tensor, constant: torch.Tenso
     weight = _route(through, transposed, n, taps_k=True)
     if constant is not None:
         weight = torch.cat([weight, _route(constant.to(torch.float64), cell, n, taps_k=False)], dim=n + 1)
-    return weight.reshape(2 ** n * w_a.shape[0], *weight.shape[n + 1:]).to(w_t.dtype)
-
-
-def _shuffle(z: torch.Tensor, channels: int) -> torch.Tensor:
-    """``[B, 2^n * O, *N]`` (channels ordered by parity, then channel) -> ``[B, O, *2N]``."""
-    n, batch, coarse = z.ndim - 2, z.shape[0], tuple(z.shape[2:])
-    z = z.reshape(batch, *([2] * n), channels, *coarse)
-    order = [0, n + 1] + [p for a in range(n) for p in (n + 2 + a, 1 + a)]
-    return z.permute(order).reshape(batch, channels, *(2 * s for s in coarse))
+    weight = weight.movedim(n, 0)  # [O, *parities, C (+ K), *taps]
+    return weight.reshape(w_a.shape[0] * 2 ** n, *weight.shape[n + 1:]).to(w_t.dtype)
 
 
 def _coarse(h: torch.Tensor, up_weight: torch.Tensor, out_weight: torch.Tensor, mid: int,
@@ -190,7 +185,7 @@ def _coarse(h: torch.Tensor, up_weight: torch.Tensor, out_weight: torch.Tensor, 
     if n == 0:
         return (h @ w_t) @ w_a.T
     weight = _cached((up_weight, out_weight), ("coarse", mid, sides), lambda: _composed_weight(w_t, w_a))
-    return _shuffle(_CONV[n](h, weight, None, padding=1), w_a.shape[0])
+    return pixelshuffle(_CONV[n](h, weight, None, padding=1), n, 2)
 
 
 def _correct_shell(out: torch.Tensor, h: torch.Tensor, up_weight: torch.Tensor, out_weight: torch.Tensor,
@@ -221,7 +216,7 @@ def _correct_shell(out: torch.Tensor, h: torch.Tensor, up_weight: torch.Tensor, 
 def _fused(x: torch.Tensor, skip: torch.Tensor, norm: nn.Module, up_conv: _ConvTransposeNd, negative_slope: float,
            out_conv: _ConvNd) -> torch.Tensor:
     n = x.ndim - 2
-    mid, out_ch = up_conv.out_channels, out_conv.out_channels
+    mid = up_conv.out_channels
     shortcut = min(x.shape[1], mid)  # the shortcut's channels (zero-padded beyond x's)
     memory_format = torch.channels_last_3d if n == 3 else torch.channels_last
     h = F.leaky_relu(norm(x), negative_slope)
@@ -238,8 +233,8 @@ def _fused(x: torch.Tensor, skip: torch.Tensor, norm: nn.Module, up_conv: _ConvT
         return _composed_weight(up_conv.weight, w_a, constant).contiguous(memory_format=layout)
 
     weight = _cached((up_conv.weight, up_conv.bias, out_conv.weight), ("head", mid, shortcut, layout), build)
-    bias = None if out_conv.bias is None else out_conv.bias.repeat(2 ** n)
-    out = _shuffle(_CONV[n](torch.cat(inputs, dim=1), weight, bias, padding=1), out_ch)
+    bias = None if out_conv.bias is None else out_conv.bias.repeat_interleave(2 ** n)
+    out = pixelshuffle(_CONV[n](torch.cat(inputs, dim=1), weight, bias, padding=1), n, 2)
     out += _CONV[n](skip, out_conv.weight[:, mid:], None, padding=1)
     _correct_shell(out, h, up_conv.weight, out_conv.weight, mid)
     return out
